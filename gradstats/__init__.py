@@ -1,0 +1,28 @@
+"""gradstats: fused gradient statistics and drop-in gradient clipping for PyTorch.
+
+Importing gradstats neither initialises CUDA nor imports triton; the kernels load on
+first use.
+"""
+from __future__ import annotations
+
+from . import ops as _ops  # noqa: F401  (registers the gradstats:: operators)
+from .clip import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    fused_clip_grad_norm_,
+    get_total_norm,
+)
+from .stats import GradStats, grad_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradStats",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "fused_clip_grad_norm_",
+    "get_total_norm",
+    "grad_stats",
+]

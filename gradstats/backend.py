@@ -1,0 +1,87 @@
+"""Which implementation serves a tensor: the one place that decides.
+
+``GRADSTATS_BACKEND`` (read on every call, so tests can switch it):
+
+- ``auto`` (default): Triton kernels for CUDA tensors, the PyTorch reference elsewhere.
+- ``triton``: Triton for CUDA tensors, and for CPU tensors too when ``TRITON_INTERPRET=1``
+  (the Triton interpreter; this is how the kernels are tested without a GPU).
+- ``torch``: the PyTorch reference everywhere.
+
+Within the Triton backend, single tensors the kernels cannot read (sparse, complex,
+strided with gaps) still take the reference path; see :func:`triton_can_read`.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import os
+
+import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+BACKEND_ENV = "GRADSTATS_BACKEND"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Backend(enum.Enum):
+    TRITON = "triton"
+    TORCH = "torch"
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def requested_backend() -> str:
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'torch', got {choice!r}")
+    return choice
+
+
+def choose_backend(device: torch.device) -> Backend:
+    """The backend that serves the tensors of ``device``."""
+    choice = requested_backend()
+    if choice == "torch":
+        return Backend.TORCH
+    if device.type == "cuda":
+        if triton_importable() and not interpreter_enabled():
+            return Backend.TRITON
+        if choice == "triton":
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton was requested for CUDA tensors, but "
+                + ("TRITON_INTERPRET=1 is set (the interpreter only reads CPU tensors)"
+                   if triton_importable() else "triton is not installed")
+            )
+        return Backend.TORCH
+    if device.type == "cpu" and choice == "triton":
+        if not (triton_importable() and interpreter_enabled()):
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton on CPU tensors needs triton installed and "
+                "TRITON_INTERPRET=1 set before triton is first imported"
+            )
+        return Backend.TRITON
+    if choice == "triton":
+        raise RuntimeError(f"{BACKEND_ENV}=triton cannot serve {device.type} tensors")
+    return Backend.TORCH
+
+
+def triton_can_read(tensor: torch.Tensor) -> bool:
+    """True when the kernels can treat ``tensor``'s memory as one flat, dense block.
+
+    Every statistic and both in-place updates are elementwise and order-free, so a
+    permuted (transposed, channels-last) tensor is as good as a contiguous one: its
+    ``data_ptr()`` is the lowest address and its elements fill ``numel`` slots.
+    """
+    if tensor.layout is not torch.strided or tensor.dtype not in TRITON_DTYPES:
+        return False
+    return tensor.is_contiguous() or is_non_overlapping_and_dense_or_false(tensor)

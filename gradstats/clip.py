@@ -1,0 +1,240 @@
+"""Drop-in replacements for ``torch.nn.utils``' clipping functions, on the fused pass.
+
+Same signatures, inputs, results, warnings and error texts as torch (>= 2.6), with these
+differences, all where torch fails or is needlessly slow:
+
+- the total norm is accumulated in float32 (float64 for float64 gradients) from one read
+  of every gradient, instead of per-tensor norms rounded to each gradient's dtype;
+- an empty tensor contributes nothing to the inf-norm (torch raises);
+- when no clipping is needed the gradients are not touched at all (torch multiplies every
+  one by 1.0), so they stay bit-identical and cost no memory traffic;
+- ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
+- a negative or NaN ``max_norm``/``clip_value`` is an error, raised before anything changes.
+
+Every function also takes an ``nn.Module`` or ``named_parameters()`` pairs, so errors can
+name parameters. ``foreach`` is accepted for compatibility and has no effect.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import ops, reference
+from .norms import parse_norm_type
+from .params import (
+    ParametersLike,
+    check_norm_inputs,
+    describe,
+    gradients,
+    named_items,
+    norm_result_dtype,
+)
+from .stats import FusedResult, check_max_norm, fused_pass
+
+__all__ = [
+    "fused_clip_grad_norm_",
+    "get_total_norm",
+    "clip_grads_with_norm_",
+    "clip_grad_value_",
+]
+
+
+def _no_grad(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _check_foreach(foreach: bool | None) -> None:
+    if foreach not in (None, True, False):
+        raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+
+
+def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float) -> FusedResult:
+    return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm)
+
+
+def _raise_if_nonfinite(result: FusedResult, p: float, names: list[str] | None,
+                        what: str) -> None:
+    # The one deliberate host sync here: the user asked for a check on the value.
+    if bool(torch.isfinite(result.total_norm)):
+        return
+    counts = result.nonfinite.tolist()
+    offenders = [f"{describe(i, names, what)} ({count} NaN/Inf)"
+                 for i, count in enumerate(counts) if count]
+    if offenders:
+        detail = "Non-finite values in the gradients of: " + ", ".join(offenders) + "."
+    else:
+        detail = ("No gradient holds NaN or Inf: the norm overflowed its dtype "
+                  f"(total {result.total_norm.item()}).")
+    raise RuntimeError(
+        f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
+        "cannot be clipped. To disable this error and scale the gradients by the non-finite "
+        f"norm anyway, set `error_if_nonfinite=False`. {detail}"
+    )
+
+
+@_no_grad
+def get_total_norm(
+    tensors: ParametersLike,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Compute the norm of an iterable of tensors.
+
+    The norm is computed over the norms of the individual tensors, as if the norms of the
+    individual tensors were concatenated into a single vector. Drop-in for
+    :func:`torch.nn.utils.get_total_norm`, computed by one fused pass.
+
+    Args:
+        tensors (Iterable[Tensor] or Tensor): an iterable of Tensors or a single Tensor
+            that will be normalized (or ``(name, tensor)`` pairs)
+        norm_type (float): type of the used p-norm. Can be ``'inf'`` for infinity norm.
+        error_if_nonfinite (bool): if True, an error naming the tensors that hold NaN/Inf
+            is thrown if the total norm is ``nan``, ``inf``, or ``-inf``. Default: ``False``
+        foreach (bool): accepted for compatibility; ignored. Default: ``None``
+
+    Returns:
+        Total norm of the tensors (viewed as a single vector), with torch's dtype and
+        device (the first tensor's).
+    """
+    _check_foreach(foreach)
+    p = parse_norm_type(norm_type)
+    tensors, names = named_items(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    check_norm_inputs(tensors, names, "tensor")
+    result = _norms_pass(tensors, p, math.inf)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(result, p, names, "tensor")
+    return result.total_norm.to(norm_result_dtype(tensors))
+
+
+@_no_grad
+def clip_grads_with_norm_(
+    parameters: ParametersLike,
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    r"""Scale the gradients of an iterable of parameters given a pre-calculated total norm and desired max norm.
+
+    The gradients will be scaled by the following calculation
+
+    .. math::
+        grad = grad * \min(\frac{max\_norm}{total\_norm + 1e-6}, 1)
+
+    Gradients are modified in-place; when the coefficient is 1 they are not touched.
+    Drop-in for :func:`torch.nn.utils.clip_grads_with_norm_`.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): an iterable of Tensors or a single Tensor
+            that will have gradients normalized
+        max_norm (float): max norm of the gradients (non-negative)
+        total_norm (Tensor): total norm of the gradients to use for clipping
+        foreach (bool): accepted for compatibility; ignored. Default: ``None``
+
+    Returns:
+        None
+    """
+    _check_foreach(foreach)
+    max_norm = check_max_norm(max_norm)
+    params, names = named_items(parameters)
+    grads, _ = gradients(params, names)
+    if not grads:
+        return
+    total_norm = torch.as_tensor(total_norm)
+    # torch's formula, in total_norm's dtype and on its device, so results match torch.
+    clip_coef = torch.clamp(max_norm / (total_norm + reference.EPS), max=1.0)
+    ops.scale_(grads, clip_coef)
+
+
+@_no_grad
+def fused_clip_grad_norm_(
+    parameters: ParametersLike,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Clip the gradient norm of an iterable of parameters.
+
+    The norm is computed over the norms of the individual gradients of all parameters, as
+    if the norms of the individual gradients were concatenated into a single vector.
+    Gradients are modified in-place. Drop-in for :func:`torch.nn.utils.clip_grad_norm_`:
+    one fused read of every gradient for the norm, and a scale pass that does nothing
+    when no clipping is needed.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): an iterable of Tensors or a single Tensor
+            that will have gradients normalized (or an ``nn.Module``, or
+            ``named_parameters()`` pairs, so errors can name parameters)
+        max_norm (float): max norm of the gradients (non-negative)
+        norm_type (float, optional): type of the used p-norm. Can be ``'inf'`` for
+            infinity norm. Default: 2.0
+        error_if_nonfinite (bool, optional): if True, an error naming the offending
+            parameters is thrown if the total norm of the gradients from
+            :attr:`parameters` is ``nan``, ``inf``, or ``-inf``; nothing is modified then.
+            Default: False
+        foreach (bool, optional): accepted for compatibility; ignored. Default: ``None``
+
+    Returns:
+        Total norm of the parameter gradients (viewed as a single vector).
+    """
+    _check_foreach(foreach)
+    p = parse_norm_type(norm_type)
+    max_norm = check_max_norm(max_norm)
+    # stacklevel: the warning points at the caller, as torch's does.
+    params, names = named_items(parameters, warn_empty_generator=True, stacklevel=3)
+    grads, names = gradients(params, names)
+    if not grads:
+        return torch.tensor(0.0)
+    check_norm_inputs(grads, names, "parameter")
+    result = _norms_pass(grads, p, max_norm)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(result, p, names, "parameter")
+    ops.scale_(grads, result.clip_coef)
+    return result.total_norm.to(norm_result_dtype(grads))
+
+
+@_no_grad
+def clip_grad_value_(
+    parameters: ParametersLike,
+    clip_value: float,
+    foreach: bool | None = None,
+) -> None:
+    r"""Clip the gradients of an iterable of parameters at specified value.
+
+    Gradients are modified in-place, in one read and one write each. Drop-in for
+    :func:`torch.nn.utils.clip_grad_value_`.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): an iterable of Tensors or a single Tensor
+            that will have gradients normalized
+        clip_value (float): maximum allowed value of the gradients (non-negative). The
+            gradients are clipped in the range
+            :math:`\left[\text{-clip\_value}, \text{clip\_value}\right]`
+        foreach (bool, optional): accepted for compatibility; ignored. Default: ``None``
+    """
+    _check_foreach(foreach)
+    try:
+        clip_value = float(clip_value)
+    except (TypeError, ValueError):
+        raise TypeError(f"clip_value must be a number, got {type(clip_value).__name__}") from None
+    if math.isnan(clip_value) or clip_value < 0:
+        raise ValueError(f"clip_value must be a non-negative number, got {clip_value}")
+    params, names = named_items(parameters)
+    grads, _ = gradients(params, names)
+    if grads:
+        ops.clamp_(grads, -clip_value, clip_value)
+
+
+# One import swaps torch's clipping for gradstats':
+#     from gradstats import clip_grad_norm_, clip_grad_value_, get_total_norm, clip_grads_with_norm_
+clip_grad_norm_ = fused_clip_grad_norm_

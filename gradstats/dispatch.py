@@ -1,0 +1,102 @@
+"""Which code runs for which tensors: the one place that routes work to a backend.
+
+Each function takes tensors of one device (``scale_`` and ``clamp_`` take any mix) and
+sends every dtype group the kernels can read to its Triton launch, everything else to the
+reference twin, writing both into the same outputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backend import Backend, choose_backend
+from .norms import NormKind, norm_kind
+from .worklist import plan_for
+
+
+def accumulate_stats(
+    tensors: list[torch.Tensor], p: float, num_bins: int, min_exp: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor power (float64), non-finite count (int64), histogram (int64, [n, num_bins])."""
+    kind = norm_kind(p)
+    if kind == NormKind.COMPOSED:
+        kind, p = NormKind.L2, 2.0  # the caller composes torch's norm; counts still fused
+    device = tensors[0].device
+    if choose_backend(device) is Backend.TORCH:
+        return reference.accumulate_stats(tensors, p, kind, num_bins, min_exp)
+
+    from .kernels.stats import accumulate_stats_
+
+    plan = plan_for(tensors, device)
+    n = len(tensors)
+    power = torch.empty(n, dtype=torch.float64, device=device)
+    nonfinite = torch.empty(n, dtype=torch.int64, device=device)
+    hist = torch.zeros(n, num_bins, dtype=torch.int64, device=device)
+    for group in plan.groups:
+        accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist)
+    for position in plan.fallback:
+        one_power, one_nonfinite, one_hist = reference.accumulate_stats(
+            [tensors[position]], p, kind, num_bins, min_exp)
+        power[position] = one_power[0]
+        nonfinite[position] = one_nonfinite[0]
+        hist[position] = one_hist[0]
+    return power, nonfinite, hist
+
+
+def finalize(
+    power: torch.Tensor, p: float, max_norm: float, norms_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor norms, total norm and clip coefficient (all ``norms_dtype``) from powers."""
+    kind = norm_kind(p)
+    if choose_backend(power.device) is Backend.TORCH:
+        return reference.finalize(power, p, kind, max_norm, norms_dtype)
+
+    from .kernels.finalize import finalize_
+
+    norms = torch.empty(power.shape, dtype=norms_dtype, device=power.device)
+    total = torch.empty((), dtype=norms_dtype, device=power.device)
+    clip_coef = torch.empty((), dtype=norms_dtype, device=power.device)
+    finalize_(power, p, kind, max_norm, norms, total, clip_coef)
+    return norms, total, clip_coef
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.device, []).append(tensor)
+    return groups
+
+
+def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
+    """``t *= clip_coef`` for every tensor; no memory traffic on Triton when it is >= 1."""
+    for device, group in _by_device(tensors).items():
+        coef = clip_coef.to(device, non_blocking=True)
+        if choose_backend(device) is Backend.TORCH:
+            reference.scale_(group, coef)
+            continue
+        from .kernels.apply import scale_ as triton_scale_
+
+        plan = plan_for(group, device)
+        for work in plan.groups:
+            triton_scale_(work, coef)
+        reference.scale_([group[i] for i in plan.fallback], coef)
+
+
+def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
+    """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton."""
+    for device, group in _by_device(tensors).items():
+        if choose_backend(device) is Backend.TORCH:
+            reference.clamp_(group, lo, hi)
+            continue
+        from .kernels.apply import clamp_ as triton_clamp_
+
+        plan = plan_for(group, device)
+        left_over = [group[i] for i in plan.fallback]
+        for work in plan.groups:
+            if work.dtype == torch.float64:
+                # Kernel scalars are fp32; clamping fp64 to a rounded bound would differ
+                # from torch, so fp64 gradients take the reference path.
+                left_over.extend(group[i] for i in work.positions)
+            else:
+                triton_clamp_(work, lo, hi)
+        reference.clamp_(left_over, lo, hi)

@@ -1,0 +1,228 @@
+"""The fused statistics pass: every gradient read once, all statistics at once.
+
+``_stats_kernel``: one program per work item (a chunk of one tensor). It reads the chunk,
+  accumulates the norm power (``sum |x|^p`` or ``max |x|``), the non-finite count and,
+  when ``HISTOGRAM``, the log2-magnitude histogram, and writes one partial power and one
+  partial count into the item's own slot (no float atomics: results are bit-identical run
+  to run). Histogram counts are integers, so they go straight to the tensor's row with
+  integer atomics, which are exact in any order.
+``_reduce_chunks_kernel``: one program per tensor; sums its chunk partials in a fixed
+  order (in float64) and fixes the two histogram columns the main loop left approximate.
+
+Per element the main loop does only the arithmetic each output needs: the power, an
+integer compare on the magnitude bits for non-finite values, and the bin index from the
+exponent bits. Zeros, padding lanes and non-finite values are not masked out of the
+histogram; they land in known columns that the reduce kernel corrects once per tensor
+from counts it already has (column 0 := numel - non-finite - all other columns).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..norms import NormKind
+from ..worklist import WorkList
+
+_INF: tl.constexpr = tl.constexpr(NormKind.INF.value)
+_L1: tl.constexpr = tl.constexpr(NormKind.L1.value)
+_L2: tl.constexpr = tl.constexpr(NormKind.L2.value)
+
+# IEEE layouts: (exponent shift, exponent bias, the exponent all-ones bits stand for).
+FP32_LAYOUT = (23, 127, 128)
+FP64_LAYOUT = (52, 1023, 1024)
+# Scaling a subnormal by 2^64 makes it normal without rounding (for fp32 and fp64), so its
+# exponent can be read from the bits; only needed when the histogram range reaches below
+# the smallest normal exponent.
+_SUBNORMAL_SHIFT: tl.constexpr = tl.constexpr(64)
+_SUBNORMAL_SCALE: tl.constexpr = tl.constexpr(2.0**64)
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def _nan_max(a, b):
+    # tl.max and the default tl.maximum drop NaN; torch's inf-norm propagates it.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _accumulate_block(
+    x, power, nonfinite, hist, p,
+    ACC_DTYPE: tl.constexpr, NORM_KIND: tl.constexpr, HISTOGRAM: tl.constexpr,
+    NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr, MIN_EXP: tl.constexpr,
+    EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr, EXACT_SUBNORMALS: tl.constexpr,
+):
+    xf = x.to(ACC_DTYPE)
+    ax = tl.abs(xf)
+    if NORM_KIND == _INF:
+        power = _nan_max(power, ax)
+    elif NORM_KIND == _L1:
+        power += ax
+    elif NORM_KIND == _L2:
+        power += xf * xf
+    else:
+        power += tl.exp2(tl.log2(ax) * p)  # |x|^p; 0 -> exp2(-inf) = 0
+    if ACC_DTYPE == tl.float64:
+        bits = ax.to(tl.int64, bitcast=True)
+    elif x.dtype == tl.bfloat16:
+        # bf16 is the top half of an fp32: widen the bits, not the value. Same result on
+        # GPUs, and exact in the interpreter, which flushes bf16 subnormals when converting.
+        bits = ((x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF) << 16)
+        ax = bits.to(tl.float32, bitcast=True)
+    else:
+        bits = ax.to(tl.int32, bitcast=True)
+    biased = bits >> EXP_SHIFT
+    # All exponent bits set: Inf or NaN.
+    nonfinite += (biased == 2 * EXP_BIAS + 1).to(tl.int32)
+    if HISTOGRAM:
+        if EXACT_SUBNORMALS:
+            scaled = (ax * _SUBNORMAL_SCALE).to(bits.dtype, bitcast=True)
+            biased = tl.where(biased == 0, (scaled >> EXP_SHIFT) - _SUBNORMAL_SHIFT, biased)
+        # column k >= 1 holds floor(log2|x|) == MIN_EXP + k - 1; clamp out-of-range values
+        # ourselves (tl.histogram drops or wraps them depending on version and backend).
+        column = biased - (EXP_BIAS + MIN_EXP - 1)
+        column = tl.minimum(tl.maximum(column, 1), NUM_BINS - 1)
+        column = tl.where(bits == 0, 0, column)
+        hist += tl.histogram(column.to(tl.int32), HIST_BINS)
+    return power, nonfinite, hist
+
+
+@triton.jit
+def _stats_kernel(
+    ptrs_ptr, numels_ptr, slots_ptr, work_tensor_ptr, work_chunk_ptr,
+    partial_power_ptr, partial_nonfinite_ptr, hist_ptr, p,
+    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, NORM_KIND: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    HISTOGRAM: tl.constexpr, NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr,
+    MIN_EXP: tl.constexpr, EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr,
+    EXACT_SUBNORMALS: tl.constexpr,
+):
+    work = tl.program_id(0)
+    tensor = tl.load(work_tensor_ptr + work)
+    numel = tl.load(numels_ptr + tensor)
+    base = tl.load(ptrs_ptr + tensor).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    # int64 offsets: tensors may exceed 2^31 elements.
+    start = tl.load(work_chunk_ptr + work) * CHUNK
+    length = tl.minimum(numel - start, CHUNK)
+    full = (length // BLOCK) * BLOCK
+    lanes = tl.arange(0, BLOCK)
+
+    power = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
+    hist = tl.zeros([HIST_BINS], dtype=tl.int32)
+    chunk_base = base + start
+    # Full blocks without a mask, so loads stay wide; then one masked tail.
+    for offset in range(0, full, BLOCK):
+        x = tl.load(chunk_base + offset + lanes)
+        power, nonfinite, hist = _accumulate_block(
+            x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+    if full < length:
+        offsets = full + lanes
+        # Padding lanes read 0: no power, not non-finite, histogram column 0 (fixed later).
+        x = tl.load(chunk_base + offsets, mask=offsets < length, other=0.0)
+        power, nonfinite, hist = _accumulate_block(
+            x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+
+    if NORM_KIND == _INF:
+        tl.store(partial_power_ptr + work, tl.reduce(power, 0, _nan_max))
+    else:
+        tl.store(partial_power_ptr + work, tl.sum(power, 0))
+    tl.store(partial_nonfinite_ptr + work, tl.sum(nonfinite, 0))
+    if HISTOGRAM:
+        columns = tl.arange(0, HIST_BINS)
+        row = hist_ptr + tl.load(slots_ptr + tensor) * NUM_BINS
+        tl.atomic_add(row + columns, hist.to(tl.int64), mask=(columns < NUM_BINS) & (hist != 0))
+
+
+@triton.jit
+def _reduce_chunks_kernel(
+    numels_ptr, slots_ptr, first_work_ptr, partial_power_ptr, partial_nonfinite_ptr,
+    power_ptr, nonfinite_ptr, hist_ptr,
+    NORM_KIND: tl.constexpr, BLOCK: tl.constexpr, HISTOGRAM: tl.constexpr,
+    NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr, NONFINITE_COLUMN: tl.constexpr,
+):
+    tensor = tl.program_id(0)
+    slot = tl.load(slots_ptr + tensor)
+    first = tl.load(first_work_ptr + tensor)
+    last = tl.load(first_work_ptr + tensor + 1)
+    lanes = tl.arange(0, BLOCK)
+    power = tl.zeros([BLOCK], dtype=tl.float64)
+    nonfinite = tl.zeros([BLOCK], dtype=tl.int64)
+    for offset in range(first, last, BLOCK):
+        items = offset + lanes
+        in_range = items < last
+        partial = tl.load(partial_power_ptr + items, mask=in_range, other=0.0).to(tl.float64)
+        if NORM_KIND == _INF:
+            power = _nan_max(power, partial)
+        else:
+            power += partial
+        nonfinite += tl.load(partial_nonfinite_ptr + items, mask=in_range, other=0).to(tl.int64)
+    if NORM_KIND == _INF:
+        total_power = tl.reduce(power, 0, _nan_max)
+    else:
+        total_power = tl.sum(power, 0)
+    total_nonfinite = tl.sum(nonfinite, 0)
+    tl.store(power_ptr + slot, total_power)
+    tl.store(nonfinite_ptr + slot, total_nonfinite)
+    if HISTOGRAM:
+        columns = tl.arange(0, HIST_BINS)
+        in_row = columns < NUM_BINS
+        row = hist_ptr + slot * NUM_BINS
+        counts = tl.load(row + columns, mask=in_row, other=0)
+        counts = tl.where(columns == NONFINITE_COLUMN, counts - total_nonfinite, counts)
+        nonzero = tl.sum(tl.where(columns >= 1, counts, 0), 0)
+        numel = tl.load(numels_ptr + tensor)
+        counts = tl.where(columns == 0, numel - total_nonfinite - nonzero, counts)
+        tl.store(row + columns, counts, mask=in_row)
+
+
+_TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+def accumulate_stats_(
+    work: WorkList, p: float, norm_kind: NormKind, num_bins: int, min_exp: int,
+    power: torch.Tensor, nonfinite: torch.Tensor, hist: torch.Tensor,
+) -> None:
+    """Add one dtype group's statistics into the rows ``work.slots`` of the outputs.
+
+    ``power`` (float64) and ``nonfinite`` (int64) rows are overwritten; ``hist`` (int64,
+    ``[n, num_bins]``) rows must start at zero. ``num_bins == 0`` skips the histogram.
+    """
+    is_fp64 = work.dtype == torch.float64
+    exp_shift, exp_bias, nonfinite_exp = FP64_LAYOUT if is_fp64 else FP32_LAYOUT
+    histogram = num_bins > 0
+    hist_bins = triton.next_power_of_2(max(num_bins, 2))  # tl.histogram needs a power of 2
+    acc_dtype = tl.float64 if is_fp64 else tl.float32
+    device = work.meta.device
+    partial_power = torch.empty(work.n_work, dtype=torch.float64 if is_fp64 else torch.float32,
+                                device=device)
+    partial_nonfinite = torch.empty(work.n_work, dtype=torch.int32, device=device)
+    if work.n_work > 0:
+        _stats_kernel[(work.n_work,)](
+            work.ptrs, work.numels, work.slots, work.work_tensor, work.work_chunk,
+            partial_power, partial_nonfinite, hist, p,
+            DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=acc_dtype, NORM_KIND=int(norm_kind),
+            CHUNK=work.config.chunk, BLOCK=work.config.block, ALIGNED=work.aligned,
+            HISTOGRAM=histogram, NUM_BINS=max(num_bins, 1), HIST_BINS=hist_bins,
+            MIN_EXP=min_exp, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
+            EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias,
+            num_warps=work.config.num_warps,
+        )
+    # Non-finite values (all exponent bits set) were clamped into this column.
+    nonfinite_column = min(max(nonfinite_exp - min_exp + 1, 1), max(num_bins - 1, 1))
+    _reduce_chunks_kernel[(work.n_tensors,)](
+        work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
+        power, nonfinite, hist,
+        NORM_KIND=int(norm_kind), BLOCK=REDUCE_BLOCK, HISTOGRAM=histogram,
+        NUM_BINS=max(num_bins, 1), HIST_BINS=hist_bins, NONFINITE_COLUMN=nonfinite_column,
+        num_warps=4,
+    )

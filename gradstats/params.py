@@ -1,0 +1,99 @@
+"""Turning what users pass as ``parameters`` into gradients (and names, when known)."""
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Union
+
+import torch
+from torch import nn
+
+ParametersLike = Union[
+    torch.Tensor, nn.Module, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]
+]
+
+_REAL_OF_COMPLEX = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def named_items(
+    parameters: ParametersLike, *, warn_empty_generator: bool = False, stacklevel: int = 1
+) -> tuple[list[torch.Tensor], list[str] | None]:
+    """The tensors in ``parameters`` and their names (``None`` when none were given).
+
+    Accepts a tensor, an ``nn.Module`` (its ``named_parameters()``), an iterable of
+    tensors, or an iterable of ``(name, tensor)`` pairs such as ``named_parameters()``.
+    """
+    if isinstance(parameters, torch.Tensor):
+        return [parameters], None
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.named_parameters()
+    is_generator = isinstance(parameters, types.GeneratorType)
+    try:
+        items = list(parameters)
+    except TypeError:
+        raise TypeError(
+            "parameters must be a Tensor, an nn.Module or an iterable of tensors or of "
+            f"(name, tensor) pairs, got {type(parameters).__name__}"
+        ) from None
+    if is_generator and not items and warn_empty_generator:
+        # Same text as torch.nn.utils.clip_grad_norm_.
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                      stacklevel=stacklevel + 1)
+    if items and isinstance(items[0], tuple):
+        return _split_named(items)
+    for index, item in enumerate(items):
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"parameters[{index}] is a {type(item).__name__}, not a Tensor")
+    return items, None
+
+
+def _split_named(items: list) -> tuple[list[torch.Tensor], list[str]]:
+    tensors, names = [], []
+    for index, item in enumerate(items):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+            raise TypeError(
+                f"parameters[{index}] is {type(item).__name__}; a list that starts with "
+                "(name, tensor) pairs must hold only such pairs"
+            )
+        names.append(str(item[0]))
+        tensors.append(item[1])
+    return tensors, names
+
+
+def gradients(
+    params: list[torch.Tensor], names: list[str] | None
+) -> tuple[list[torch.Tensor], list[str] | None]:
+    """The non-``None`` gradients, and the names of their parameters."""
+    if names is None:
+        return [p.grad for p in params if p.grad is not None], None
+    kept = [(p.grad, name) for p, name in zip(params, names) if p.grad is not None]
+    return [g for g, _ in kept], [name for _, name in kept]
+
+
+def describe(index: int, names: list[str] | None, what: str = "parameter") -> str:
+    return repr(names[index]) if names is not None else f"{what} {index}"
+
+
+def check_norm_inputs(tensors: list[torch.Tensor], names: list[str] | None, what: str) -> None:
+    """Norms need floating-point or complex tensors; say which one is not."""
+    for index, tensor in enumerate(tensors):
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            raise TypeError(
+                f"the gradient of {describe(index, names, what)} has dtype {tensor.dtype}; "
+                "norms need floating-point or complex tensors"
+            )
+
+
+def norm_result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype torch's ``get_total_norm`` returns: its per-tensor norms (real, in each
+    tensor's dtype) promoted together by ``torch.stack``."""
+    dtypes = {_REAL_OF_COMPLEX.get(t.dtype, t.dtype) for t in tensors}
+    result = dtypes.pop()
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result

@@ -1,0 +1,117 @@
+"""Plain-PyTorch twins of every kernel: short enough to check by eye.
+
+They are the fallback for tensors the kernels do not serve (CPU tensors in normal use,
+sparse, complex or gapped-strided gradients) and the model the kernels are tested
+against. They share the kernels' contracts (see ``gradstats/ops.py``) and numerics
+(float32 accumulation, float64 for float64 input) but not their code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .norms import NormKind
+
+EPS = 1e-6  # torch.nn.utils.clip_grads_with_norm_ adds the same to the total norm
+
+
+def _flat_values(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The stored values of ``tensor`` as one vector, and how many implicit zeros it has."""
+    if tensor.is_sparse:
+        values = tensor.coalesce().values().reshape(-1)
+        return values, tensor.numel() - values.numel()
+    return tensor.reshape(-1), 0
+
+
+def tensor_power(values: torch.Tensor, p: float, kind: NormKind) -> torch.Tensor:
+    """``sum |x|^p`` (``max |x|`` for the inf-norm), returned as float64; 0 for no values.
+
+    Accumulated in float32 (float64 for float64 input), like the kernels and torch, so a
+    sum of squares that overflows float32 is inf on every backend alike."""
+    magnitude = values.abs()
+    magnitude = magnitude.to(torch.float64 if magnitude.dtype == torch.float64 else torch.float32)
+    if kind == NormKind.INF:
+        power = magnitude.max() if magnitude.numel() else magnitude.new_zeros(())
+    elif kind == NormKind.L1:
+        power = magnitude.sum()
+    elif kind == NormKind.L2:
+        power = (magnitude * magnitude).sum()
+    else:
+        power = magnitude.pow(p).sum()
+    return power.to(torch.float64)
+
+
+def log2_histogram(values: torch.Tensor, num_bins: int, min_exp: int) -> torch.Tensor:
+    """Column 0: exact zeros; column k >= 1: finite x with floor(log2|x|) == min_exp + k - 1,
+    out-of-range values clamped into columns 1 and num_bins - 1; non-finite values dropped."""
+    magnitude = values.abs().to(torch.float64)
+    _, exponent = torch.frexp(magnitude)  # |x| = m * 2^e, m in [0.5, 1): floor(log2|x|) = e - 1
+    column = (exponent.to(torch.int64) - 1 - min_exp + 1).clamp(1, num_bins - 1)
+    column = torch.where(magnitude == 0, 0, column)
+    column = torch.where(torch.isfinite(magnitude), column, num_bins)  # dropped below
+    counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=values.device)
+    counts.index_add_(0, column, torch.ones_like(column))
+    return counts[:num_bins]
+
+
+def accumulate_stats(
+    tensors: list[torch.Tensor], p: float, kind: NormKind, num_bins: int, min_exp: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tensor: power (float64), non-finite count (int64) and histogram ([n, num_bins])."""
+    device = tensors[0].device
+    power = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+    nonfinite = torch.zeros(len(tensors), dtype=torch.int64, device=device)
+    hist = torch.zeros(len(tensors), num_bins, dtype=torch.int64, device=device)
+    for row, tensor in enumerate(tensors):
+        values, implicit_zeros = _flat_values(tensor.detach())
+        power[row] = tensor_power(values, p, kind)
+        finite = torch.isfinite(values.abs())  # abs: a complex value is finite when both parts are
+        nonfinite[row] = values.numel() - finite.sum()
+        if num_bins:
+            hist[row] = log2_histogram(values, num_bins, min_exp)
+            hist[row, 0] += implicit_zeros
+    return power, nonfinite, hist
+
+
+def finalize(
+    power: torch.Tensor, p: float, kind: NormKind, max_norm: float, norms_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor norms, the total norm and ``min(max_norm / (total + 1e-6), 1)``."""
+    if kind == NormKind.INF:
+        norms = power
+        total = power.max() if power.numel() else power.new_zeros(())
+    else:
+        root = 1.0 / p
+        norms = power.pow(root)
+        total = power.sum().pow(root)
+    clip_coef = torch.clamp(max_norm / (total + EPS), max=1.0)
+    # copy=True: an op's outputs must never alias its input.
+    return (norms.to(norms_dtype, copy=True), total.to(norms_dtype, copy=True),
+            clip_coef.to(norms_dtype))
+
+
+def composed_norm(tensor: torch.Tensor, p: float) -> torch.Tensor:
+    """``vector_norm`` in the tensor's dtype, as torch computes it, for the norm types
+    without a fused form (0, p < 0, -inf). An empty tensor has no such norm for p < 0 or
+    -inf (torch raises); it gets +inf, which contributes nothing to the total: inf^p = 0
+    for p < 0, and +inf never wins a minimum."""
+    if tensor.numel() == 0 and p < 0:
+        real_dtype = torch.empty((), dtype=tensor.dtype).abs().dtype
+        return torch.full((), math.inf, dtype=real_dtype, device=tensor.device)
+    return torch.linalg.vector_norm(tensor, p)
+
+
+def composed_total(norms: list[torch.Tensor], p: float, device: torch.device) -> torch.Tensor:
+    """torch's total: the ``p``-norm of the stacked per-tensor norms."""
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
+
+
+def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
+    for tensor in tensors:
+        tensor.mul_(clip_coef.to(tensor.device))
+
+
+def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
+    for tensor in tensors:
+        tensor.clamp_(min=lo, max=hi)

@@ -1,0 +1,221 @@
+"""``grad_stats``: every gradient's norm, non-finite count and log2 histogram in one pass.
+
+Data flow: gradients -> per-device ``accumulate_stats`` (one read of every gradient) ->
+per-tensor powers -> ``finalize`` (norms, total norm, clip coefficient) -> optional
+``scale_``. Every result stays on the gradients' device; nothing waits for the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import ops, reference
+from .norms import NormKind, norm_kind, parse_norm_type
+from .params import ParametersLike, check_norm_inputs, gradients, named_items
+
+MAX_BINS = 1024  # one histogram row lives in registers during the pass
+MIN_EXP_RANGE = (-1100, 1100)  # beyond float64's exponents every value is out of range
+
+
+@dataclass
+class GradStats:
+    """Statistics of one set of gradients, one row per gradient tensor.
+
+    Attributes:
+        norms (Tensor): per-tensor ``norm_type`` norms; float32, or float64 when any
+            gradient is float64.
+        total_norm (Tensor): the norm of all gradients together (0-d, dtype of ``norms``).
+        nonfinite (Tensor): per-tensor count of NaN and +-Inf elements (int64).
+        hist (Tensor or None): ``[n, num_bins]`` int64 counts. Column 0 counts exact zeros;
+            column ``k >= 1`` counts finite non-zero ``x`` with
+            ``floor(log2|x|) == min_exp + k - 1``, smaller values in column 1 and larger
+            ones in the last column. Non-finite values are not counted here.
+        numel (Tensor): per-tensor element counts (int64).
+        names (list of str or None): parameter names, when they were given.
+        clip_coef (Tensor or None): the coefficient the gradients were scaled by, when
+            ``max_norm`` was given (1 when no clipping was needed).
+    """
+
+    norms: torch.Tensor
+    total_norm: torch.Tensor
+    nonfinite: torch.Tensor
+    hist: torch.Tensor | None
+    numel: torch.Tensor
+    names: list[str] | None
+    clip_coef: torch.Tensor | None
+    norm_type: float
+    num_bins: int
+    min_exp: int
+
+    def __len__(self) -> int:
+        return self.norms.numel()
+
+    def bin_edges(self) -> torch.Tensor:
+        """The ``num_bins + 1`` histogram edges (float64, CPU) for plotting or logging:
+        ``[0, 2^min_exp, 2^(min_exp+1), ..., 2^(min_exp+num_bins-1)]``. Column 0 (exact
+        zeros) is drawn as ``[0, 2^min_exp)``; column ``k`` as ``[2^(min_exp+k-1), 2^(min_exp+k))``."""
+        exponents = torch.arange(self.min_exp, self.min_exp + self.num_bins, dtype=torch.float64)
+        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.exp2(exponents)])
+
+
+@dataclass
+class FusedResult:
+    """What one fused pass produced, before any scaling."""
+
+    nonfinite: torch.Tensor
+    hist: torch.Tensor
+    norms: torch.Tensor
+    total_norm: torch.Tensor
+    clip_coef: torch.Tensor
+
+
+def fused_pass(
+    grads: list[torch.Tensor], p: float, *, num_bins: int, min_exp: int, max_norm: float
+) -> FusedResult:
+    """Statistics of non-empty ``grads``; results on the first gradient's device."""
+    first_device = grads[0].device
+    power, nonfinite, hist = _accumulate_on_each_device(grads, p, num_bins, min_exp)
+    norms_dtype = torch.float64 if any(g.dtype in (torch.float64, torch.complex128)
+                                       for g in grads) else torch.float32
+    if norm_kind(p) == NormKind.COMPOSED:
+        per_tensor = [reference.composed_norm(g, p) for g in grads]
+        norms = torch.stack([n.to(first_device, norms_dtype) for n in per_tensor])
+        total = reference.composed_total(per_tensor, p, first_device).to(norms_dtype)
+        clip_coef = torch.clamp(max_norm / (total + reference.EPS), max=1.0)
+    else:
+        norms, total, clip_coef = ops.finalize(power, p, max_norm, norms_dtype)
+    return FusedResult(nonfinite=nonfinite, hist=hist, norms=norms, total_norm=total,
+                       clip_coef=clip_coef)
+
+
+def _accumulate_on_each_device(grads, p, num_bins, min_exp):
+    positions_by_device: dict[torch.device, list[int]] = {}
+    for position, grad in enumerate(grads):
+        positions_by_device.setdefault(grad.device, []).append(position)
+    if len(positions_by_device) == 1:
+        return ops.accumulate_stats(grads, p, num_bins, min_exp)
+    # Several devices (rare): per-device partials, gathered in order on the first device.
+    first_device = grads[0].device
+    n = len(grads)
+    outputs = (
+        torch.empty(n, dtype=torch.float64, device=first_device),
+        torch.empty(n, dtype=torch.int64, device=first_device),
+        torch.empty(n, num_bins, dtype=torch.int64, device=first_device),
+    )
+    for positions in positions_by_device.values():
+        parts = ops.accumulate_stats([grads[i] for i in positions], p, num_bins, min_exp)
+        index = _device_index(positions, first_device)
+        for output, part in zip(outputs, parts):
+            output.index_copy_(0, index, part.to(first_device, non_blocking=True))
+    return outputs
+
+
+def _device_index(positions: list[int], device: torch.device) -> torch.Tensor:
+    index = torch.tensor(positions, dtype=torch.int64)
+    if device.type == "cuda":
+        index = index.pin_memory()  # pinned: the copy below does not wait for the GPU
+    return index.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return _device_index(list(numels), device)
+
+
+def check_max_norm(max_norm: float) -> float:
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_norm must be a number, got {type(max_norm).__name__}") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"max_norm must be a non-negative number, got {value}")
+    return value
+
+
+def _check_histogram_range(num_bins: int, min_exp: int) -> None:
+    if not isinstance(num_bins, int) or not 2 <= num_bins <= MAX_BINS:
+        raise ValueError(f"num_bins must be an int in [2, {MAX_BINS}], got {num_bins!r}")
+    low, high = MIN_EXP_RANGE
+    if not isinstance(min_exp, int) or not low <= min_exp <= high:
+        raise ValueError(f"min_exp must be an int in [{low}, {high}], got {min_exp!r}")
+
+
+@torch.no_grad()
+def grad_stats(
+    parameters: ParametersLike,
+    norm_type: float = 2.0,
+    *,
+    max_norm: float | None = None,
+    histogram: bool = True,
+    num_bins: int = 64,
+    min_exp: int = -40,
+) -> GradStats:
+    r"""Per-gradient norms, non-finite counts and log2-magnitude histograms in one pass.
+
+    Every gradient is read once, by one fused kernel launch per device and dtype. Results
+    stay on the device: nothing here waits for the GPU.
+
+    Args:
+        parameters (nn.Module, Iterable[(str, Tensor)], Iterable[Tensor] or Tensor): the
+            parameters whose ``.grad`` to read; parameters without a gradient are skipped.
+            Names are kept when given (a module or ``named_parameters()`` pairs).
+        norm_type (float): type of the p-norm, ``'inf'`` for the infinity norm. Default: 2.0
+        max_norm (float, optional): when given, also clip the gradients in place exactly as
+            :func:`gradstats.fused_clip_grad_norm_` would, from the same pass.
+        histogram (bool): compute the histogram. Default: True
+        num_bins (int): histogram columns, including column 0 for exact zeros. Default: 64
+        min_exp (int): the exponent of column 1: it counts ``2^min_exp <= |x| < 2^(min_exp+1)``
+            (and everything smaller but non-zero). Default: -40
+
+    Returns:
+        GradStats: device tensors, one row per gradient.
+
+    Example::
+
+        >>> loss.backward()
+        >>> stats = gradstats.grad_stats(model, max_norm=1.0)
+        >>> stats.total_norm, stats.nonfinite.sum()
+    """
+    p = parse_norm_type(norm_type)
+    max_norm_value = math.inf if max_norm is None else check_max_norm(max_norm)
+    if histogram:
+        _check_histogram_range(num_bins, min_exp)
+    params, param_names = named_items(parameters)
+    grads, names = gradients(params, param_names)
+    check_norm_inputs(grads, names, "parameter")
+    bins = num_bins if histogram else 0
+    if not grads:
+        return _empty_stats(p, num_bins, min_exp, histogram, names, clipped=max_norm is not None)
+    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm_value)
+    if max_norm is not None:
+        ops.scale_(grads, result.clip_coef)
+    return GradStats(
+        norms=result.norms,
+        total_norm=result.total_norm,
+        nonfinite=result.nonfinite,
+        hist=result.hist if histogram else None,
+        numel=_numel_tensor(tuple(g.numel() for g in grads), grads[0].device).clone(),
+        names=names,
+        clip_coef=result.clip_coef if max_norm is not None else None,
+        norm_type=p,
+        num_bins=num_bins,
+        min_exp=min_exp,
+    )
+
+
+def _empty_stats(p, num_bins, min_exp, histogram, names, clipped) -> GradStats:
+    return GradStats(
+        norms=torch.zeros(0),
+        total_norm=torch.tensor(0.0),
+        nonfinite=torch.zeros(0, dtype=torch.int64),
+        hist=torch.zeros(0, num_bins, dtype=torch.int64) if histogram else None,
+        numel=torch.zeros(0, dtype=torch.int64),
+        names=names,
+        clip_coef=torch.tensor(1.0) if clipped else None,
+        norm_type=p,
+        num_bins=num_bins,
+        min_exp=min_exp,
+    )

@@ -1,0 +1,62 @@
+"""Test set-up: which (backend, device) pairs the kernels are exercised on.
+
+Without CUDA the Triton kernels run on CPU tensors in the Triton interpreter, which must
+be switched on before triton is first imported: that happens here, before any test module
+imports gradstats' kernels.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from gradstats import worklist  # noqa: E402
+from gradstats.backend import interpreter_enabled, triton_importable  # noqa: E402
+from gradstats.kernels import config  # noqa: E402
+
+
+def _backend_devices():
+    pairs = [pytest.param(("torch", "cpu"), id="torch-cpu")]
+    if triton_importable() and interpreter_enabled():
+        pairs.append(pytest.param(("triton", "cpu"), id="triton-interpreter"))
+    if torch.cuda.is_available():
+        pairs.append(pytest.param(("torch", "cuda"), id="torch-cuda"))
+        if not interpreter_enabled():
+            pairs.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
+    return pairs
+
+
+@pytest.fixture(params=_backend_devices())
+def backend_device(request, monkeypatch):
+    """Runs the test once per available backend; yields the device to put tensors on."""
+    backend, device = request.param
+    monkeypatch.setenv("GRADSTATS_BACKEND", backend)
+    return torch.device(device)
+
+
+@pytest.fixture(params=[p for p in _backend_devices() if p.values[0][0] == "triton"] or
+                [pytest.param(None, marks=pytest.mark.skip(reason="no Triton backend here"))])
+def triton_device(request, monkeypatch):
+    """Only the Triton backends (interpreter or CUDA)."""
+    backend, device = request.param
+    monkeypatch.setenv("GRADSTATS_BACKEND", backend)
+    return torch.device(device)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Tiny chunks and blocks, so small tensors cross chunk and block edges."""
+    tiny = config.LaunchConfig(chunk=256, block=64, num_warps=2)
+    monkeypatch.setattr(config, "INTERPRETER_CONFIG", tiny)
+    monkeypatch.setattr(config, "GPU_CONFIGS", {dtype: tiny for dtype in config.GPU_CONFIGS})
+    worklist.clear_plan_cache()
+    yield tiny
+    worklist.clear_plan_cache()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,341 @@
+"""The drop-ins against torch.nn.utils itself (and a float64 reference where torch rounds)."""
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import (
+    COMPOSED_NORM_TYPES,
+    FLOAT_DTYPES,
+    FUSED_NORM_TYPES,
+    clone_params,
+    make_params,
+    torch_rtol,
+    with_grads,
+)
+
+import gradstats
+
+SIZES = [0, 1, 5, 131, 2053]
+ALL_NORM_TYPES = FUSED_NORM_TYPES + COMPOSED_NORM_TYPES
+
+
+def assert_grads_close(ours, theirs, dtype):
+    for a, b in zip(ours, theirs):
+        if a.grad is None:
+            assert b.grad is None
+            continue
+        rtol = torch_rtol(dtype)
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=rtol * 1e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("p", ALL_NORM_TYPES)
+def test_get_total_norm_matches_torch(backend_device, dtype, p):
+    params = make_params([1, 5, 131, 2053], dtype, backend_device)
+    grads = [q.grad for q in params]
+    ours = gradstats.get_total_norm(grads, p)
+    theirs = torch.nn.utils.get_total_norm(grads, p)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == ()
+    assert ours.device == theirs.device
+    torch.testing.assert_close(ours, theirs, rtol=torch_rtol(dtype), atol=0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf, -math.inf])
+@pytest.mark.parametrize("max_norm", [1e-2, 1e6])
+def test_clip_grad_norm_matches_torch(backend_device, dtype, p, max_norm):
+    ours = make_params(SIZES, dtype, backend_device, scale=2.0)
+    ours[2].grad = None
+    theirs = clone_params(ours)
+    total = gradstats.fused_clip_grad_norm_(ours, max_norm, p)
+    # torch raises on empty tensors under +-inf; they contribute nothing to ours.
+    non_empty = [q for q in theirs if q.numel()] if math.isinf(p) else theirs
+    expected = torch.nn.utils.clip_grad_norm_(non_empty, max_norm, p)
+    torch.testing.assert_close(total, expected, rtol=torch_rtol(dtype), atol=0)
+    assert_grads_close(ours, theirs, dtype)
+
+
+def test_mixed_dtypes_match_torch(backend_device):
+    ours = (make_params([33, 7], torch.float32, backend_device)
+            + make_params([90], torch.bfloat16, backend_device)
+            + make_params([12], torch.float16, backend_device))
+    theirs = clone_params(ours)
+    total = gradstats.fused_clip_grad_norm_(ours, 0.5)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    assert total.dtype == expected.dtype == torch.float32
+    # torch rounds the bf16 tensor's norm to bf16 before combining: bf16 tolerance.
+    torch.testing.assert_close(total, expected, rtol=torch_rtol(torch.bfloat16), atol=0)
+    assert_grads_close(ours, theirs, torch.bfloat16)
+
+
+def test_many_tensors_match_torch(backend_device, small_chunks):
+    ours = make_params([(i * 53) % 600 + 1 for i in range(310)], torch.float32, backend_device)
+    theirs = clone_params(ours)
+    torch.testing.assert_close(gradstats.fused_clip_grad_norm_(ours, 1.0),
+                               torch.nn.utils.clip_grad_norm_(theirs, 1.0), rtol=1e-5, atol=0)
+    assert_grads_close(ours, theirs, torch.float32)
+
+
+def test_non_contiguous_grads_clipped_in_place(backend_device):
+    base = torch.randn(30, 40, device=backend_device)
+    grads = [base.clone().t(), base.clone()[:, ::3], torch.randn(3, 4, 5, 6,
+             device=backend_device).to(memory_format=torch.channels_last)]
+    ours = with_grads(grads)
+    theirs = clone_params(ours)
+    torch.testing.assert_close(gradstats.fused_clip_grad_norm_(ours, 0.1),
+                               torch.nn.utils.clip_grad_norm_(theirs, 0.1))
+    assert_grads_close(ours, theirs, torch.float32)
+    assert all(q.grad is g for q, g in zip(ours, grads))  # updated in place, same strides
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_no_clipping_needed_leaves_grads_bit_identical(backend_device, dtype):
+    params = make_params([1, 300, 4097], dtype, backend_device)
+    params[1].grad[5] = -0.0
+    before = [q.grad.clone() for q in params]
+    pointers = [q.grad.data_ptr() for q in params]
+    total = gradstats.fused_clip_grad_norm_(params, 1e9)
+    assert total.item() > 0
+    for q, old, ptr in zip(params, before, pointers):
+        assert q.grad.data_ptr() == ptr
+        assert torch.equal(q.grad, old)
+        assert torch.equal(q.grad.signbit(), old.signbit())
+
+
+def test_inf_norm_with_empty_tensor_does_better_than_torch(backend_device):
+    params = make_params([0, 6], torch.float32, backend_device)
+    expected = params[1].grad.abs().max().item()
+    assert gradstats.fused_clip_grad_norm_(params, 1.0, math.inf).item() == expected
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_norm_(clone_params(params), 1.0, math.inf)
+
+
+@pytest.mark.parametrize("p", [0.5, 2.0, math.inf])
+def test_nan_and_inf_propagate_like_torch(backend_device, p):
+    for bad in (float("nan"), float("inf")):
+        ours = make_params([10, 20], torch.float32, backend_device)
+        ours[1].grad[3] = bad
+        theirs = clone_params(ours)
+        total = gradstats.fused_clip_grad_norm_(ours, 1.0, p)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, p)
+        torch.testing.assert_close(total, expected, equal_nan=True)
+        assert_grads_close(ours, theirs, torch.float32)
+
+
+def test_empty_inputs_like_torch():
+    assert gradstats.get_total_norm([]).item() == 0.0
+    no_grad = torch.nn.Parameter(torch.ones(2))
+    assert torch.equal(gradstats.fused_clip_grad_norm_([no_grad], 1.0), torch.tensor(0.0))
+    with pytest.warns(UserWarning, match="empty generator, no gradient clipping will occur"):
+        gradstats.fused_clip_grad_norm_((q for q in []), 1.0)
+
+
+def test_empty_generator_warning_points_at_caller():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gradstats.fused_clip_grad_norm_((q for q in []), 1.0)
+    assert caught[0].filename == __file__
+
+
+def test_single_tensor_and_generator_inputs(backend_device):
+    param = make_params([17], torch.float32, backend_device)[0]
+    twin = clone_params([param])[0]
+    torch.testing.assert_close(gradstats.fused_clip_grad_norm_(param, 0.1),
+                               torch.nn.utils.clip_grad_norm_(twin, 0.1))
+    params = make_params([3, 4], torch.float32, backend_device)
+    twins = clone_params(params)
+    torch.testing.assert_close(gradstats.fused_clip_grad_norm_((q for q in params), 0.1),
+                               torch.nn.utils.clip_grad_norm_((q for q in twins), 0.1))
+    assert_grads_close(params, twins, torch.float32)
+
+
+@pytest.mark.parametrize("norm_type", [0.5, 1.5, 2, 4, "inf"])
+def test_error_if_nonfinite_names_parameters_and_modifies_nothing(backend_device, norm_type):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(backend_device)
+    model(torch.randn(2, 4, device=backend_device)).sum().backward()
+    model[1].weight.grad[0, 1] = float("nan")
+    model[0].bias.grad[2] = float("inf")
+    before = [q.grad.clone() for q in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"is non-finite.*'0\.bias' \(1 NaN/Inf\), "
+                                           r"'1\.weight' \(1 NaN/Inf\)"):
+        gradstats.fused_clip_grad_norm_(model, 1.0, norm_type, error_if_nonfinite=True)
+    for q, old in zip(model.parameters(), before):
+        torch.testing.assert_close(q.grad, old, equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"parameter 2 \(1 NaN/Inf\)"):
+        gradstats.fused_clip_grad_norm_(list(model.parameters()), 1.0, norm_type,
+                                        error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match=r"tensor 1 \(1 NaN/Inf\)"):
+        gradstats.get_total_norm([q.grad for q in model.parameters()], norm_type,
+                                 error_if_nonfinite=True)
+
+
+def test_error_if_nonfinite_overflow_is_explained(backend_device):
+    params = make_params([4], torch.float32, backend_device)
+    params[0].grad.fill_(1e30)
+    with pytest.raises(RuntimeError, match="overflowed"):
+        gradstats.fused_clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+
+
+def test_clip_grads_with_norm_matches_torch(backend_device):
+    for dtype in FLOAT_DTYPES:
+        ours = make_params(SIZES, dtype, backend_device)
+        theirs = clone_params(ours)
+        total = torch.nn.utils.get_total_norm([q.grad for q in theirs if q.grad is not None])
+        gradstats.clip_grads_with_norm_(ours, 0.3, total)
+        torch.nn.utils.clip_grads_with_norm_(theirs, 0.3, total)
+        # Same coefficient as torch: equal up to the final rounding to the gradient dtype.
+        ulp = torch.finfo(dtype).eps
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.grad, b.grad, rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_clip_grad_value_matches_torch(backend_device, dtype):
+    ours = make_params(SIZES, dtype, backend_device, scale=3.0)
+    ours[3].grad[[0, 1]] = torch.tensor([float("nan"), -float("inf")], dtype=dtype)
+    ours[1].grad = None
+    theirs = clone_params(ours)
+    gradstats.clip_grad_value_(ours, 2.5)
+    torch.nn.utils.clip_grad_value_(theirs, 2.5)
+    for a, b in zip(ours, theirs):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+
+
+# What torch's own test_nn.py checks for these functions, written again here.
+
+def test_torch_nn_clip_grad_norm_battery(backend_device):
+    layer = torch.nn.Linear(10, 10).to(backend_device)
+    max_norm = 2.0
+
+    def fill_grads():
+        for q in layer.parameters():
+            q.grad = torch.arange(1.0, q.numel() + 1, device=backend_device).view_as(q)
+
+    def norm_of(p):
+        grads = torch.cat([q.grad.view(-1) for q in layer.parameters()])
+        return grads.abs().max() if p == math.inf else grads.abs().pow(p).sum().pow(1 / p)
+
+    for norm_type in [0.5, 1.5, 2, 4, "inf"]:
+        p = float(norm_type)
+        fill_grads()
+        old_grads = [q.grad.clone() for q in layer.parameters()]
+        old_norm = norm_of(p)
+        total = gradstats.fused_clip_grad_norm_(layer.parameters(), max_norm, norm_type)
+        torch.testing.assert_close(total, old_norm)
+        scales = [q.grad / old for q, old in zip(layer.parameters(), old_grads)]
+        expected_scale = max_norm / old_norm
+        for scale in scales:
+            torch.testing.assert_close(scale, torch.full_like(scale, expected_scale.item()))
+        torch.testing.assert_close(norm_of(p), torch.tensor(max_norm, device=backend_device),
+                                   rtol=1e-5, atol=1e-5)
+
+    # Small gradients: no change.
+    for q in layer.parameters():
+        q.grad = torch.rand_like(q) * 1e-3
+    before = [q.grad.clone() for q in layer.parameters()]
+    gradstats.fused_clip_grad_norm_(layer.parameters(), max_norm)
+    for q, old in zip(layer.parameters(), before):
+        assert torch.equal(q.grad, old)
+
+    # A single tensor is accepted and gives the same result as a list of one.
+    fill_grads()
+    weight = layer.weight
+    twin = torch.nn.Parameter(weight.detach().clone())
+    twin.grad = weight.grad.clone()
+    gradstats.fused_clip_grad_norm_(weight, max_norm)
+    gradstats.fused_clip_grad_norm_([twin], max_norm)
+    assert torch.equal(weight.grad, twin.grad)
+
+
+@pytest.mark.parametrize("norm_type", [0.5, 1.5, 2, 4, "inf"])
+@pytest.mark.parametrize("grad_only_one_elem", [True, False])
+@pytest.mark.parametrize("prefix_finite", [True, False])
+@pytest.mark.parametrize("scalar_value", [float("inf"), float("nan"), 1e20])  # 1e20: x*x overflows
+def test_torch_nn_error_if_nonfinite_battery(backend_device, norm_type, grad_only_one_elem,
+                                             prefix_finite, scalar_value):
+    def make_param():
+        param = torch.nn.Parameter(torch.zeros(10, device=backend_device))
+        param.grad = torch.ones(10, device=backend_device)
+        if grad_only_one_elem:
+            param.grad[3] = scalar_value
+        else:
+            param.grad.fill_(scalar_value)
+        return param
+
+    finite = torch.nn.Parameter(torch.zeros(10, device=backend_device))
+    finite.grad = torch.ones(10, device=backend_device)
+    params = ([finite] if prefix_finite else []) + [make_param()]
+    twins = clone_params(params)
+    expected = torch.nn.utils.clip_grad_norm_(twins, 1.0, norm_type)
+    if math.isfinite(expected.item()):
+        checked = clone_params(params)
+        total = gradstats.fused_clip_grad_norm_(checked, 1.0, norm_type, error_if_nonfinite=True)
+        torch.testing.assert_close(total, expected, rtol=torch_rtol(torch.float32), atol=0)
+    else:
+        before = [q.grad.clone() for q in params]
+        with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+            gradstats.fused_clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True)
+        for q, old in zip(params, before):
+            torch.testing.assert_close(q.grad, old, equal_nan=True, rtol=0, atol=0)
+    total = gradstats.fused_clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=False)
+    torch.testing.assert_close(total, expected, rtol=torch_rtol(torch.float32), atol=0,
+                               equal_nan=True)
+    assert_grads_close(params, twins, torch.float32)
+
+
+def test_torch_nn_clip_grad_value_battery(backend_device):
+    layer = torch.nn.Linear(10, 10).to(backend_device)
+    clip_value = 2.5
+    grad_w = torch.arange(-50.0, 50, device=backend_device).view(10, 10).div_(5)
+    grad_b = torch.ones(10, device=backend_device).mul_(2)
+    for grad_list in [[grad_w, grad_b], [grad_w, None]]:
+        for q, g in zip(layer.parameters(), grad_list):
+            q.grad = g.clone() if g is not None else None
+        gradstats.clip_grad_value_(layer.parameters(), clip_value)
+        for q in filter(lambda q: q.grad is not None, layer.parameters()):
+            assert q.grad.max() <= clip_value and q.grad.min() >= -clip_value
+    # A single tensor is accepted.
+    weight = torch.nn.Parameter(torch.zeros(3, device=backend_device))
+    weight.grad = torch.tensor([-5.0, 0.5, 9.0], device=backend_device)
+    gradstats.clip_grad_value_(weight, clip_value)
+    assert weight.grad.tolist() == [-2.5, 0.5, 2.5]
+
+
+@pytest.mark.parametrize("call", [
+    lambda ps: gradstats.fused_clip_grad_norm_(ps, -1.0),
+    lambda ps: gradstats.fused_clip_grad_norm_(ps, float("nan")),
+    lambda ps: gradstats.fused_clip_grad_norm_(ps, 1.0, "fro"),
+    lambda ps: gradstats.fused_clip_grad_norm_(ps, 1.0, float("nan")),
+    lambda ps: gradstats.fused_clip_grad_norm_(ps, "big"),
+    lambda ps: gradstats.fused_clip_grad_norm_(ps, 1.0, foreach="yes"),
+    lambda ps: gradstats.fused_clip_grad_norm_([ps[0], 3], 1.0),
+    lambda ps: gradstats.clip_grads_with_norm_(ps, -2.0, torch.tensor(5.0)),
+    lambda ps: gradstats.clip_grad_value_(ps, -1.0),
+    lambda ps: gradstats.clip_grad_value_(ps, float("nan")),
+])
+def test_bad_arguments_raise_before_modifying(call):
+    params = make_params([4, 5], torch.float32, "cpu", scale=100.0)
+    before = [q.grad.clone() for q in params]
+    with pytest.raises((ValueError, TypeError)):
+        call(params)
+    for q, old in zip(params, before):
+        assert torch.equal(q.grad, old)
+
+
+def test_integer_tensors_are_rejected_by_name():
+    with pytest.raises(TypeError, match="tensor 1 has dtype torch.int64"):
+        gradstats.get_total_norm([torch.ones(2), torch.ones(2, dtype=torch.int64)])
+
+
+def test_complex_grads_match_torch():
+    grads = [torch.randn(5, dtype=torch.complex64), torch.randn(3)]
+    torch.testing.assert_close(gradstats.get_total_norm(grads),
+                               torch.nn.utils.get_total_norm(grads))
+
+
+def test_one_import_swaps_every_clipping_function():
+    for name in ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]:
+        assert callable(getattr(gradstats, name))
+    assert gradstats.clip_grad_norm_ is gradstats.fused_clip_grad_norm_
