@@ -86,13 +86,7 @@ def plan_for(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     The key is every tensor's address, size, dtype and contiguity, so a gradient that was
     reallocated, resized or re-laid-out gets a new plan rather than a stale pointer.
     """
-    key = (
-        device,
-        tuple(map(torch.Tensor.data_ptr, tensors)),
-        tuple(map(torch.Tensor.numel, tensors)),
-        tuple(t.dtype for t in tensors),
-        tuple(map(torch.Tensor.is_contiguous, tensors)),
-    )
+    key = _plan_key(tensors, device)
     plan = _plans.get(key)
     if plan is not None:
         _plans.move_to_end(key)
@@ -108,6 +102,19 @@ def plan_for(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     if len(_plans) > PLAN_CACHE_SIZE:
         _plans.popitem(last=False)
     return plan
+
+
+def _plan_key(tensors: list[torch.Tensor], device: torch.device) -> tuple:
+    try:
+        # Unbound C methods under map(): the cheapest per-tensor reads Python offers, since
+        # this runs every step for every gradient.
+        addresses = tuple(map(torch.Tensor.data_ptr, tensors))
+        contiguity = tuple(map(torch.Tensor.is_contiguous, tensors))
+    except RuntimeError:  # a sparse gradient has neither; it takes the reference path anyway
+        addresses = tuple(t.data_ptr() if t.layout is torch.strided else -1 for t in tensors)
+        contiguity = tuple(t.layout is torch.strided and t.is_contiguous() for t in tensors)
+    numels = tuple(map(torch.Tensor.numel, tensors))
+    return device, addresses, numels, tuple(t.dtype for t in tensors), contiguity
 
 
 def clear_plan_cache() -> None:

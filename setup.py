@@ -1,0 +1,24 @@
+"""gradstats: fused gradient statistics and drop-in clipping for PyTorch (Triton kernels).
+
+Pure Python for now: the Triton kernels compile at run time. Install into an environment
+that already has torch (``make test`` / ``make demo`` set one up); building with
+``pip install --no-build-isolation`` keeps pip from fetching a second torch for the build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="gradstats",
+    version="0.1.0",
+    description="One fused pass over every gradient: norms, NaN/Inf counts, log2 histograms "
+                "and drop-in clipping for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "triton>=3.4"],
+    extras_require={
+        # numpy: the tests' independent float64 reference (np.frexp, exact histograms).
+        "test": ["pytest", "pytest-benchmark", "numpy"],
+    },
+    license="BSD-3-Clause",
+)

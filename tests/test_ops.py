@@ -1,0 +1,115 @@
+"""The operators, backend selection, plan caching, torch.compile and import hygiene."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_params, with_grads
+
+import gradstats
+from gradstats import worklist
+from gradstats.backend import Backend, choose_backend
+
+
+def _sample_tensors(device):
+    return [torch.randn(n, device=device) for n in (3, 700, 1)] + [
+        torch.randn(40, device=device, dtype=torch.bfloat16)]
+
+
+def test_opcheck_accumulate_stats(backend_device):
+    tensors = _sample_tensors(backend_device)
+    for args in [(tensors, 2.0, 64, -40), (tensors, float("inf"), 0, 0), (tensors, 3.5, 50, -10)]:
+        torch.library.opcheck(torch.ops.gradstats.accumulate_stats.default, args)
+
+
+def test_opcheck_finalize(backend_device):
+    power = torch.rand(5, dtype=torch.float64, device=backend_device)
+    for norm_type in (1.0, 2.0, 3.5, float("inf")):
+        torch.library.opcheck(torch.ops.gradstats.finalize.default,
+                              (power, norm_type, 1.0, torch.float32))
+
+
+def test_opcheck_in_place_ops(backend_device):
+    coef = torch.tensor(0.5, device=backend_device)
+    torch.library.opcheck(torch.ops.gradstats.scale_.default,
+                          (_sample_tensors(backend_device), coef))
+    torch.library.opcheck(torch.ops.gradstats.clamp_.default,
+                          (_sample_tensors(backend_device), -0.5, 0.5))
+
+
+def test_ops_agree_with_reference_twin(triton_device, monkeypatch):
+    tensors = _sample_tensors(triton_device)
+    tensors[1][5] = float("nan")
+    fused = torch.ops.gradstats.accumulate_stats(tensors, 2.0, 64, -40)
+    monkeypatch.setenv("GRADSTATS_BACKEND", "torch")
+    twin = torch.ops.gradstats.accumulate_stats(tensors, 2.0, 64, -40)
+    torch.testing.assert_close(fused[0], twin[0], rtol=1e-6, atol=0, equal_nan=True)
+    assert torch.equal(fused[1], twin[1]) and torch.equal(fused[2], twin[2])
+
+
+def test_compiled_clip_matches_eager(backend_device):
+    params = make_params([30, 7, 1], torch.float32, backend_device, scale=3.0)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for twin, param in zip(twins, params):
+        twin.grad = param.grad.clone()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(ps):
+        return gradstats.fused_clip_grad_norm_(ps, 1.0)
+
+    total = step(params)
+    expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    torch.testing.assert_close(total, expected)
+    for param, twin in zip(params, twins):
+        torch.testing.assert_close(param.grad, twin.grad)
+
+
+def test_plan_is_cached_and_rebuilt_when_grads_move(triton_device):
+    worklist.clear_plan_cache()
+    params = make_params([10, 20], torch.float32, triton_device)
+    gradstats.get_total_norm([p.grad for p in params])
+    gradstats.get_total_norm([p.grad for p in params])
+    assert len(worklist._plans) == 1
+    params[0].grad = torch.full((10,), 2.0, device=triton_device)  # new storage
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.testing.assert_close(gradstats.get_total_norm([p.grad for p in params]), expected)
+    assert len(worklist._plans) == 2
+
+
+def test_plan_cache_is_bounded(triton_device):
+    worklist.clear_plan_cache()
+    for _ in range(worklist.PLAN_CACHE_SIZE + 5):
+        gradstats.get_total_norm([torch.randn(3, device=triton_device)])
+    assert len(worklist._plans) <= worklist.PLAN_CACHE_SIZE
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "torch")
+    assert choose_backend(torch.device("cpu")) is Backend.TORCH
+    monkeypatch.setenv("GRADSTATS_BACKEND", "auto")
+    assert choose_backend(torch.device("cpu")) is Backend.TORCH
+    monkeypatch.setenv("GRADSTATS_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="GRADSTATS_BACKEND"):
+        choose_backend(torch.device("cpu"))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        gradstats.grad_stats(with_grads([torch.ones(3)]))
+
+
+def test_sparse_grads_take_the_reference_path(backend_device):
+    dense = torch.zeros(6, 5, device=backend_device)
+    dense[1, 2], dense[4, 0] = 3.0, -4.0
+    stats = gradstats.grad_stats(with_grads([dense.to_sparse()]))
+    assert stats.norms.item() == pytest.approx(5.0)
+    assert stats.hist[0, 0].item() == 28 and stats.hist.sum().item() == 30
+
+
+def test_import_is_lean():
+    code = ("import sys, torch, gradstats; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'")
+    subprocess.run([sys.executable, "-c", code], check=True)
