@@ -15,8 +15,7 @@ export PYTHONUNBUFFERED=1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$out/environment.txt"
 python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
-# Run from outside the checkout so the tests import the installed package.
-(cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=. . 2>&1) | tee "$out/tests-cuda.log"
+python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$out/tests-cuda.log"
 tests_status=${PIPESTATUS[0]}
 python3 -m benchmarks.gpu_smoke 2>&1 | tee "$out/gpu-smoke.txt"
 echo "tests exit status: $tests_status" | tee -a "$out/environment.txt"
