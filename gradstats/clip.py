@@ -31,7 +31,7 @@ from .params import (
     named_items,
     norm_result_dtype,
 )
-from .stats import FusedResult, check_max_norm, fused_pass
+from .stats import FusedResult, fused_pass, non_negative_float
 
 __all__ = [
     "fused_clip_grad_norm_",
@@ -144,7 +144,7 @@ def clip_grads_with_norm_(
         None
     """
     _check_foreach(foreach)
-    max_norm = check_max_norm(max_norm)
+    max_norm = non_negative_float("max_norm", max_norm)
     params, names = named_items(parameters)
     grads, _ = gradients(params, names)
     if not grads:
@@ -189,7 +189,7 @@ def fused_clip_grad_norm_(
     """
     _check_foreach(foreach)
     p = parse_norm_type(norm_type)
-    max_norm = check_max_norm(max_norm)
+    max_norm = non_negative_float("max_norm", max_norm)
     # stacklevel: the warning points at the caller, as torch's does.
     params, names = named_items(parameters, warn_empty_generator=True, stacklevel=3)
     grads, names = gradients(params, names)
@@ -223,12 +223,7 @@ def clip_grad_value_(
         foreach (bool, optional): accepted for compatibility; ignored. Default: ``None``
     """
     _check_foreach(foreach)
-    try:
-        clip_value = float(clip_value)
-    except (TypeError, ValueError):
-        raise TypeError(f"clip_value must be a number, got {type(clip_value).__name__}") from None
-    if math.isnan(clip_value) or clip_value < 0:
-        raise ValueError(f"clip_value must be a non-negative number, got {clip_value}")
+    clip_value = non_negative_float("clip_value", clip_value)
     params, names = named_items(parameters)
     grads, _ = gradients(params, names)
     if grads:

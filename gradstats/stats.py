@@ -125,14 +125,15 @@ def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor
     return _device_index(list(numels), device)
 
 
-def check_max_norm(max_norm: float) -> float:
+def non_negative_float(name: str, value: float) -> float:
+    """``float(value)``, or a clear error for anything that is not a number >= 0."""
     try:
-        value = float(max_norm)
+        number = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"max_norm must be a number, got {type(max_norm).__name__}") from None
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"max_norm must be a non-negative number, got {value}")
-    return value
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if math.isnan(number) or number < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {number}")
+    return number
 
 
 def _check_histogram_range(num_bins: int, min_exp: int) -> None:
@@ -180,7 +181,7 @@ def grad_stats(
         >>> stats.total_norm, stats.nonfinite.sum()
     """
     p = parse_norm_type(norm_type)
-    max_norm_value = math.inf if max_norm is None else check_max_norm(max_norm)
+    max_norm_value = math.inf if max_norm is None else non_negative_float("max_norm", max_norm)
     if histogram:
         _check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
