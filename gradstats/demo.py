@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--init-gain", type=float, default=0.6, help="weight std * sqrt(width)")
-    parser.add_argument("--max-norm", type=float, default=1.0)
+    parser.add_argument("--max-norm", type=float, default=0.01)
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
