@@ -32,9 +32,15 @@ def accumulate_stats(
     power = torch.empty(n, dtype=torch.float64, device=device)
     nonfinite = torch.empty(n, dtype=torch.int64, device=device)
     hist = torch.zeros(n, num_bins, dtype=torch.int64, device=device)
+    fallback = list(plan.fallback)
     for group in plan.groups:
-        accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist)
-    for position in plan.fallback:
+        if kind == NormKind.LP and group.dtype == torch.float64:
+            # |x|^p for general p needs log2/exp2; in float64 those are libdevice calls we
+            # do not rely on, and float32 ones would lose float64's precision.
+            fallback.extend(group.positions)
+        else:
+            accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist)
+    for position in fallback:
         one_power, one_nonfinite, one_hist = reference.accumulate_stats(
             [tensors[position]], p, kind, num_bins, min_exp)
         power[position] = one_power[0]
@@ -48,7 +54,8 @@ def finalize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tensor norms, total norm and clip coefficient (all ``norms_dtype``) from powers."""
     kind = norm_kind(p)
-    if choose_backend(power.device) is Backend.TORCH:
+    # General p needs a float64 power root: torch does that part (a few tiny launches).
+    if choose_backend(power.device) is Backend.TORCH or kind == NormKind.LP:
         return reference.finalize(power, p, kind, max_norm, norms_dtype)
 
     from .kernels.finalize import finalize_
@@ -56,7 +63,7 @@ def finalize(
     norms = torch.empty(power.shape, dtype=norms_dtype, device=power.device)
     total = torch.empty((), dtype=norms_dtype, device=power.device)
     clip_coef = torch.empty((), dtype=norms_dtype, device=power.device)
-    finalize_(power, p, kind, max_norm, norms, total, clip_coef)
+    finalize_(power, kind, max_norm, norms, total, clip_coef)
     return norms, total, clip_coef
 
 

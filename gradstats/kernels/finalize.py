@@ -1,7 +1,8 @@
 """Finalize: per-tensor powers -> per-tensor norms, the total norm and the clip coefficient.
 
 ``_finalize_kernel`` is a single program: it walks the power vector in fixed-size steps (so
-the total is summed in the same order every call), writes ``norms[i] = power[i]^(1/p)``,
+the total is summed in the same order every call), writes ``norms[i] = power[i]^(1/p)``
+(p = 1, 2 or inf),
 then ``total = (sum power)^(1/p)`` (max for the inf-norm, NaN propagating) and
 ``clip_coef = min(max_norm / (total + 1e-6), 1)``. Arithmetic is float64; stores cast to
 the output dtypes. Everything stays on the device.
@@ -25,25 +26,20 @@ FINALIZE_BLOCK = 1024
 
 
 @triton.jit
-def _root(power, inv_p, NORM_KIND: tl.constexpr):
-    if NORM_KIND == _INF:
-        return power
-    elif NORM_KIND == _L1:
-        return power
-    elif NORM_KIND == _L2:
+def _root(power, NORM_KIND: tl.constexpr):
+    # Only the norms with an exact float64 root here; general p is finalised by torch.
+    if NORM_KIND == _L2:
         return tl.sqrt(power)
     else:
-        return tl.exp2(tl.log2(power) * inv_p)
+        return power
 
 
 @triton.jit
 def _finalize_kernel(
     power_ptr, n, norms_ptr, total_ptr, coef_ptr,
-    inv_p_hi, inv_p_lo, max_norm_hi, max_norm_lo,
-    NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,
+    max_norm_hi, max_norm_lo, NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Float scalars reach a kernel as fp32; float64 ones travel as hi + lo fp32 pairs.
-    inv_p = tl.cast(inv_p_hi, tl.float64) + tl.cast(inv_p_lo, tl.float64)
+    # Float scalars reach a kernel as fp32; a float64 one travels as an hi + lo fp32 pair.
     max_norm = tl.cast(max_norm_hi, tl.float64) + tl.cast(max_norm_lo, tl.float64)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
@@ -51,7 +47,7 @@ def _finalize_kernel(
         index = offset + lanes
         in_range = index < n
         power = tl.load(power_ptr + index, mask=in_range, other=0.0)
-        norm = _root(power, inv_p, NORM_KIND)
+        norm = _root(power, NORM_KIND)
         tl.store(norms_ptr + index, norm.to(norms_ptr.dtype.element_ty), mask=in_range)
         if NORM_KIND == _INF:
             acc = _nan_max(acc, power)
@@ -61,7 +57,7 @@ def _finalize_kernel(
         total_power = tl.reduce(acc, 0, _nan_max)
     else:
         total_power = tl.sum(acc, 0)
-    total = _root(total_power, inv_p, NORM_KIND)
+    total = _root(total_power, NORM_KIND)
     tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
     # 1e-6 and the clamp at 1 match torch.nn.utils.clip_grads_with_norm_; a NaN total
     # gives a NaN coefficient there too, so the clamp must propagate NaN.
@@ -82,13 +78,13 @@ def _split_fp64(value: float) -> tuple[float, float]:
 
 
 def finalize_(
-    power: torch.Tensor, p: float, norm_kind: NormKind, max_norm: float,
+    power: torch.Tensor, norm_kind: NormKind, max_norm: float,
     norms: torch.Tensor, total: torch.Tensor, clip_coef: torch.Tensor,
 ) -> None:
-    """Fill ``norms`` ([n]), ``total`` and ``clip_coef`` (0-d) from ``power`` (float64, [n])."""
-    inv_p = 0.0 if norm_kind == NormKind.INF else 1.0 / p
+    """Fill ``norms`` ([n]), ``total`` and ``clip_coef`` (0-d) from ``power`` (float64, [n]).
+    For the inf-, 1- and 2-norms."""
+    assert norm_kind in (NormKind.INF, NormKind.L1, NormKind.L2), norm_kind
     _finalize_kernel[(1,)](
-        power, power.numel(), norms, total, clip_coef,
-        *_split_fp64(inv_p), *_split_fp64(max_norm),
+        power, power.numel(), norms, total, clip_coef, *_split_fp64(max_norm),
         NORM_KIND=int(norm_kind), BLOCK=FINALIZE_BLOCK, num_warps=4,
     )
