@@ -107,22 +107,22 @@ def _accumulate_on_each_device(grads, p, num_bins, min_exp):
     )
     for positions in positions_by_device.values():
         parts = ops.accumulate_stats([grads[i] for i in positions], p, num_bins, min_exp)
-        index = _device_index(positions, first_device)
+        index = _int64_on(positions, first_device)
         for output, part in zip(outputs, parts):
             output.index_copy_(0, index, part.to(first_device, non_blocking=True))
     return outputs
 
 
-def _device_index(positions: list[int], device: torch.device) -> torch.Tensor:
-    index = torch.tensor(positions, dtype=torch.int64)
+def _int64_on(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
-        index = index.pin_memory()  # pinned: the copy below does not wait for the GPU
-    return index.to(device, non_blocking=True)
+        host = host.pin_memory()  # pinned: the copy below does not wait for the GPU
+    return host.to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=16)
 def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return _device_index(list(numels), device)
+    return _int64_on(list(numels), device)
 
 
 def non_negative_float(name: str, value: float) -> float:
