@@ -19,6 +19,8 @@ setup(
     extras_require={
         # numpy: the tests' independent float64 reference (np.frexp, exact histograms).
         "test": ["pytest", "pytest-benchmark", "numpy"],
+        # matplotlib: the plot python -m benchmarks.run draws beside its tables.
+        "bench": ["pytest-benchmark", "matplotlib"],
     },
     license="BSD-3-Clause",
 )

@@ -27,29 +27,28 @@ def _flat_values(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 def tensor_power(values: torch.Tensor, p: float, kind: NormKind) -> torch.Tensor:
     """``sum |x|^p`` (``max |x|`` for the inf-norm), returned as float64; 0 for no values.
 
-    Accumulated in float32 (float64 for float64 input), like the kernels and torch, so a
-    sum of squares that overflows float32 is inf on every backend alike."""
-    magnitude = values.abs()
-    magnitude = magnitude.to(torch.float64 if magnitude.dtype == torch.float64 else torch.float32)
-    if kind == NormKind.INF:
-        power = magnitude.max() if magnitude.numel() else magnitude.new_zeros(())
-    elif kind == NormKind.L1:
-        power = magnitude.sum()
-    elif kind == NormKind.L2:
-        power = (magnitude * magnitude).sum()
-    else:
-        power = magnitude.pow(p).sum()
-    return power.to(torch.float64)
+    torch's own ``vector_norm``, accumulated in float32 (float64 for float64 input) like
+    the kernels, so a sum of squares that overflows float32 is inf on every backend."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=values.device)
+    real = values.abs() if values.is_complex() else values
+    acc_dtype = torch.float64 if real.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(real, p, dtype=acc_dtype).to(torch.float64)
+    if kind in (NormKind.INF, NormKind.L1):
+        return norm
+    return norm * norm if kind == NormKind.L2 else norm.pow(p)
 
 
 def log2_histogram(values: torch.Tensor, num_bins: int, min_exp: int) -> torch.Tensor:
     """Column 0: exact zeros; column k >= 1: finite x with floor(log2|x|) == min_exp + k - 1,
     out-of-range values clamped into columns 1 and num_bins - 1; non-finite values dropped."""
-    magnitude = values.abs().to(torch.float64)
+    magnitude = values.abs()
+    if magnitude.dtype in (torch.float16, torch.bfloat16):
+        magnitude = magnitude.float()  # exact; frexp wants float32 or float64
     _, exponent = torch.frexp(magnitude)  # |x| = m * 2^e, m in [0.5, 1): floor(log2|x|) = e - 1
-    column = (exponent.to(torch.int64) - 1 - min_exp + 1).clamp(1, num_bins - 1)
-    column = torch.where(magnitude == 0, 0, column)
-    column = torch.where(torch.isfinite(magnitude), column, num_bins)  # dropped below
+    column = (exponent.to(torch.int64) - min_exp).clamp_(1, num_bins - 1)
+    column.masked_fill_(magnitude == 0, 0)
+    column.masked_fill_(~torch.isfinite(magnitude), num_bins)  # an extra column, dropped below
     counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=values.device)
     counts.index_add_(0, column, torch.ones_like(column))
     return counts[:num_bins]
@@ -66,8 +65,7 @@ def accumulate_stats(
     for row, tensor in enumerate(tensors):
         values, implicit_zeros = _flat_values(tensor.detach())
         power[row] = tensor_power(values, p, kind)
-        finite = torch.isfinite(values.abs())  # abs: a complex value is finite when both parts are
-        nonfinite[row] = values.numel() - finite.sum()
+        nonfinite[row] = values.numel() - torch.isfinite(values).sum()
         if num_bins:
             hist[row] = log2_histogram(values, num_bins, min_exp)
             hist[row, 0] += implicit_zeros
