@@ -39,18 +39,25 @@ def tensor_power(values: torch.Tensor, p: float, kind: NormKind) -> torch.Tensor
     return norm * norm if kind == NormKind.L2 else norm.pow(p)
 
 
-def log2_histogram(values: torch.Tensor, num_bins: int, min_exp: int) -> torch.Tensor:
+def log2_histogram(
+    values: torch.Tensor, num_bins: int, min_exp: int, has_nonfinite: bool = True
+) -> torch.Tensor:
     """Column 0: exact zeros; column k >= 1: finite x with floor(log2|x|) == min_exp + k - 1,
-    out-of-range values clamped into columns 1 and num_bins - 1; non-finite values dropped."""
+    out-of-range values clamped into columns 1 and num_bins - 1; non-finite values dropped
+    (``has_nonfinite=False`` promises there are none and skips looking)."""
     magnitude = values.abs()
     if magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()  # exact; frexp wants float32 or float64
     _, exponent = torch.frexp(magnitude)  # |x| = m * 2^e, m in [0.5, 1): floor(log2|x|) = e - 1
-    column = (exponent.to(torch.int64) - min_exp).clamp_(1, num_bins - 1)
+    column = (exponent - min_exp).clamp_(1, num_bins - 1)  # int32: min_exp is within +-1100
     column.masked_fill_(magnitude == 0, 0)
-    column.masked_fill_(~torch.isfinite(magnitude), num_bins)  # an extra column, dropped below
+    if has_nonfinite:
+        column.masked_fill_(~torch.isfinite(magnitude), num_bins)  # an extra column, dropped
+    if values.device.type == "cpu":
+        return torch.bincount(column, minlength=num_bins + 1)[:num_bins]
+    # bincount would read its size back from the GPU; index_add_ does not.
     counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=values.device)
-    counts.index_add_(0, column, torch.ones_like(column))
+    counts.index_add_(0, column, torch.ones_like(column, dtype=torch.int64))
     return counts[:num_bins]
 
 
@@ -64,10 +71,17 @@ def accumulate_stats(
     hist = torch.zeros(len(tensors), num_bins, dtype=torch.int64, device=device)
     for row, tensor in enumerate(tensors):
         values, implicit_zeros = _flat_values(tensor.detach())
-        power[row] = tensor_power(values, p, kind)
-        nonfinite[row] = values.numel() - torch.isfinite(values).sum()
+        tensor_pow = tensor_power(values, p, kind)
+        power[row] = tensor_pow
+        # A NaN or Inf element makes the power non-finite (p > 0), so a finite power proves
+        # there is none and saves a full pass. Reading the value is free on the CPU only.
+        if device.type == "cpu" and math.isfinite(tensor_pow):
+            has_nonfinite = False
+        else:
+            nonfinite[row] = values.numel() - torch.isfinite(values).sum()
+            has_nonfinite = True
         if num_bins:
-            hist[row] = log2_histogram(values, num_bins, min_exp)
+            hist[row] = log2_histogram(values, num_bins, min_exp, has_nonfinite)
             hist[row, 0] += implicit_zeros
     return power, nonfinite, hist
 
