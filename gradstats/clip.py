@@ -6,8 +6,9 @@ differences, all where torch fails or is needlessly slow:
 - the total norm is accumulated in float32 (float64 for float64 gradients) from one read
   of every gradient, instead of per-tensor norms rounded to each gradient's dtype;
 - an empty tensor contributes nothing to the inf-norm (torch raises);
-- when no clipping is needed the gradients are not touched at all (torch multiplies every
-  one by 1.0), so they stay bit-identical and cost no memory traffic;
+- when no clipping is needed the Triton path does not touch the gradients at all (torch
+  multiplies every one by 1.0): no memory traffic. Every path leaves them bit-identical;
+- a tensor listed twice (or two tensors sharing memory) is scaled once, not twice;
 - ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
 - a negative or NaN ``max_norm``/``clip_value`` is an error, raised before anything changes.
 
@@ -59,10 +60,12 @@ def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float) -> FusedRe
     return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm)
 
 
-def _raise_if_nonfinite(result: FusedResult, p: float, names: list[str] | None,
-                        what: str) -> None:
+def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
+                        names: list[str] | None, what: str) -> None:
+    """``total`` is the norm as returned, in torch's dtype: an fp16 total can overflow
+    where the float32 one did not, and torch raises then too."""
     # The one deliberate host sync here: the user asked for a check on the value.
-    if bool(torch.isfinite(result.total_norm)):
+    if bool(torch.isfinite(total)):
         return
     counts = result.nonfinite.tolist()
     offenders = [f"{describe(i, names, what)} ({count} NaN/Inf)"
@@ -70,8 +73,8 @@ def _raise_if_nonfinite(result: FusedResult, p: float, names: list[str] | None,
     if offenders:
         detail = "Non-finite values in the gradients of: " + ", ".join(offenders) + "."
     else:
-        detail = ("No gradient holds NaN or Inf: the norm overflowed its dtype "
-                  f"(total {result.total_norm.item()}).")
+        detail = (f"No gradient holds NaN or Inf: the norm ({result.total_norm.item():.6g}) "
+                  f"overflowed {total.dtype}.")
     raise RuntimeError(
         f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
         "cannot be clipped. To disable this error and scale the gradients by the non-finite "
@@ -111,9 +114,10 @@ def get_total_norm(
         return torch.tensor(0.0)
     check_norm_inputs(tensors, names, "tensor")
     result = _norms_pass(tensors, p, math.inf)
+    total = result.total_norm.to(norm_result_dtype(tensors))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, p, names, "tensor")
-    return result.total_norm.to(norm_result_dtype(tensors))
+        _raise_if_nonfinite(result, total, p, names, "tensor")
+    return total
 
 
 @_no_grad
@@ -130,7 +134,8 @@ def clip_grads_with_norm_(
     .. math::
         grad = grad * \min(\frac{max\_norm}{total\_norm + 1e-6}, 1)
 
-    Gradients are modified in-place; when the coefficient is 1 they are not touched.
+    Gradients are modified in-place; when the coefficient is 1 they stay bit-identical (and
+    the Triton path does not touch them at all).
     Drop-in for :func:`torch.nn.utils.clip_grads_with_norm_`.
 
     Args:
@@ -197,10 +202,11 @@ def fused_clip_grad_norm_(
         return torch.tensor(0.0)
     check_norm_inputs(grads, names, "parameter")
     result = _norms_pass(grads, p, max_norm)
+    total = result.total_norm.to(norm_result_dtype(grads))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, p, names, "parameter")
+        _raise_if_nonfinite(result, total, p, names, "parameter")
     ops.scale_(grads, result.clip_coef)
-    return result.total_norm.to(norm_result_dtype(grads))
+    return total
 
 
 @_no_grad

@@ -6,12 +6,16 @@ reference twin, writing both into the same outputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
 from .backend import Backend, choose_backend
 from .norms import NormKind, norm_kind
 from .worklist import plan_for
+
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def accumulate_stats(
@@ -54,8 +58,10 @@ def finalize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tensor norms, total norm and clip coefficient (all ``norms_dtype``) from powers."""
     kind = norm_kind(p)
-    # General p needs a float64 power root: torch does that part (a few tiny launches).
-    if choose_backend(power.device) is Backend.TORCH or kind == NormKind.LP:
+    # General p needs a float64 power root, and a finite max_norm beyond fp32's range does
+    # not survive the trip into the kernel: torch does those (a few tiny launches).
+    if (choose_backend(power.device) is Backend.TORCH or kind == NormKind.LP
+            or FP32_MAX < abs(max_norm) < math.inf):
         return reference.finalize(power, p, kind, max_norm, norms_dtype)
 
     from .kernels.finalize import finalize_
@@ -67,39 +73,54 @@ def finalize(
     return norms, total, clip_coef
 
 
-def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+def _by_device(tensors: list[torch.Tensor]) -> list[tuple[torch.device, Backend, list]]:
+    """Tensors grouped by device, each with its backend, all resolved before any tensor is
+    modified, so a device no backend can serve fails with nothing half-updated."""
     groups: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault(tensor.device, []).append(tensor)
-    return groups
+    return [(device, choose_backend(device), group) for device, group in groups.items()]
+
+
+def _each_address_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The reference path's twin of ``Plan.update_groups``: one update per address."""
+    seen: set[int] = set()
+    unique = []
+    for tensor in tensors:
+        address = tensor.data_ptr() if tensor.layout is torch.strided else id(tensor)
+        if address not in seen:
+            seen.add(address)
+            unique.append(tensor)
+    return unique
 
 
 def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
     """``t *= clip_coef`` for every tensor; no memory traffic on Triton when it is >= 1."""
-    for device, group in _by_device(tensors).items():
-        coef = clip_coef.to(device, non_blocking=True)
-        if choose_backend(device) is Backend.TORCH:
-            reference.scale_(group, coef)
+    for device, backend, group in _by_device(tensors):
+        # A copy to the CPU must block: the CPU reads the coefficient right away.
+        coef = clip_coef.to(device, non_blocking=device.type != "cpu")
+        if backend is Backend.TORCH:
+            reference.scale_(_each_address_once(group), coef)
             continue
         from .kernels.apply import scale_ as triton_scale_
 
         plan = plan_for(group, device)
-        for work in plan.groups:
+        for work in plan.update_groups:
             triton_scale_(work, coef)
         reference.scale_([group[i] for i in plan.fallback], coef)
 
 
 def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton."""
-    for device, group in _by_device(tensors).items():
-        if choose_backend(device) is Backend.TORCH:
+    for device, backend, group in _by_device(tensors):
+        if backend is Backend.TORCH:
             reference.clamp_(group, lo, hi)
             continue
         from .kernels.apply import clamp_ as triton_clamp_
 
         plan = plan_for(group, device)
         left_over = [group[i] for i in plan.fallback]
-        for work in plan.groups:
+        for work in plan.update_groups:
             if work.dtype == torch.float64:
                 # Kernel scalars are fp32; clamping fp64 to a rounded bound would differ
                 # from torch, so fp64 gradients take the reference path.

@@ -109,7 +109,9 @@ def _accumulate_on_each_device(grads, p, num_bins, min_exp):
         parts = ops.accumulate_stats([grads[i] for i in positions], p, num_bins, min_exp)
         index = _int64_on(positions, first_device)
         for output, part in zip(outputs, parts):
-            output.index_copy_(0, index, part.to(first_device, non_blocking=True))
+            # A copy to the CPU must block: the CPU reads it right away.
+            part = part.to(first_device, non_blocking=first_device.type != "cpu")
+            output.index_copy_(0, index, part)
     return outputs
 
 
@@ -156,8 +158,9 @@ def grad_stats(
 ) -> GradStats:
     r"""Per-gradient norms, non-finite counts and log2-magnitude histograms in one pass.
 
-    Every gradient is read once, by one fused kernel launch per device and dtype. Results
-    stay on the device: nothing here waits for the GPU.
+    Every gradient is read once, by one fused kernel launch per device and dtype (norm
+    types 0, p < 0 and -inf add torch's own per-tensor norms). Results stay on the device:
+    nothing here waits for the GPU.
 
     Args:
         parameters (nn.Module, Iterable[(str, Tensor)], Iterable[Tensor] or Tensor): the

@@ -40,7 +40,6 @@ class WorkList:
     n_work: int
     aligned: bool
     meta: torch.Tensor  # device int64, layout in the module docstring
-    host_meta: torch.Tensor  # kept alive until the (asynchronous) copy has finished
 
     def _part(self, start: int, length: int) -> torch.Tensor:
         return self.meta[start:start + length]
@@ -73,7 +72,10 @@ class WorkList:
 @dataclass(frozen=True)
 class Plan:
     device: torch.device
-    groups: tuple[WorkList, ...]
+    groups: tuple[WorkList, ...]  # for the statistics: every position
+    # For in-place updates: a tensor listed twice would be updated by two programs at once
+    # (a race on GPUs), so each address is updated once, at its first position.
+    update_groups: tuple[WorkList, ...]
     fallback: tuple[int, ...]  # positions served by the reference path
 
 
@@ -83,7 +85,7 @@ _plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
 def plan_for(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     """The cached plan for ``tensors`` (all on ``device``), built on first use.
 
-    The key is every tensor's address, size, dtype and contiguity, so a gradient that was
+    The key is every tensor's address, shape, strides and dtype, so a gradient that was
     reallocated, resized or re-laid-out gets a new plan rather than a stale pointer.
     """
     key = _plan_key(tensors, device)
@@ -107,14 +109,15 @@ def plan_for(tensors: list[torch.Tensor], device: torch.device) -> Plan:
 def _plan_key(tensors: list[torch.Tensor], device: torch.device) -> tuple:
     try:
         # Unbound C methods under map(): the cheapest per-tensor reads Python offers, since
-        # this runs every step for every gradient.
+        # this runs every step for every gradient. Shape and strides, not just size and
+        # contiguity: a gapped view can share address and size with a dense one.
         addresses = tuple(map(torch.Tensor.data_ptr, tensors))
-        contiguity = tuple(map(torch.Tensor.is_contiguous, tensors))
+        strides = tuple(map(torch.Tensor.stride, tensors))
     except RuntimeError:  # a sparse gradient has neither; it takes the reference path anyway
         addresses = tuple(t.data_ptr() if t.layout is torch.strided else -1 for t in tensors)
-        contiguity = tuple(t.layout is torch.strided and t.is_contiguous() for t in tensors)
-    numels = tuple(map(torch.Tensor.numel, tensors))
-    return device, addresses, numels, tuple(t.dtype for t in tensors), contiguity
+        strides = tuple(t.stride() if t.layout is torch.strided else None for t in tensors)
+    shapes = tuple(t.shape for t in tensors)
+    return device, addresses, shapes, strides, tuple(t.dtype for t in tensors)
 
 
 def clear_plan_cache() -> None:
@@ -133,7 +136,18 @@ def _build_plan(tensors: list[torch.Tensor], device: torch.device) -> Plan:
         _build_work_list([tensors[i] for i in slots], slots, dtype, device)
         for dtype, slots in by_dtype.items()
     )
-    return Plan(device=device, groups=groups, fallback=tuple(fallback))
+    unique = {t.data_ptr(): i for i, t in reversed(list(enumerate(tensors)))
+              if triton_can_read(t)}
+    if len(unique) == sum(g.n_tensors for g in groups):
+        return Plan(device=device, groups=groups, update_groups=groups, fallback=tuple(fallback))
+    first_positions = set(unique.values())
+    update_groups = tuple(
+        _build_work_list([tensors[i] for i in kept], kept, dtype, device)
+        for dtype, slots in by_dtype.items()
+        if (kept := [i for i in slots if i in first_positions])
+    )
+    return Plan(device=device, groups=groups, update_groups=update_groups,
+                fallback=tuple(fallback))
 
 
 def _build_work_list(
@@ -158,6 +172,7 @@ def _build_work_list(
     ])
     if device.type == "cuda":
         # Pinned memory makes the copy asynchronous: no host-device sync, even on a miss.
+        # (The caching host allocator keeps the buffer until the copy is done.)
         host_meta = host_meta.pin_memory()
     meta = host_meta.to(device, non_blocking=True)
     return WorkList(
@@ -168,5 +183,4 @@ def _build_work_list(
         n_work=n_work,
         aligned=all(p % LOAD_ALIGNMENT_BYTES == 0 for p in ptrs),
         meta=meta,
-        host_meta=host_meta,
     )

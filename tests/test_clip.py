@@ -339,3 +339,34 @@ def test_one_import_swaps_every_clipping_function():
     for name in ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]:
         assert callable(getattr(gradstats, name))
     assert gradstats.clip_grad_norm_ is gradstats.fused_clip_grad_norm_
+
+
+def test_fp16_total_that_overflows_fp16_raises(backend_device):
+    params = make_params([4], torch.float16, backend_device)
+    params[0].grad.fill_(60000.0)  # norm 120000 > fp16 max: torch returns and checks inf
+    before = params[0].grad.clone()
+    with pytest.raises(RuntimeError, match="overflowed torch.float16"):
+        gradstats.fused_clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert torch.equal(params[0].grad, before)
+
+
+def test_float64_max_norm_beyond_float32_range_matches_torch(backend_device):
+    for values in ([1e305, 1e305], [1.0, float("inf")]):
+        ours = with_grads([torch.tensor(values, dtype=torch.float64, device=backend_device)])
+        theirs = clone_params(ours)
+        total = gradstats.fused_clip_grad_norm_(ours, 1e300)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1e300)
+        torch.testing.assert_close(total, expected, equal_nan=True)
+        torch.testing.assert_close(ours[0].grad, theirs[0].grad, equal_nan=True)
+
+
+def test_tensor_listed_twice_is_updated_once(backend_device):
+    grad = torch.tensor([4.0, -9.0, 0.5], device=backend_device)
+    params = with_grads([grad])
+    gradstats.clip_grad_value_([params[0], params[0]], 1.0)
+    assert grad.tolist() == [1.0, -1.0, 0.5]
+    grad.copy_(torch.tensor([3.0, 4.0, 0.0]))
+    # The norm counts the tensor twice, as torch does; the update happens once.
+    coef_once = torch.tensor([3.0, 4.0, 0.0]) * (1.0 / (math.sqrt(50.0) + 1e-6))
+    gradstats.fused_clip_grad_norm_([params[0], params[0]], 1.0)
+    torch.testing.assert_close(grad.cpu(), coef_once)

@@ -113,3 +113,25 @@ def test_import_is_lean():
             "assert 'triton' not in sys.modules, 'triton imported'; "
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plan_cache_tells_a_gapped_view_from_a_dense_one(triton_device):
+    base = torch.arange(1.0, 65.0, device=triton_device)
+    dense = base[:32].view(4, 8).t()  # same address, size and dtype as the next one
+    gapped = base.view(8, 8)[:, :4]
+    for view in (dense, gapped):
+        torch.testing.assert_close(gradstats.get_total_norm([view]),
+                                   torch.nn.utils.get_total_norm([view]))
+    untouched = base.view(8, 8)[:, 4:].clone()
+    gradstats.clip_grad_value_(with_grads([gapped]), 3.0)
+    assert torch.equal(base.view(8, 8)[:, 4:], untouched)
+
+
+def test_no_half_update_when_a_later_device_cannot_be_served(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.tensor([5.0, -5.0, 1.0])
+    meta = torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        gradstats.clip_grad_value_(with_grads([cpu, meta]), 1.0)
+    assert cpu.tolist() == [5.0, -5.0, 1.0]

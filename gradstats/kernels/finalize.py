@@ -20,7 +20,6 @@ from ..norms import NormKind
 from .stats import _nan_max
 
 _INF: tl.constexpr = tl.constexpr(NormKind.INF.value)
-_L1: tl.constexpr = tl.constexpr(NormKind.L1.value)
 _L2: tl.constexpr = tl.constexpr(NormKind.L2.value)
 FINALIZE_BLOCK = 1024
 
