@@ -120,6 +120,10 @@ def composed_total(norms: list[torch.Tensor], p: float, device: torch.device) ->
 
 
 def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
+    # No clipping needed: leave the tensors alone, as the kernel does. Reading the value is
+    # free on the CPU only; elsewhere the multiply by exactly 1.0 keeps every bit anyway.
+    if clip_coef.device.type == "cpu" and bool(clip_coef >= 1):
+        return
     for tensor in tensors:
         tensor.mul_(clip_coef.to(tensor.device))
 
