@@ -127,20 +127,20 @@ def clear_plan_cache() -> None:
 def _build_plan(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     by_dtype: dict[torch.dtype, list[int]] = {}
     fallback = []
+    first_position_of: dict[int, int] = {}  # address -> first position holding it
     for position, tensor in enumerate(tensors):
         if triton_can_read(tensor):
             by_dtype.setdefault(tensor.dtype, []).append(position)
+            first_position_of.setdefault(tensor.data_ptr(), position)
         else:
             fallback.append(position)
     groups = tuple(
         _build_work_list([tensors[i] for i in slots], slots, dtype, device)
         for dtype, slots in by_dtype.items()
     )
-    unique = {t.data_ptr(): i for i, t in reversed(list(enumerate(tensors)))
-              if triton_can_read(t)}
-    if len(unique) == sum(g.n_tensors for g in groups):
+    if len(first_position_of) == len(tensors) - len(fallback):
         return Plan(device=device, groups=groups, update_groups=groups, fallback=tuple(fallback))
-    first_positions = set(unique.values())
+    first_positions = set(first_position_of.values())
     update_groups = tuple(
         _build_work_list([tensors[i] for i in kept], kept, dtype, device)
         for dtype, slots in by_dtype.items()
