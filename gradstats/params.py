@@ -81,6 +81,8 @@ def describe(index: int, names: list[str] | None, what: str = "parameter") -> st
 
 def check_norm_inputs(tensors: list[torch.Tensor], names: list[str] | None, what: str) -> None:
     """Norms need floating-point or complex tensors; say which one is not."""
+    if all(dtype.is_floating_point or dtype.is_complex for dtype in {t.dtype for t in tensors}):
+        return  # the common case: one cheap pass, no per-tensor method calls
     for index, tensor in enumerate(tensors):
         if not (tensor.is_floating_point() or tensor.is_complex()):
             raise TypeError(

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..worklist import WorkList
-from .stats import _TRITON_DTYPES
+from .stats import _TRITON_DTYPES, _work_item
 
 
 _SCALE: tl.constexpr = tl.constexpr(0)
@@ -47,14 +47,8 @@ def _update_kernel(
         coef = 1.0
         active = True
     if active:
-        work = tl.program_id(0)
-        tensor = tl.load(work_tensor_ptr + work)
-        base = tl.load(ptrs_ptr + tensor).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
-        start = tl.load(work_chunk_ptr + work) * CHUNK
-        length = tl.minimum(tl.load(numels_ptr + tensor) - start, CHUNK)
-        chunk = base + start
+        _, chunk, length = _work_item(
+            ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr, DTYPE, CHUNK, ALIGNED)
         lanes = tl.arange(0, BLOCK)
         full = (length // BLOCK) * BLOCK
         for offset in range(0, full, BLOCK):

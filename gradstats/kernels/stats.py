@@ -88,6 +88,21 @@ def _accumulate_block(
 
 
 @triton.jit
+def _work_item(ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr,
+               DTYPE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's work item: (tensor index, pointer to its chunk, chunk length)."""
+    work = tl.program_id(0)
+    tensor = tl.load(work_tensor_ptr + work)
+    base = tl.load(ptrs_ptr + tensor).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    # int64 offsets: tensors may exceed 2^31 elements.
+    start = tl.load(work_chunk_ptr + work) * CHUNK
+    length = tl.minimum(tl.load(numels_ptr + tensor) - start, CHUNK)
+    return tensor, base + start, length
+
+
+@triton.jit
 def _stats_kernel(
     ptrs_ptr, numels_ptr, slots_ptr, work_tensor_ptr, work_chunk_ptr,
     partial_power_ptr, partial_nonfinite_ptr, hist_ptr, p,
@@ -97,22 +112,15 @@ def _stats_kernel(
     MIN_EXP: tl.constexpr, EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr,
     EXACT_SUBNORMALS: tl.constexpr,
 ):
-    work = tl.program_id(0)
-    tensor = tl.load(work_tensor_ptr + work)
-    numel = tl.load(numels_ptr + tensor)
-    base = tl.load(ptrs_ptr + tensor).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-    # int64 offsets: tensors may exceed 2^31 elements.
-    start = tl.load(work_chunk_ptr + work) * CHUNK
-    length = tl.minimum(numel - start, CHUNK)
+    work = tl.program_id(0)  # also this program's slot for its partials
+    tensor, chunk_base, length = _work_item(
+        ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr, DTYPE, CHUNK, ALIGNED)
     full = (length // BLOCK) * BLOCK
     lanes = tl.arange(0, BLOCK)
 
     power = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
     hist = tl.zeros([HIST_BINS], dtype=tl.int32)
-    chunk_base = base + start
     # Full blocks without a mask, so loads stay wide; then one masked tail.
     for offset in range(0, full, BLOCK):
         x = tl.load(chunk_base + offset + lanes)
