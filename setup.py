@@ -17,8 +17,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "triton>=3.4"],
     extras_require={
-        # numpy: the tests' independent float64 reference (np.frexp, exact histograms).
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        # numpy: the tests' independent float64 reference (np.frexp, exact histograms);
+        # tensorboard: its own event reader checks what the TensorBoard sink writes.
+        "test": ["pytest", "pytest-benchmark", "numpy", "tensorboard"],
+        # The monitor's optional sinks: "tensorboard:DIR" and "wandb".
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         # matplotlib: the plot python -m benchmarks.run draws beside its tables.
         "bench": ["pytest-benchmark", "matplotlib"],
     },

@@ -137,7 +137,7 @@ def run(device: torch.device, workloads: list[str], dtypes: list[str]) -> list[R
     return rows
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, module: str = "benchmarks.run") -> dict:
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -148,7 +148,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
+        "command": f"python -m {module} " + shlex.join(sys.argv[1:]),
         "backend": "triton" if device.type == "cuda" else "torch reference (no GPU)",
     }
 

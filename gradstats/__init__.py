@@ -13,12 +13,16 @@ from .clip import (
     fused_clip_grad_norm_,
     get_total_norm,
 )
+from .monitor import GradMonitor
+from .record import StepRecord
 from .stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradMonitor",
     "GradStats",
+    "StepRecord",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",

@@ -138,7 +138,7 @@ def non_negative_float(name: str, value: float) -> float:
     return number
 
 
-def _check_histogram_range(num_bins: int, min_exp: int) -> None:
+def check_histogram_range(num_bins: int, min_exp: int) -> None:
     if not isinstance(num_bins, int) or not 2 <= num_bins <= MAX_BINS:
         raise ValueError(f"num_bins must be an int in [2, {MAX_BINS}], got {num_bins!r}")
     low, high = MIN_EXP_RANGE
@@ -186,16 +186,35 @@ def grad_stats(
     p = parse_norm_type(norm_type)
     max_norm_value = math.inf if max_norm is None else non_negative_float("max_norm", max_norm)
     if histogram:
-        _check_histogram_range(num_bins, min_exp)
+        check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
     grads, names = gradients(params, param_names)
     check_norm_inputs(grads, names, "parameter")
-    bins = num_bins if histogram else 0
+    stats = collect_stats(grads, names, p, max_norm=max_norm_value, histogram=histogram,
+                          num_bins=num_bins, min_exp=min_exp)
+    if max_norm is not None and grads:
+        ops.scale_(grads, stats.clip_coef)
+    if max_norm is None:
+        stats.clip_coef = None
+    return stats
+
+
+def collect_stats(
+    grads: list[torch.Tensor],
+    names: list[str] | None,
+    p: float,
+    *,
+    max_norm: float,
+    histogram: bool,
+    num_bins: int,
+    min_exp: int,
+) -> GradStats:
+    """``grad_stats`` on checked inputs, without touching the gradients: ``clip_coef`` is
+    the coefficient clipping to ``max_norm`` (``inf``: none) would apply."""
     if not grads:
-        return _empty_stats(p, num_bins, min_exp, histogram, names, clipped=max_norm is not None)
-    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm_value)
-    if max_norm is not None:
-        ops.scale_(grads, result.clip_coef)
+        return _empty_stats(p, num_bins, min_exp, histogram, names, clipped=True)
+    bins = num_bins if histogram else 0
+    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm)
     return GradStats(
         norms=result.norms,
         total_norm=result.total_norm,
@@ -203,7 +222,7 @@ def grad_stats(
         hist=result.hist if histogram else None,
         numel=_numel_tensor(tuple(g.numel() for g in grads), grads[0].device).clone(),
         names=names,
-        clip_coef=result.clip_coef if max_norm is not None else None,
+        clip_coef=result.clip_coef,
         norm_type=p,
         num_bins=num_bins,
         min_exp=min_exp,

@@ -98,3 +98,42 @@ def test_no_clipping_needed_writes_nothing():
     before = grad.clone()
     gradstats.fused_clip_grad_norm_(params, 1e9)
     assert torch.equal(grad, before)
+
+
+class _CountingSink:
+    def __init__(self):
+        self.steps = []
+
+    def write(self, record):
+        self.steps.append(record.step)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "adam-fused"])
+def test_monitor_steps_never_sync(tmp_path, fused):
+    """Statistics, histograms, clipping, the NaN alarm and (with a fused optimizer) "skip"
+    all run without the host waiting for the GPU; records land at later steps."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
+    optimizer = (torch.optim.Adam(model.parameters(), fused=True) if fused
+                 else torch.optim.SGD(model.parameters(), lr=0.1))
+    sink = _CountingSink()
+    monitor = gradstats.GradMonitor(model, hist_every=2, optimizer=optimizer if fused else None,
+                                    on_nonfinite="skip" if fused else "warn",
+                                    sinks=[sink, f"jsonl:{tmp_path}/g.jsonl"])
+    x = torch.randn(32, 64, device="cuda")
+    for _ in range(2):  # warm-up: plans, pinned buffers, kernels
+        model(x).sum().backward()
+        monitor.step(max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            model(x).sum().backward()
+            monitor.step(max_norm=1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    monitor.close()
+    assert sink.steps == list(range(6))

@@ -1,0 +1,167 @@
+"""``StepRecord``: one monitored step's statistics on the host, as the sinks receive them.
+
+Built from host copies of a ``GradStats`` once they have landed (see ``monitor.py``), so
+nothing here touches the GPU. Module-level figures are combined here, in float64, from the
+per-parameter ones: a module's norm is the norm of its parameters' norms (exactly the
+total-norm formula restricted to the module), its counts are sums.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ROOT_MODULE = "<root>"  # the module name of parameters registered on the model itself
+
+
+def module_of(parameter_name: str) -> str:
+    """``'layers.3.mlp.fc.weight'`` -> ``'layers.3.mlp.fc'``: the module that owns it."""
+    module, _, _ = parameter_name.rpartition(".")
+    return module or ROOT_MODULE
+
+
+def combine_norms(norms: list[float], p: float) -> float:
+    """The ``p``-norm of a vector of norms: how norms of parts make the norm of the whole
+    (the same formula torch's ``get_total_norm`` applies to per-tensor norms)."""
+    if not norms:
+        return 0.0
+    if any(math.isnan(n) for n in norms):
+        return math.nan
+    if p == math.inf:
+        return max(norms)
+    if p == -math.inf:
+        return min(norms)
+    if p == 0:
+        return float(sum(n != 0 for n in norms))
+    if p < 0 and any(n == 0 for n in norms):
+        return 0.0  # 0^p = inf dominates the sum, and inf^(1/p) = 0
+    try:
+        return math.fsum(n ** p for n in norms) ** (1.0 / p)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass
+class StepRecord:
+    """The statistics of one monitored step, as plain Python values.
+
+    Attributes:
+        step: the monitor's step (0-based count of ``GradMonitor.step`` calls).
+        total_norm: norm of all gradients together.
+        clip_coef: the factor the gradients were scaled by (1.0 when no clipping was
+            needed), or ``None`` when the step did not clip.
+        norm_type: the order of the norms.
+        norms: parameter name -> gradient norm (parameters with a gradient).
+        nonfinite: parameter name -> count of NaN/Inf elements, non-zero counts only.
+        module_norms, module_nonfinite: the same per owning module (``'layers.3.mlp'``).
+        hist, module_hist: name -> log2-magnitude counts of the finite values (see
+            ``GradStats.hist``), on histogram steps only (else ``None``).
+        bin_edges: the ``len(counts) + 1`` edges of those counts: ``[0, 2^min_exp, ...]``.
+    """
+
+    step: int
+    total_norm: float
+    clip_coef: float | None
+    norm_type: float
+    norms: dict[str, float]
+    nonfinite: dict[str, int]
+    module_norms: dict[str, float]
+    module_nonfinite: dict[str, int]
+    hist: dict[str, list[int]] | None = None
+    module_hist: dict[str, list[int]] | None = None
+    bin_edges: list[float] | None = None
+    min_exp: int | None = None
+
+    def log2_buckets(self, counts: list[int]) -> tuple[list[int], list[float]]:
+        """A histogram row over ``log2|g|``: the counts of columns ``1..`` and their
+        ``len + 1`` edges ``min_exp, min_exp + 1, ...``. Column 0 (exact zeros) has no
+        place on a log axis and is left out."""
+        buckets = counts[1:]
+        return buckets, [float(self.min_exp + k) for k in range(len(buckets) + 1)]
+
+    def scalars(self, parameters: bool = False) -> dict[str, float]:
+        """Flat ``tag -> value`` scalars, as the dashboard sinks log them."""
+        data = {"grad_norm/total": self.total_norm,
+                "grad_nonfinite/total": sum(self.nonfinite.values())}
+        if self.clip_coef is not None:
+            data["grad_norm/clip_coef"] = self.clip_coef
+        for module, norm in self.module_norms.items():
+            data[f"grad_norm/{module}"] = norm
+            data[f"grad_nonfinite/{module}"] = self.module_nonfinite.get(module, 0)
+        if parameters:
+            data.update({f"grad_norm_param/{name}": n for name, n in self.norms.items()})
+        return data
+
+    def to_json(self) -> dict:
+        """A JSON-safe dict: non-finite floats become the strings ``"nan"``, ``"inf"``,
+        ``"-inf"`` (strict JSON has no NaN; ``float()`` reads them back)."""
+        return {
+            "step": self.step,
+            "total_norm": _json_float(self.total_norm),
+            "clip_coef": _json_float(self.clip_coef),
+            "norm_type": _json_float(self.norm_type),
+            "norms": {k: _json_float(v) for k, v in self.norms.items()},
+            "nonfinite": self.nonfinite,
+            "module_norms": {k: _json_float(v) for k, v in self.module_norms.items()},
+            "module_nonfinite": self.module_nonfinite,
+            **({"hist": self.hist, "module_hist": self.module_hist,
+                "bin_edges": self.bin_edges} if self.hist is not None else {}),
+        }
+
+
+def _json_float(value: float | None):
+    if value is None or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def build_record(
+    step: int,
+    names: list[str],
+    norm_type: float,
+    norms: torch.Tensor,
+    total_norm: torch.Tensor,
+    clip_coef: torch.Tensor | None,
+    nonfinite: torch.Tensor,
+    hist: torch.Tensor | None,
+    min_exp: int,
+) -> StepRecord:
+    """A record from host (CPU) tensors of one step's statistics."""
+    norm_values = norms.double().tolist()
+    counts = nonfinite.tolist()
+    modules = [module_of(name) for name in names]
+    norms_by_module: dict[str, list[float]] = {}
+    nonfinite_by_module: dict[str, int] = {}
+    for module, norm, count in zip(modules, norm_values, counts):
+        norms_by_module.setdefault(module, []).append(norm)
+        nonfinite_by_module[module] = nonfinite_by_module.get(module, 0) + count
+    record = StepRecord(
+        step=step,
+        total_norm=float(total_norm),
+        clip_coef=None if clip_coef is None else float(clip_coef),
+        norm_type=norm_type,
+        norms=dict(zip(names, norm_values)),
+        nonfinite={name: c for name, c in zip(names, counts) if c},
+        module_norms={m: combine_norms(v, norm_type) for m, v in norms_by_module.items()},
+        module_nonfinite={m: c for m, c in nonfinite_by_module.items() if c},
+    )
+    if hist is not None:
+        record.hist = dict(zip(names, hist.tolist()))
+        module_ids = {m: i for i, m in enumerate(norms_by_module)}
+        index = torch.tensor([module_ids[m] for m in modules], dtype=torch.int64)
+        # Integer sums: exact and independent of order.
+        summed = torch.zeros(len(module_ids), hist.shape[1], dtype=torch.int64)
+        summed.index_add_(0, index, hist)
+        record.module_hist = dict(zip(module_ids, summed.tolist()))
+        exponents = range(min_exp, min_exp + hist.shape[1])
+        record.bin_edges = [0.0] + [_power_of_two(e) for e in exponents]
+        record.min_exp = min_exp
+    return record
+
+
+def _power_of_two(exponent: int) -> float:
+    try:
+        return math.ldexp(1.0, exponent)
+    except OverflowError:
+        return math.inf

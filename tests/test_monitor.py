@@ -1,0 +1,375 @@
+"""GradMonitor: what it logs, when, and what NaN/Inf gradients make it do."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import as_float64, np_histogram, np_norm, np_total_norm, norm_rtol
+
+import gradstats
+from gradstats.record import combine_norms, module_of
+
+
+class ListSink:
+    """The documented custom-sink interface: an object with write(record)."""
+
+    def __init__(self):
+        self.records = []
+        self.closed = False
+
+    def write(self, record):
+        self.records.append(record)
+
+    def close(self):
+        self.closed = True
+
+
+def tiny_model(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7),
+        torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(7, 3, bias=False)),
+        torch.nn.LayerNorm(3),
+    )
+    return model.to(device, dtype)
+
+
+def backward(model, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    first = next(model.parameters())
+    x = torch.randn(4, 5, generator=generator).to(first.device, first.dtype)
+    (model(x).square().sum() * scale).backward()
+
+
+def expected_record(model, p, num_bins=64, min_exp=-40):
+    """Independent float64 figures for the model's current gradients."""
+    grads = {name: as_float64(q.grad) for name, q in model.named_parameters()}
+    modules = {}
+    for name, values in grads.items():
+        modules.setdefault(module_of(name), []).append(values)
+    return {
+        "norms": {name: np_norm(v, p) for name, v in grads.items()},
+        "total": np_total_norm(list(grads.values()), p),
+        "module_norms": {m: np_norm(np.concatenate(vs), p) for m, vs in modules.items()},
+        "hist": {name: np_histogram(v, num_bins, min_exp).tolist() for name, v in grads.items()},
+        "module_hist": {m: np_histogram(np.concatenate(vs), num_bins, min_exp).tolist()
+                        for m, vs in modules.items()},
+    }
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0])
+def test_logged_values_equal_the_gradients_statistics(backend_device, p):
+    model = tiny_model(backend_device)
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(model, sinks=[sink], norm_type=p, hist_every=2)
+    expected = []
+    for step in range(3):
+        model.zero_grad()
+        backward(model, step)
+        expected.append(expected_record(model, p))
+        total = monitor.step()
+        np.testing.assert_allclose(total.item(), expected[-1]["total"], rtol=1e-5)
+    monitor.close()
+    assert [r.step for r in sink.records] == [0, 1, 2]
+    rtol = norm_rtol(torch.float32, p, backend_device)
+    for record, want in zip(sink.records, expected):
+        assert record.norms.keys() == want["norms"].keys()
+        np.testing.assert_allclose(list(record.norms.values()), list(want["norms"].values()),
+                                   rtol=rtol)
+        np.testing.assert_allclose(record.total_norm, want["total"], rtol=rtol)
+        assert record.module_norms.keys() == {"0", "1.1", "2"}
+        for module, norm in want["module_norms"].items():
+            np.testing.assert_allclose(record.module_norms[module], norm, rtol=rtol)
+        assert record.nonfinite == {} and record.module_nonfinite == {}
+        assert record.clip_coef is None
+        if record.step % 2 == 0:
+            assert record.hist == want["hist"]
+            assert record.module_hist == want["module_hist"]
+            assert record.bin_edges == gradstats.grad_stats(model).bin_edges().tolist()
+        else:
+            assert record.hist is None and record.module_hist is None
+
+
+def test_step_clips_exactly_like_fused_clip_grad_norm_(backend_device):
+    model, twin = tiny_model(backend_device), tiny_model(backend_device)
+    backward(model, 0, scale=10.0)
+    backward(twin, 0, scale=10.0)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink]) as monitor:
+        total = monitor.step(max_norm=0.5)
+    expected_total = gradstats.fused_clip_grad_norm_(twin.parameters(), 0.5)
+    assert torch.equal(total, expected_total)
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(ours.grad, theirs.grad)
+    [record] = sink.records
+    assert record.clip_coef == pytest.approx(0.5 / (expected_total.item() + 1e-6), rel=1e-6)
+    assert record.total_norm == pytest.approx(expected_total.item(), rel=1e-6)
+
+
+def test_writes_exactly_the_steps_asked_for(tmp_path):
+    model = tiny_model()
+    jsonl, table = tmp_path / "g.jsonl", tmp_path / "g.csv"
+    with gradstats.GradMonitor(model, log_every=3, hist_every=4,
+                               sinks=[f"jsonl:{jsonl}", f"csv:{table}"]) as monitor:
+        for step in range(10):
+            model.zero_grad()
+            backward(model, step)
+            monitor.step()
+            assert monitor.steps == step + 1
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 3, 4, 6, 8, 9]
+    assert [line["step"] for line in lines if "hist" in line] == [0, 4, 8]
+    rows = table.read_text().splitlines()
+    assert rows[0] == "step,scope,name,norm,nonfinite,clip_coef"
+    total_rows = [row.split(",") for row in rows[1:] if row.split(",")[1] == "total"]
+    assert [int(row[0]) for row in total_rows] == [0, 3, 4, 6, 8, 9]
+
+
+def test_writes_nothing_on_other_steps():
+    model = tiny_model()
+    sink = ListSink()
+    with gradstats.GradMonitor(model, log_every=5, sinks=[sink]) as monitor:
+        for step in range(5):
+            backward(model, step)
+            monitor.step()
+            assert [r.step for r in sink.records] == [0]
+
+
+def poison(model, name, value=float("nan")):
+    dict(model.named_parameters())[name].grad.view(-1)[1] = value
+
+
+def test_nan_alarm_names_the_parameter_and_the_step():
+    model = tiny_model()
+    monitor = gradstats.GradMonitor(model, sinks=[ListSink()])
+    with pytest.warns(RuntimeWarning) as caught:
+        for step in range(7):
+            model.zero_grad()
+            backward(model, step)
+            if step in (2, 3, 5):  # two runs of non-finite steps: 2-3 and 5
+                poison(model, "1.1.weight", float("inf") if step == 3 else float("nan"))
+            monitor.step()
+        monitor.close()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert "first appeared at step 2 in '1.1.weight' (1 NaN/Inf)" in messages[0]
+    assert "at step 5 in '1.1.weight'" in messages[1]
+
+
+def test_nonfinite_counts_are_logged_per_parameter_and_module():
+    model = tiny_model()
+    sink = ListSink()
+    backward(model, 0)
+    poison(model, "0.bias")
+    poison(model, "2.weight", float("-inf"))
+    with gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="ignore", hist_every=1) as m:
+        m.step()
+    [record] = sink.records
+    assert record.nonfinite == {"0.bias": 1, "2.weight": 1}
+    assert record.module_nonfinite == {"0": 1, "2": 1}
+    assert math.isnan(record.norms["0.bias"]) and math.isnan(record.total_norm)
+    assert math.isinf(record.norms["2.weight"])
+    # Histograms hold the finite values only.
+    assert sum(record.hist["0.bias"]) == 7 - 1
+    assert record.to_json()["norms"]["0.bias"] == "nan"
+    assert record.to_json()["norms"]["2.weight"] == "inf"
+
+
+def test_raise_names_the_parameter_and_leaves_gradients_untouched():
+    model = tiny_model()
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="raise")
+    backward(model, 0)
+    monitor.step(max_norm=1e-3)
+    model.zero_grad()
+    backward(model, 1, scale=100.0)
+    poison(model, "2.bias")
+    before = [q.grad.clone() for q in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"step 1 in '2.bias' \(1 NaN/Inf\)"):
+        monitor.step(max_norm=1e-3)
+    for grad, old in zip((q.grad for q in model.parameters()), before):
+        torch.testing.assert_close(grad, old, equal_nan=True, rtol=0, atol=0)
+    assert [r.step for r in sink.records] == [0]  # written before the error
+    monitor.close()
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9,
+                                                  weight_decay=0.1),
+    "adam-fused": lambda params: torch.optim.Adam(params, lr=0.1, fused=True),
+    "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=0.1, foreach=True),
+}
+
+
+def snapshot(model, optimizer):
+    params = [q.detach().clone() for q in model.parameters()]
+    state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for s in optimizer.state.values()]
+    return params, state
+
+
+def assert_same(a, b):
+    (params_a, state_a), (params_b, state_b) = a, b
+    for x, y in zip(params_a, params_b):
+        assert torch.equal(x, y)
+    assert len(state_a) == len(state_b)
+    for s, t in zip(state_a, state_b):
+        for key in s:
+            assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(t[key])), key
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["optimizer-arg", "attach"])
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_skip_leaves_parameters_unchanged_through_the_optimizer_step(make_optimizer, attached):
+    model = tiny_model()
+    optimizer = make_optimizer(model.parameters())
+    if attached:
+        monitor = gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip")
+        monitor.attach(optimizer, max_norm=1.0)
+        take_step = optimizer.step
+    else:
+        monitor = gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip", optimizer=optimizer)
+
+        def take_step():
+            monitor.step(max_norm=1.0)
+            optimizer.step()
+    for step in range(4):
+        optimizer.zero_grad()
+        backward(model, step)
+        if step == 2:
+            poison(model, "1.1.weight")
+        before = snapshot(model, optimizer)
+        if step == 2:
+            with pytest.warns(RuntimeWarning, match="step 2 .* update was skipped"):
+                take_step()
+                monitor.flush()
+            assert_same(before, snapshot(model, optimizer))
+            assert not hasattr(optimizer, "found_inf")
+        else:
+            take_step()
+            assert not torch.equal(before[0][0], next(model.parameters()))
+    assert monitor.steps == 4
+    monitor.close()
+
+
+def test_skip_needs_the_optimizer():
+    model = tiny_model()
+    backward(model, 0)
+    with pytest.raises(RuntimeError, match="needs the optimizer"):
+        gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip").step()
+
+
+def test_callable_gets_every_nonfinite_step():
+    model = tiny_model()
+    calls = []
+    monitor = gradstats.GradMonitor(model, sinks=[], on_nonfinite=lambda s, f: calls.append((s, f)))
+    for step in range(4):
+        model.zero_grad()
+        backward(model, step)
+        if step >= 2:
+            poison(model, "0.weight")
+        monitor.step()
+    monitor.close()
+    assert calls == [(2, {"0.weight": 1}), (3, {"0.weight": 1})]
+
+
+def test_attach_monitors_only_optimizer_updates_under_gradient_accumulation():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(model, sinks=[sink]).attach(optimizer, max_norm=0.5)
+    expected = []
+    for update in range(3):
+        for micro in range(4):
+            backward(model, 10 * update + micro)
+        expected.append(expected_record(model, 2.0)["total"])
+        optimizer.step()
+        optimizer.zero_grad()
+    monitor.close()
+    assert [r.step for r in sink.records] == [0, 1, 2]
+    np.testing.assert_allclose([r.total_norm for r in sink.records], expected, rtol=1e-5)
+    assert all(r.clip_coef == pytest.approx(min(1.0, 0.5 / (t + 1e-6)), rel=1e-6)
+               for r, t in zip(sink.records, expected))
+    optimizer.step()  # hooks removed by close(): no new step
+    assert monitor.steps == 3
+
+
+def test_grad_scaler_statistics_are_of_unscaled_gradients():
+    model, twin = tiny_model(), tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(model, sinks=[sink]).attach(optimizer)
+    scaler.scale(model(torch.ones(2, 5)).square().sum()).backward()
+    twin(torch.ones(2, 5)).square().sum().backward()
+    scaler.step(optimizer)  # unscales, then optimizer.step() runs the monitor
+    scaler.update()
+    monitor.close()
+    expected = expected_record(twin, 2.0)["total"]
+    assert sink.records[0].total_norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_compiled_model_keeps_the_module_names():
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager")
+    sink = ListSink()
+    compiled(torch.ones(2, 5)).sum().backward()
+    with gradstats.GradMonitor(compiled, sinks=[sink]) as monitor:
+        monitor.step()
+    assert list(sink.records[0].norms) == [name for name, _ in model.named_parameters()]
+
+
+def test_parameters_without_gradients_are_left_out():
+    model = tiny_model()
+    sink = ListSink()
+    model[2].weight.requires_grad_(False)
+    backward(model, 0)
+    with gradstats.GradMonitor(model, sinks=[sink]) as monitor:
+        monitor.step()
+    assert "2.weight" not in sink.records[0].norms and "2.bias" in sink.records[0].norms
+
+
+def test_close_flushes_closes_sinks_and_is_final():
+    model = tiny_model()
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink]) as monitor:
+        backward(model, 0)
+        monitor.step()
+    assert sink.closed and len(sink.records) == 1
+    monitor.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="closed"):
+        monitor.step()
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"log_every": 0}, "log_every must be a positive int"),
+    ({"hist_every": -2}, "hist_every must be a positive int"),
+    ({"on_nonfinite": "explode"}, "on_nonfinite must be one of"),
+    ({"sinks": ["parquet:x"]}, "unknown sink 'parquet:x'"),
+    ({"sinks": ["jsonl"]}, r"needs a path: 'jsonl:PATH'"),
+    ({"sinks": ["logging:x"]}, "takes no argument"),
+    ({"sinks": [42]}, "a sink is a string"),
+    ({"num_bins": 1}, "num_bins must be"),
+    ({"norm_type": "fro"}, "norm_type must be a number"),
+])
+def test_bad_arguments_are_named(kwargs, error):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=error):
+        gradstats.GradMonitor(tiny_model(), **{"sinks": [], **kwargs})
+
+
+def test_negative_max_norm_is_an_error_before_anything_changes():
+    model = tiny_model()
+    backward(model, 0)
+    monitor = gradstats.GradMonitor(model, sinks=[])
+    with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
+        monitor.step(max_norm=-1.0)
+    assert monitor.steps == 0
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.5, 3.0, math.inf, 0.0, -1.0, -math.inf])
+@pytest.mark.parametrize("norms", [[3.0, 4.0, 0.5], [0.0, 2.0], [1e-30, 1e30], [7.0]])
+def test_module_norm_is_the_norm_of_its_parameters_norms(norms, p):
+    expected = torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p).item()
+    assert combine_norms(norms, p) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(combine_norms(norms + [math.nan], p))
