@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -82,15 +83,15 @@ class GradMonitor:
         *,
         log_every: int = 1,
         hist_every: int | None = None,
-        sinks=DEFAULT_SINKS,
-        on_nonfinite="warn",
+        sinks: Sequence | str | object | None = DEFAULT_SINKS,
+        on_nonfinite: str | Callable[[int, dict[str, int]], None] = "warn",
         norm_type: float = 2.0,
         optimizer: torch.optim.Optimizer | None = None,
         num_bins: int = 64,
         min_exp: int = -40,
     ):
         self.log_every = _positive_int("log_every", log_every)
-        self.hist_every = None if not hist_every else _positive_int("hist_every", hist_every)
+        self.hist_every = None if hist_every is None else _positive_int("hist_every", hist_every)
         if not (callable(on_nonfinite) or on_nonfinite in ON_NONFINITE):
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE} or a callable, "
                              f"got {on_nonfinite!r}")
@@ -103,14 +104,14 @@ class GradMonitor:
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
         # The queue reaches back through a weak reference, so the exit-time finalizer
         # below keeps the sinks alive but not the monitor.
-        self._queue = _RecordQueue([make_sink(spec) for spec in sinks],
-                                   weakref.WeakMethod(self._on_landed))
+        self._queue = _RecordQueue(_make_sinks(sinks), weakref.WeakMethod(self._on_landed))
         self._closer = weakref.finalize(self, self._queue.close)  # flush at exit too
         self._hooks: list = []
         self._optimizer = None
         self._auto_step, self._max_norm = False, None
         self._found_inf: torch.Tensor | None = None  # "skip": this step's flag, on device
-        self._undo_skip = None
+        self._scaler_found_inf: torch.Tensor | None = None  # GradScaler's, for this step
+        self._undo_skip: Callable[[], None] | None = None
         self._in_nonfinite_run = False
         if optimizer is not None:
             self._hook(optimizer)
@@ -142,26 +143,34 @@ class GradMonitor:
         stats = collect_stats(grads, names, self.norm_type, max_norm=max_norm,
                               histogram=with_hist, num_bins=self.num_bins, min_exp=self.min_exp)
         self.steps += 1
+        # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
+        # are skipped by the scaler and routinely hold Inf, so they raise no alarm.
+        overflow, self._scaler_found_inf = self._scaler_found_inf, None
         if self.on_nonfinite == "raise":
-            self._raise_if_nonfinite(step, stats)
+            self._raise_if_nonfinite(step, stats, overflow)
         if self.on_nonfinite == "skip":
             self._found_inf = (stats.nonfinite.sum() > 0).to(torch.float32)
         if clip and grads:
             ops.scale_(grads, stats.clip_coef)
-        self._queue.push(step, stats, logged, clipped=clip)
+        self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
         return stats.total_norm.to(norm_result_dtype(grads)) if grads else stats.total_norm
 
-    def _raise_if_nonfinite(self, step: int, stats: GradStats) -> None:
+    def _raise_if_nonfinite(self, step: int, stats: GradStats, overflow) -> None:
         # The one sync the user asked for: the decision needs the counts on the host.
-        if not bool(stats.nonfinite.any()):
+        if not bool(stats.nonfinite.any()) or (overflow is not None and bool(overflow)):
             return
-        self._queue.drain(wait=True)  # earlier steps reach the sinks before the error
+        # This step and the ones before reach the sinks before the error.
+        self._queue.push(step, stats, logged=True, clipped=False, overflow=None)
+        self._queue.drain(wait=True)
         found = _named_counts(stats.names, stats.nonfinite.tolist())
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
                            f"{_describe(found)}; nothing was clipped or modified")
 
     def _on_landed(self, step: int, found: dict[str, int]) -> None:
-        """Called in step order with each step's non-zero NaN/Inf counts, once on the host."""
+        """Called in step order with each step's non-zero NaN/Inf counts, once on the host
+        (empty for a step GradScaler skipped for overflow)."""
+        if self.on_nonfinite == "raise":
+            return  # checked at the step itself
         first_of_run = bool(found) and not self._in_nonfinite_run
         self._in_nonfinite_run = bool(found)
         if not found:
@@ -178,8 +187,10 @@ class GradMonitor:
     def attach(self, optimizer: torch.optim.Optimizer, max_norm: float | None = None) -> GradMonitor:
         """Run :meth:`step` (clipping to ``max_norm`` when given) right before every
         ``optimizer.step()``, so the training loop stays untouched. Steps then count
-        optimizer updates: with gradient accumulation, micro-batches are not steps, and
-        with ``GradScaler`` the steps it skips for overflow are not seen.
+        optimizer updates: with gradient accumulation, micro-batches are not steps. Under
+        ``GradScaler`` the steps it skips for overflow are not seen with a plain optimizer;
+        a fused one is stepped anyway, so they are seen and logged but raise no alarm.
+        Optimizers that take a closure (LBFGS) cannot be attached.
 
         Under ``GradScaler`` with a fused optimizer, call ``scaler.unscale_(optimizer)``
         before ``scaler.step(optimizer)`` (as for clipping), so the statistics are of the
@@ -200,6 +211,14 @@ class GradMonitor:
                             optimizer.register_step_post_hook(self._after_optimizer_step)]
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._undo_skip = None  # left over only if the last step raised: stale, drop it
+        # `args` starts with the optimizer itself; a closure is the only other argument.
+        uses_closure = len(args) > 1 or kwargs.get("closure") is not None
+        if uses_closure and (self._auto_step or self._found_inf is not None):
+            raise RuntimeError("gradstats: GradMonitor cannot watch an optimizer step that "
+                               "takes a closure (the closure recomputes the gradients after "
+                               "the monitor has read them); call monitor.step() in the closure")
+        self._scaler_found_inf = getattr(optimizer, "found_inf", None)
         if self._auto_step:
             if getattr(optimizer, "grad_scale", None) is not None:
                 raise RuntimeError(
@@ -247,8 +266,9 @@ class _InFlight:
     step: int
     names: list[str]
     nonfinite: torch.Tensor
-    ready: object  # () -> bool
-    wait: object  # () -> None
+    overflow: torch.Tensor | None  # GradScaler's flag for this step, on the host
+    ready: Callable[[], bool]
+    wait: Callable[[], None]
     stats: GradStats | None  # host copies, on steps that are written
 
 
@@ -262,13 +282,15 @@ class _RecordQueue:
         self.on_landed = on_landed
         self.in_flight: collections.deque[_InFlight] = collections.deque()
 
-    def push(self, step: int, stats: GradStats, logged: bool, clipped: bool) -> None:
+    def push(self, step: int, stats: GradStats, logged: bool, clipped: bool,
+             overflow: torch.Tensor | None) -> None:
         if len(self.in_flight) >= MAX_IN_FLIGHT:
             self._land(self.in_flight.popleft(), wait=True)
         host = _to_host(stats, logged, clipped)
+        overflow = None if overflow is None else _host_copy(overflow)
         ready, wait = _copy_fence(stats.nonfinite.device)
-        self.in_flight.append(_InFlight(step, stats.names or [], host.nonfinite, ready, wait,
-                                        host if logged else None))
+        self.in_flight.append(_InFlight(step, stats.names or [], host.nonfinite, overflow,
+                                        ready, wait, host if logged else None))
 
     def drain(self, wait: bool = False) -> None:
         while self.in_flight and (wait or self.in_flight[0].ready()):
@@ -279,14 +301,14 @@ class _RecordQueue:
             item.wait()
         if item.stats is not None:
             stats = item.stats
-            record = build_record(item.step, item.names, stats.norm_type, stats.norms,
-                                  stats.total_norm, stats.clip_coef, stats.nonfinite,
-                                  stats.hist, stats.min_exp)
+            record = build_record(item.step, stats)
             for sink in self.sinks:
                 sink.write(record)
         on_landed = self.on_landed()
         if on_landed is not None:  # None: the monitor is gone and this is the exit flush
-            on_landed(item.step, _named_counts(item.names, item.nonfinite.tolist()))
+            overflowed = item.overflow is not None and bool(item.overflow)
+            found = {} if overflowed else _named_counts(item.names, item.nonfinite.tolist())
+            on_landed(item.step, found)
 
     def close(self) -> None:
         try:
@@ -302,17 +324,37 @@ def _to_host(stats: GradStats, logged: bool, clipped: bool) -> GradStats:
     """Host copies of what will be read: the counts always (for the alarms), the rest on
     written steps. From CUDA, ``non_blocking`` copies land in pinned memory and return at
     once; on the CPU the tensors are the results themselves."""
-    def copy(tensor):
-        if tensor is None or tensor.device.type == "cpu":
-            return tensor
-        return tensor.to("cpu", non_blocking=True)
-
+    copy = _host_copy
     if not logged:
         return dataclasses.replace(stats, norms=None, total_norm=None, hist=None, numel=None,
                                    clip_coef=None, nonfinite=copy(stats.nonfinite))
     return dataclasses.replace(stats, norms=copy(stats.norms), total_norm=copy(stats.total_norm),
                                nonfinite=copy(stats.nonfinite), hist=copy(stats.hist),
                                numel=None, clip_coef=copy(stats.clip_coef) if clipped else None)
+
+
+def _host_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or tensor.device.type == "cpu":
+        return tensor
+    return tensor.to("cpu", non_blocking=True)
+
+
+def _make_sinks(specs) -> list:
+    """Sinks from one spec or a list of them (``None``: the default), closing the ones
+    already opened when a later one cannot be made."""
+    if specs is None:
+        specs = DEFAULT_SINKS
+    elif isinstance(specs, str) or callable(getattr(specs, "write", None)):
+        specs = [specs]
+    sinks = []
+    try:
+        for spec in specs:
+            sinks.append(make_sink(spec))
+    except BaseException:
+        for sink in sinks:
+            getattr(sink, "close", lambda: None)()
+        raise
+    return sinks
 
 
 def _copy_fence(device: torch.device):
@@ -330,9 +372,11 @@ def _skip_if_found(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor):
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         # Fused optimizers skip on the device when `found_inf` != 0 (GradScaler's protocol):
         # no sync. GradScaler may have set its own flag already; either one skips.
+        # The flag must be exactly 0 or 1: the fused kernels also subtract it from the
+        # step counts they incremented.
         previous = getattr(optimizer, "found_inf", None)
-        optimizer.found_inf = found_inf if previous is None else (
-            previous + found_inf.to(previous.device))
+        optimizer.found_inf = found_inf if previous is None else torch.maximum(
+            previous, found_inf.to(previous.device, previous.dtype))
 
         def restore_found_inf():
             if previous is None:

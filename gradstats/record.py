@@ -86,11 +86,12 @@ class StepRecord:
                 "grad_nonfinite/total": sum(self.nonfinite.values())}
         if self.clip_coef is not None:
             data["grad_norm/clip_coef"] = self.clip_coef
+        # Modules under their own prefix: a module named "total" must not shadow the total.
         for module, norm in self.module_norms.items():
-            data[f"grad_norm/{module}"] = norm
-            data[f"grad_nonfinite/{module}"] = self.module_nonfinite.get(module, 0)
+            data[f"grad_norm/module/{module}"] = norm
+            data[f"grad_nonfinite/module/{module}"] = self.module_nonfinite.get(module, 0)
         if parameters:
-            data.update({f"grad_norm_param/{name}": n for name, n in self.norms.items()})
+            data.update({f"grad_norm/param/{name}": n for name, n in self.norms.items()})
         return data
 
     def to_json(self) -> dict:
@@ -106,7 +107,8 @@ class StepRecord:
             "module_norms": {k: _json_float(v) for k, v in self.module_norms.items()},
             "module_nonfinite": self.module_nonfinite,
             **({"hist": self.hist, "module_hist": self.module_hist,
-                "bin_edges": self.bin_edges} if self.hist is not None else {}),
+                "bin_edges": [_json_float(edge) for edge in self.bin_edges]}
+               if self.hist is not None else {}),
         }
 
 
@@ -116,20 +118,11 @@ def _json_float(value: float | None):
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-def build_record(
-    step: int,
-    names: list[str],
-    norm_type: float,
-    norms: torch.Tensor,
-    total_norm: torch.Tensor,
-    clip_coef: torch.Tensor | None,
-    nonfinite: torch.Tensor,
-    hist: torch.Tensor | None,
-    min_exp: int,
-) -> StepRecord:
-    """A record from host (CPU) tensors of one step's statistics."""
-    norm_values = norms.double().tolist()
-    counts = nonfinite.tolist()
+def build_record(step: int, stats) -> StepRecord:
+    """A record from a ``GradStats`` whose tensors are on the host (CPU)."""
+    names, norm_type, hist = stats.names, stats.norm_type, stats.hist
+    norm_values = stats.norms.double().tolist()
+    counts = stats.nonfinite.tolist()
     modules = [module_of(name) for name in names]
     norms_by_module: dict[str, list[float]] = {}
     nonfinite_by_module: dict[str, int] = {}
@@ -138,8 +131,8 @@ def build_record(
         nonfinite_by_module[module] = nonfinite_by_module.get(module, 0) + count
     record = StepRecord(
         step=step,
-        total_norm=float(total_norm),
-        clip_coef=None if clip_coef is None else float(clip_coef),
+        total_norm=float(stats.total_norm),
+        clip_coef=None if stats.clip_coef is None else float(stats.clip_coef),
         norm_type=norm_type,
         norms=dict(zip(names, norm_values)),
         nonfinite={name: c for name, c in zip(names, counts) if c},
@@ -154,9 +147,9 @@ def build_record(
         summed = torch.zeros(len(module_ids), hist.shape[1], dtype=torch.int64)
         summed.index_add_(0, index, hist)
         record.module_hist = dict(zip(module_ids, summed.tolist()))
-        exponents = range(min_exp, min_exp + hist.shape[1])
+        exponents = range(stats.min_exp, stats.min_exp + hist.shape[1])
         record.bin_edges = [0.0] + [_power_of_two(e) for e in exponents]
-        record.min_exp = min_exp
+        record.min_exp = stats.min_exp
     return record
 
 

@@ -57,19 +57,35 @@ def test_jsonl_lines_are_strict_json_with_every_field(tmp_path, record):
     assert data["module_hist"] == record.module_hist
 
 
-def test_jsonl_appends_to_an_existing_file(tmp_path, record):
+@pytest.mark.parametrize("append, steps", [(False, [0]), (True, [-1, 0])])
+def test_jsonl_starts_a_new_file_unless_appending(tmp_path, record, append, steps):
+    from gradstats.sinks.jsonl import JsonlSink
+
     path = tmp_path / "g.jsonl"
     path.write_text('{"step": -1}\n')
-    sink = make_sink(f"jsonl:{path}")
+    sink = JsonlSink(path, append=append)
     sink.write(record)
     sink.close()
-    assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == [-1, 0]
+    assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == steps
+
+
+def test_jsonl_bin_edges_beyond_float64_stay_strict_json(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(2, 3)).sum().backward()
+    with gradstats.GradMonitor(model, sinks=f"jsonl:{tmp_path}/g.jsonl", hist_every=1,
+                               min_exp=1000, num_bins=64) as monitor:
+        monitor.step()
+    edges = strict_json((tmp_path / "g.jsonl").read_text())["bin_edges"]
+    assert edges[1] == 2.0 ** 1000 and edges[-1] == "inf"
 
 
 def test_csv_rows_parse_with_a_header_once(tmp_path, record):
     path = tmp_path / "g.csv"
-    for _ in range(2):  # a second sink on the same file appends without a second header
-        sink = make_sink(f"csv:{path}")
+    from gradstats.sinks.csv_rows import CsvSink
+
+    for _ in range(2):  # a second sink appending to the file writes no second header
+        sink = CsvSink(path, append=True)
         sink.write(record)
         sink.close()
     rows = list(csv.DictReader(path.open()))
@@ -93,11 +109,12 @@ def test_tensorboard_files_read_back_with_tensorboards_own_reader(tmp_path, reco
     events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"grad_norm/total", "grad_norm/clip_coef", "grad_nonfinite/total", "grad_norm/0",
-            "grad_nonfinite/1"} <= set(tags["scalars"])
+    assert {"grad_norm/total", "grad_norm/clip_coef", "grad_nonfinite/total",
+            "grad_norm/module/0", "grad_nonfinite/module/1"} <= set(tags["scalars"])
     assert math.isnan(events.Scalars("grad_norm/total")[0].value)
     assert events.Scalars("grad_nonfinite/total")[0].value == 2
-    assert events.Scalars("grad_norm/0")[0].step == 0
+    assert events.Scalars("grad_norm/module/0")[0].value == pytest.approx(
+        record.module_norms["0"], nan_ok=True)
     assert sorted(tags["histograms"]) == ["grad_log2_abs/0", "grad_log2_abs/1"]
     histogram = events.Histograms("grad_log2_abs/0")[0].histogram_value
     counts = record.module_hist["0"][1:]  # finite non-zero values, one bucket per power of 2
@@ -138,8 +155,10 @@ class FakeWandb(types.ModuleType):
 
     def __init__(self, active):
         super().__init__("wandb")
-        self.logged = []
-        self.run = types.SimpleNamespace(log=lambda data, step: self.logged.append((step, data)))
+        self.logged, self.metrics = [], {}
+        self.run = types.SimpleNamespace(
+            log=self.logged.append,
+            define_metric=lambda name, step_metric=None: self.metrics.update({name: step_metric}))
         if not active:
             self.run = None
 
@@ -149,8 +168,9 @@ def test_wandb_logs_scalars_and_log2_histograms(monkeypatch, record):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     sink = make_sink("wandb")
     sink.write(record)
-    [(step, data)] = fake.logged
-    assert step == 0
+    [data] = fake.logged
+    assert data["gradstats/step"] == 0  # its own x-axis: late records are not dropped
+    assert fake.metrics["grad_norm/*"] == "gradstats/step"
     assert data["grad_nonfinite/total"] == 2 and math.isnan(data["grad_norm/total"])
     histogram = data["grad_log2_abs/1"]
     assert histogram.counts == record.module_hist["1"][1:]
@@ -169,6 +189,20 @@ def test_logging_sink_names_the_nonfinite_parameters(caplog, record):
     [message] = caplog.messages
     assert message.startswith("step 0: total_norm nan clip_coef nan nonfinite 2; largest: 0 nan")
     assert message.endswith("NaN/Inf in 0.bias, 1.weight")
+
+
+def test_a_module_named_total_does_not_shadow_the_total():
+    model = torch.nn.Module()
+    model.total = torch.nn.Linear(3, 1)
+    model.clip_coef = torch.nn.Linear(3, 1)
+    (model.total(torch.ones(1, 3)) + 5 * model.clip_coef(torch.ones(1, 3))).sum().backward()
+    records = []
+    with gradstats.GradMonitor(model, sinks=[types.SimpleNamespace(write=records.append)]) as m:
+        total = m.step(max_norm=1.0).item()
+    scalars = records[0].scalars()
+    assert scalars["grad_norm/total"] == pytest.approx(total)
+    assert scalars["grad_norm/module/total"] < total
+    assert scalars["grad_norm/clip_coef"] == pytest.approx(1 / (total + 1e-6))
 
 
 def test_custom_sink_objects_are_used_as_they_are():

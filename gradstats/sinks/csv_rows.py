@@ -10,14 +10,17 @@ COLUMNS = ["step", "scope", "name", "norm", "nonfinite", "clip_coef"]
 
 
 class CsvSink(Sink):
-    """Appends rows ``step, scope, name, norm, nonfinite, clip_coef`` to ``path``: one
-    ``total`` row (with the clip coefficient), then one row per ``module`` and per
-    ``parameter``. The header is written when the file is new; rows are flushed per step.
+    """Writes rows ``step, scope, name, norm, nonfinite, clip_coef`` to ``path`` (emptied
+    first unless ``append=True``): one ``total`` row (with the clip coefficient), then one
+    row per ``module`` and per ``parameter``. The header is written when the file is
+    empty; rows are flushed per step.
     Histograms are not written here (use JSONL or TensorBoard)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:  # a new run starts a new file: steps from 0 again would mix
+            self.path.write_text("")
         is_new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)

@@ -1,4 +1,4 @@
-"""``"jsonl:PATH"``: one JSON object per logged step, appended as one flushed line."""
+"""``"jsonl:PATH"``: one JSON object per logged step, written as one flushed line."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,15 @@ from . import Sink
 
 
 class JsonlSink(Sink):
-    """Appends ``record.to_json()`` to ``path`` (created with its folders), one line per
-    record. Each line is written whole and flushed, so a crash leaves complete lines."""
+    """Writes ``record.to_json()`` to ``path`` (created with its folders; emptied first
+    unless ``append=True``), one line per record. Each line is written whole and flushed,
+    so a crash leaves complete lines."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:  # a new run starts a new file: steps from 0 again would mix
+            self.path.write_text("")
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record) -> None:

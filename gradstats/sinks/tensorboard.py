@@ -13,8 +13,8 @@ from . import Sink, require
 class TensorBoardSink(Sink):
     """Writes, per logged step, the scalars of :meth:`StepRecord.scalars`
     (``grad_norm/total``, ``grad_norm/clip_coef``, ``grad_nonfinite/total``,
-    ``grad_norm/<module>``, ``grad_nonfinite/<module>``, and ``grad_norm_param/<name>`` when
-    ``parameters=True``), and on histogram steps ``grad_log2_abs/<module>``: the
+    ``grad_norm/module/<module>``, ``grad_nonfinite/module/<module>``, and
+    ``grad_norm/param/<name>`` when ``parameters=True``), and on histogram steps ``grad_log2_abs/<module>``: the
     distribution of ``log2|g|`` over the module's finite non-zero gradient values, one
     bucket per power of two. The counts are exact; ``min``/``max`` are bucket edges and
     ``sum``/``sum_squares`` use bucket midpoints (TensorBoard only summarises them).

@@ -5,7 +5,8 @@ from . import Sink, require
 
 
 class WandbSink(Sink):
-    """Logs the scalars of :meth:`StepRecord.scalars` with ``step=record.step`` and, on
+    """Logs the scalars of :meth:`StepRecord.scalars` against the monitor's own step axis
+    ``gradstats/step`` and, on
     histogram steps, ``grad_log2_abs/<module>`` as a ``wandb.Histogram`` over ``log2|g|``
     with one bin per power of two (finite non-zero values only: W&B would silently drop
     NaN/Inf, so their counts are logged beside as ``grad_nonfinite/...``).
@@ -23,12 +24,17 @@ class WandbSink(Sink):
             raise RuntimeError("the 'wandb' sink logs into the active run: call wandb.init() "
                                "before creating the monitor, or pass run=...")
         self.parameters = parameters
+        # Records land a step or so late: logged with step=, W&B would drop every one that
+        # is behind the run's own step. An own x-axis keeps them all.
+        self.run.define_metric("gradstats/step")
+        for prefix in ("grad_norm/*", "grad_nonfinite/*", "grad_log2_abs/*"):
+            self.run.define_metric(prefix, step_metric="gradstats/step")
 
     def write(self, record) -> None:
-        data = record.scalars(self.parameters)
+        data = {"gradstats/step": record.step, **record.scalars(self.parameters)}
         for module, counts in (record.module_hist or {}).items():
             buckets, edges = record.log2_buckets(counts)
             if any(buckets):
                 data[f"grad_log2_abs/{module}"] = self._wandb.Histogram(
                     np_histogram=(buckets, edges))
-        self.run.log(data, step=record.step)
+        self.run.log(data)
