@@ -218,13 +218,14 @@ class GradMonitor:
             raise RuntimeError("gradstats: GradMonitor cannot watch an optimizer step that "
                                "takes a closure (the closure recomputes the gradients after "
                                "the monitor has read them); call monitor.step() in the closure")
-        self._scaler_found_inf = getattr(optimizer, "found_inf", None)
         if self._auto_step:
             if getattr(optimizer, "grad_scale", None) is not None:
                 raise RuntimeError(
                     "gradstats: the gradients are still multiplied by GradScaler's scale; "
                     "call scaler.unscale_(optimizer) before scaler.step(optimizer) so the "
                     "monitor sees (and clips) the true gradients")
+            # Set by GradScaler for this very step (fused optimizers only).
+            self._scaler_found_inf = getattr(optimizer, "found_inf", None)
             self.step(self._max_norm)
         found_inf, self._found_inf = self._found_inf, None
         if found_inf is not None:
