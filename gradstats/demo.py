@@ -2,9 +2,10 @@
 
 A deep tanh MLP with a small initialisation is trained for a few steps under a
 ``GradMonitor``: every step one fused pass computes all gradient statistics and clips, and
-the records reach the sinks (a table printed here, a JSONL file) without a host sync. Deep tanh stacks shrink the
-gradient by about the same factor per layer (norms fall like gamma^depth), which the
-per-layer norm profile printed at the end shows on a log axis, with its slope log10(gamma).
+the records reach the sinks (a table printed here, a JSONL file) without a host sync.
+Deep tanh stacks shrink the gradient by about the same factor per layer (norms fall like
+gamma^depth), which the per-layer norm profile printed at the end shows on a log axis,
+with its slope log10(gamma).
 """
 from __future__ import annotations
 

@@ -265,12 +265,11 @@ class _InFlight:
     """One step's statistics on their way to the host."""
 
     step: int
-    names: list[str]
-    nonfinite: torch.Tensor
+    host: GradStats  # host copies: the counts always, everything on written steps
+    logged: bool
     overflow: torch.Tensor | None  # GradScaler's flag for this step, on the host
     ready: Callable[[], bool]
     wait: Callable[[], None]
-    stats: GradStats | None  # host copies, on steps that are written
 
 
 class _RecordQueue:
@@ -288,10 +287,8 @@ class _RecordQueue:
         if len(self.in_flight) >= MAX_IN_FLIGHT:
             self._land(self.in_flight.popleft(), wait=True)
         host = _to_host(stats, logged, clipped)
-        overflow = None if overflow is None else _host_copy(overflow)
         ready, wait = _copy_fence(stats.nonfinite.device)
-        self.in_flight.append(_InFlight(step, stats.names or [], host.nonfinite, overflow,
-                                        ready, wait, host if logged else None))
+        self.in_flight.append(_InFlight(step, host, logged, _host_copy(overflow), ready, wait))
 
     def drain(self, wait: bool = False) -> None:
         while self.in_flight and (wait or self.in_flight[0].ready()):
@@ -300,16 +297,15 @@ class _RecordQueue:
     def _land(self, item: _InFlight, wait: bool) -> None:
         if wait:
             item.wait()
-        if item.stats is not None:
-            stats = item.stats
-            record = build_record(item.step, stats)
+        if item.logged:
+            record = build_record(item.step, item.host)
             for sink in self.sinks:
                 sink.write(record)
         on_landed = self.on_landed()
         if on_landed is not None:  # None: the monitor is gone and this is the exit flush
             overflowed = item.overflow is not None and bool(item.overflow)
-            found = {} if overflowed else _named_counts(item.names, item.nonfinite.tolist())
-            on_landed(item.step, found)
+            counts = [] if overflowed else item.host.nonfinite.tolist()
+            on_landed(item.step, _named_counts(item.host.names, counts))
 
     def close(self) -> None:
         try:
@@ -325,13 +321,13 @@ def _to_host(stats: GradStats, logged: bool, clipped: bool) -> GradStats:
     """Host copies of what will be read: the counts always (for the alarms), the rest on
     written steps. From CUDA, ``non_blocking`` copies land in pinned memory and return at
     once; on the CPU the tensors are the results themselves."""
-    copy = _host_copy
     if not logged:
         return dataclasses.replace(stats, norms=None, total_norm=None, hist=None, numel=None,
-                                   clip_coef=None, nonfinite=copy(stats.nonfinite))
-    return dataclasses.replace(stats, norms=copy(stats.norms), total_norm=copy(stats.total_norm),
-                               nonfinite=copy(stats.nonfinite), hist=copy(stats.hist),
-                               numel=None, clip_coef=copy(stats.clip_coef) if clipped else None)
+                                   clip_coef=None, nonfinite=_host_copy(stats.nonfinite))
+    return dataclasses.replace(
+        stats, norms=_host_copy(stats.norms), total_norm=_host_copy(stats.total_norm),
+        nonfinite=_host_copy(stats.nonfinite), hist=_host_copy(stats.hist), numel=None,
+        clip_coef=_host_copy(stats.clip_coef) if clipped else None)
 
 
 def _host_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -412,9 +408,7 @@ def _unwrap(model):
             return model
 
 
-def _named_counts(names: list[str] | None, counts: list[int]) -> dict[str, int]:
-    if names is None:
-        names = [str(i) for i in range(len(counts))]
+def _named_counts(names: list[str], counts: list[int]) -> dict[str, int]:
     return {name: count for name, count in zip(names, counts) if count}
 
 

@@ -1,7 +1,7 @@
 """Where ``GradMonitor`` writes its records.
 
 A sink is any object with ``write(record)`` (a :class:`gradstats.StepRecord`) and,
-optionally, ``close()``; subclass :class:`Sink` to get a no-op ``close``. Built-in sinks are
+optionally, ``close()``; subclass :class:`Sink` for a no-op ``close``. Built-in sinks are
 named by strings:
 
 ====================  =================================================================
@@ -17,16 +17,18 @@ training step's critical path.
 """
 from __future__ import annotations
 
+import abc
 import importlib
 
 __all__ = ["Sink", "make_sink", "SINK_KINDS"]
 
 
-class Sink:
-    """Base class for sinks: override ``write``; ``close`` flushes and releases files."""
+class Sink(abc.ABC):
+    """Base class for sinks: implement ``write``; ``close`` flushes and releases files."""
 
+    @abc.abstractmethod
     def write(self, record) -> None:  # record: gradstats.StepRecord
-        raise NotImplementedError
+        """Write one step's record."""
 
     def close(self) -> None:
         pass
