@@ -19,6 +19,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(DEFAULT_TORCH)"
 	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install setuptools
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --no-deps timm
 	touch $@
 
 demo: setup

@@ -15,11 +15,17 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.4"],
+    # triton ships wheels for Linux only; elsewhere the CPU path (which never imports it)
+    # still installs and runs.
+    install_requires=["torch>=2.6", 'triton>=3.4; platform_system == "Linux"'],
     extras_require={
         # numpy: the tests' independent float64 reference (np.frexp, exact histograms);
-        # tensorboard: its own event reader checks what the TensorBoard sink writes.
-        "test": ["pytest", "pytest-benchmark", "numpy", "tensorboard"],
+        # tensorboard: its own event reader checks what the TensorBoard sink writes;
+        # transformers + accelerate, lightning: the integrations are tested against the real
+        # trainers. (timm is installed by `make test` with --no-deps: it requires torchvision,
+        # whose PyPI wheels are CUDA builds that would replace a CPU torch.)
+        "test": ["pytest", "pytest-benchmark", "numpy", "tensorboard",
+                 "transformers", "accelerate", "lightning"],
         # The monitor's optional sinks: "tensorboard:DIR" and "wandb".
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
