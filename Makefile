@@ -1,14 +1,19 @@
 # The two commands a fresh machine needs (see README.md):
 #   make demo    set up .venv if needed, then run the demo
-#   make test    set up .venv if needed, then run the test suite
-# Set-up keeps a torch the Python already has (the venv sees system packages); where there
-# is none it installs torch==2.13.0 explicitly, so a bare "torch" requirement never pulls a
-# multi-GB CUDA build onto a CPU machine. --no-build-isolation: building gradstats uses the
-# environment's torch instead of fetching one into an isolated build environment.
+#   make test    set up .venv if needed (with the test extra), then run the test suite
+# Set-up never replaces a torch the Python already has: the venv sees system packages, and
+# every later install is constrained to that exact torch (pip fails instead of swapping it).
+# Where there is no torch it installs torch==2.13.0. Which build that is depends on where pip
+# looks: on this project's machines a local CPU wheel; on a stock Linux machine PyPI's CUDA
+# build (several GB). Install the torch you want first (the CPU wheel from PyTorch's CPU
+# index on a machine without a GPU) and set-up keeps it.
+# --no-build-isolation: gradstats is built with the environment's own setuptools and torch.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEFAULT_TORCH := torch==2.13.0
+TORCH_PIN := $(VENV)/torch-constraint.txt
+PIP_INSTALL := $(PY) -m pip install -c $(TORCH_PIN)
 
 .PHONY: setup demo test clean
 
@@ -17,16 +22,24 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(DEFAULT_TORCH)"
-	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install setuptools
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
-	$(PY) -m pip install --no-deps timm
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
+	$(PY) -c "import setuptools" 2>/dev/null || $(PIP_INSTALL) setuptools
+	$(PIP_INSTALL) --no-build-isolation -e .
+	touch $@
+
+# The test extra adds the real trainers the integrations are tested against. timm goes in
+# with --no-deps: it requires torchvision, whose PyPI wheels are CUDA builds tied to another
+# torch (pip would replace a CPU torch, or they fail to import beside it).
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP_INSTALL) --no-build-isolation -e ".[test]"
+	$(PIP_INSTALL) --no-deps timm
 	touch $@
 
 demo: setup
 	$(PY) -m gradstats.demo
 
-test: setup
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

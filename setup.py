@@ -1,8 +1,9 @@
 """gradstats: fused gradient statistics and drop-in clipping for PyTorch (Triton kernels).
 
-Pure Python for now: the Triton kernels compile at run time. Install into an environment
-that already has torch (``make test`` / ``make demo`` set one up); building with
-``pip install --no-build-isolation`` keeps pip from fetching a second torch for the build.
+Pure Python for now: the Triton kernels compile at run time, and this file imports nothing
+but setuptools. Install into an environment that already has the torch you want (``make
+test`` / ``make demo`` set one up): ``pip install --no-build-isolation .`` builds with that
+environment's setuptools, and stays right once a native extension needs torch at build time.
 """
 from setuptools import find_packages, setup
 
@@ -33,4 +34,11 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    author="the gradstats developers",
+    classifiers=[
+        "License :: OSI Approved :: BSD License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
 )

@@ -29,8 +29,8 @@ import torch
 
 import gradstats
 from benchmarks.baselines import python_loop_stats, python_loop_stats_with_histogram
-from benchmarks.run import environment
-from benchmarks.timing import median_ms
+from benchmarks.run import RESULTS_ROOT, environment
+from benchmarks.timing import new_results_dir, paired_ms
 from benchmarks.training import GPT, GPTConfig, training_step
 
 
@@ -90,10 +90,9 @@ def time_monitoring_alone(model, batch, device, log_dir: Path, autocast_dtype) -
     ]:
         with gradstats.GradMonitor(model, hist_every=1 if hist else None,
                                    sinks=[f"jsonl:{log_dir}/alone-{hist}.jsonl"]) as monitor:
-            ours = median_ms(monitor.step, device)
-        baseline = median_ms(lambda: loop(parameters), device)
+            timed = paired_ms(monitor.step, lambda: loop(parameters), device)
         name = "GradMonitor.step(), log_every=1" + (", histograms" if hist else "")
-        rows.append((name, loop_name, ours, baseline))
+        rows.append((name, loop_name, timed.ours_ms, timed.baseline_ms))
     model.zero_grad(set_to_none=True)
     return rows
 
@@ -116,11 +115,15 @@ def markdown(env, config, step_ms, alone) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--tokens", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--batch", type=int, help="sequences per step (default: 8 GPU, 1 CPU)")
+    parser.add_argument("--tokens", type=int,
+                        help="tokens per sequence (default: 1024 GPU, 128 CPU)")
+    parser.add_argument("--rounds", type=int,
+                        help="timed rounds of every variant (default: 20 GPU, 5 CPU)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: a new benchmarks/results/<device>-<date>)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -147,8 +150,9 @@ def main(argv=None) -> None:
                  f"{tokens} tokens, AdamW{' (fused), bf16 autocast' if on_gpu else ''}, "
                  f"{rounds} rounds")
     text = markdown(env, described, step_ms, alone)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"monitor-{device.type}"
+    out = args.out or new_results_dir(RESULTS_ROOT, device)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"monitor-{device.type}"
     stem.with_suffix(".md").write_text(text)
     with stem.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -3,10 +3,12 @@
     python -m benchmarks.run [--device cuda|cpu] [--workloads ...] [--dtypes ...] [--out DIR]
 
 Every row times gradstats and its baseline in the same run and reports their ratio
-(``gradstats / baseline``: below 1 is faster). On GPUs each row also shows the bytes it
-must move per second against a plain read of the same bytes (``x.sum()``, the floor),
-measured in the same run. Results: Markdown and CSV under ``--out``, a plot if matplotlib
-is installed.
+(``gradstats / baseline``: below 1 is faster); on CPUs the two alternate round by round and
+the ratio is the median of the per-round ratios, with its spread (see ``timing.py``). On
+GPUs each row also shows the bytes it must move per second against a plain read of the
+same bytes (``x.sum()``, the floor), measured in the same run. Results: Markdown and CSV in
+a new folder ``benchmarks/results/<device>-<date>`` (or ``--out``), a plot if matplotlib is
+installed; the committed results are never overwritten unless ``--out`` names their folder.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ import torch
 
 import gradstats
 from benchmarks.baselines import python_loop_stats, python_loop_stats_with_histogram
-from benchmarks.timing import host_us_per_call, median_ms
+from benchmarks.timing import host_us_per_call, median_ms, new_results_dir, paired_ms
 from benchmarks.workloads import WORKLOADS, make_params
 from gradstats import worklist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_DEFAULT_WORKLOADS = ["gpt2-small", "resnet50", "many-small"]
+RESULTS_ROOT = Path("benchmarks/results")
 
 
 @dataclass
@@ -48,13 +51,11 @@ class Row:
     baseline: str
     ours_ms: float
     baseline_ms: float
+    ratio: float  # gradstats / baseline (see timing.Paired)
+    spread: float  # relative interquartile range of the ratio (CPU), 0 on GPUs
     bytes_moved: int
     floor_ms: float
     extra: dict = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.ours_ms / self.baseline_ms
 
     @property
     def of_floor(self) -> float:
@@ -124,9 +125,9 @@ def run(device: torch.device, workloads: list[str], dtypes: list[str]) -> list[R
         for step, case in enumerate(cases, 1):
             print(f"\r[{index}/{len(jobs)}] {workload} {dtype_name}: {step}/{len(cases)} "
                   f"{case.name:<28}", end="", file=sys.stderr, flush=True)
-            ours = median_ms(case.ours, device)
-            baseline = median_ms(case.baseline, device)
-            row = Row(workload, dtype_name, case.name, case.baseline_name, ours, baseline,
+            timed = paired_ms(case.ours, case.baseline, device)
+            row = Row(workload, dtype_name, case.name, case.baseline_name, timed.ours_ms,
+                      timed.baseline_ms, timed.ratio, timed.spread,
                       int(case.passes * nbytes), floor, extra if step == 1 else {})
             row.floor_bytes = nbytes
             rows.append(row)
@@ -160,14 +161,22 @@ def markdown(rows: list[Row], env: dict, device: torch.device) -> str:
               "is faster).", ""]
     header = "| workload | dtype | gradstats | baseline | gradstats ms | baseline ms | ratio |"
     rule = "|---|---|---|---|---|---|---|"
-    if device.type == "cuda":
+    on_cpu = device.type != "cuda"
+    if on_cpu:
+        lines[-1:] = ["On this CPU the two alternate round by round: ratio = median of the "
+                        "per-round ratios, spread = their interquartile range / median.", ""]
+        header += " spread |"
+        rule += "---|"
+    else:
         header += " of floor |"
         rule += "---|"
     lines += [header, rule]
     for row in rows:
         line = (f"| {row.workload} | {row.dtype} | {row.case} | {row.baseline} | "
                 f"{row.ours_ms:.3f} | {row.baseline_ms:.3f} | {row.ratio:.3f} |")
-        if device.type == "cuda":
+        if on_cpu:
+            line += f" {row.spread:.0%} |"
+        else:
             line += f" {row.of_floor:.2f} |"
         lines.append(line)
     floors = {(r.workload, r.dtype): r.floor_ms for r in rows}
@@ -188,11 +197,11 @@ def write_csv(rows: list[Row], env: dict, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["workload", "dtype", "case", "baseline", "gradstats_ms", "baseline_ms",
-                         "ratio", "bytes_moved", "floor_ms", "of_floor", *env.keys()])
+                         "ratio", "spread", "bytes_moved", "floor_ms", "of_floor", *env.keys()])
         for row in rows:
             writer.writerow([row.workload, row.dtype, row.case, row.baseline,
                              f"{row.ours_ms:.5f}", f"{row.baseline_ms:.5f}", f"{row.ratio:.5f}",
-                             row.bytes_moved, f"{row.floor_ms:.5f}", f"{row.of_floor:.4f}",
+                             f"{row.spread:.4f}", row.bytes_moved, f"{row.floor_ms:.5f}", f"{row.of_floor:.4f}",
                              *env.values()])
 
 
@@ -219,18 +228,24 @@ def plot(rows: list[Row], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the gradients live (default: cuda if available, else cpu)")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                        help="default: all on GPUs; " + ", ".join(CPU_DEFAULT_WORKLOADS)
+                        + " on CPUs")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="gradient dtypes (default: all)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: a new benchmarks/results/<device>-<date>)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     workloads = args.workloads or (list(WORKLOADS) if device.type == "cuda"
                                    else CPU_DEFAULT_WORKLOADS)
     rows = run(device, workloads, args.dtypes)
     env = environment(device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"results-{device.type}"
+    out = args.out or new_results_dir(RESULTS_ROOT, device)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"results-{device.type}"
     text = markdown(rows, env, device)
     stem.with_suffix(".md").write_text(text)
     write_csv(rows, env, stem.with_suffix(".csv"))

@@ -1,13 +1,39 @@
-"""Timers: CUDA events through triton.testing.do_bench on GPUs, perf_counter medians on CPUs."""
+"""Timers: CUDA events through triton.testing.do_bench on GPUs, perf_counter medians on CPUs.
+
+On a CPU shared with other work a few repeats are not enough: load comes and goes, and a
+row timed while the machine was busy moved 10-30x between runs. So gradstats and its
+baseline are timed *in alternation*, round by round, until both have enough samples and
+enough time has passed; load then hits both alike, and the ratio is the median of the
+per-round ratios, with its spread reported beside it.
+"""
 from __future__ import annotations
 
+import datetime
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+# CPU rounds: at least MIN_ROUNDS and MIN_SECONDS of timing per pair, at most MAX_ROUNDS.
+MIN_ROUNDS = 9
+MAX_ROUNDS = 41
+MIN_SECONDS = 2.0
 
-def median_ms(fn, device: torch.device, cpu_repeats: int = 3) -> float:
+
+@dataclass
+class Paired:
+    """A gradstats time and its baseline's, measured in the same run."""
+
+    ours_ms: float  # median
+    baseline_ms: float  # median
+    ratio: float  # median of the per-round ratios (CPU); ours_ms / baseline_ms (GPU)
+    spread: float  # CPU: interquartile range of the per-round ratios over their median; GPU: 0
+    rounds: int
+
+
+def median_ms(fn, device: torch.device) -> float:
     """Median time of ``fn()`` in milliseconds, warmed up."""
     if device.type == "cuda":
         import triton.testing
@@ -15,12 +41,33 @@ def median_ms(fn, device: torch.device, cpu_repeats: int = 3) -> float:
         # do_bench flushes L2 between repeats and times with CUDA events.
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     fn()
-    samples = []
-    for _ in range(cpu_repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
+    samples = [_cpu_ms(fn) for _ in range(MIN_ROUNDS)]
     return statistics.median(samples)
+
+
+def paired_ms(ours, baseline, device: torch.device) -> Paired:
+    """Time ``ours()`` against ``baseline()``; on CPUs interleaved round by round."""
+    if device.type == "cuda":
+        ours_ms, baseline_ms = median_ms(ours, device), median_ms(baseline, device)
+        return Paired(ours_ms, baseline_ms, ours_ms / baseline_ms, 0.0, 0)
+    ours(), baseline()  # warm-up: plan caches, first-call allocations
+    ours_samples, baseline_samples = [], []
+    start = time.perf_counter()
+    while len(ours_samples) < MAX_ROUNDS and (
+            len(ours_samples) < MIN_ROUNDS or time.perf_counter() - start < MIN_SECONDS):
+        ours_samples.append(_cpu_ms(ours))
+        baseline_samples.append(_cpu_ms(baseline))
+    ratios = [a / b for a, b in zip(ours_samples, baseline_samples)]
+    median_ratio = statistics.median(ratios)
+    quartiles = statistics.quantiles(ratios, n=4)
+    return Paired(statistics.median(ours_samples), statistics.median(baseline_samples),
+                  median_ratio, (quartiles[2] - quartiles[0]) / median_ratio, len(ratios))
+
+
+def _cpu_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def host_us_per_call(fn, device: torch.device, calls: int = 20, before_each=None) -> float:
@@ -37,3 +84,15 @@ def host_us_per_call(fn, device: torch.device, calls: int = 20, before_each=None
         samples.append((time.perf_counter() - start) * 1e6)
     torch.cuda.synchronize(device)
     return statistics.median(samples)
+
+
+def new_results_dir(root: Path, device: torch.device) -> Path:
+    """A fresh folder for one run's results, beside the committed ones (never over them):
+    ``ROOT/<device>-<UTC date-time>``."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{device.type}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{device.type}-{stamp}-{suffix}"
+    return path
