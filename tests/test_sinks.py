@@ -115,8 +115,8 @@ def test_tensorboard_files_read_back_with_tensorboards_own_reader(tmp_path, reco
     assert events.Scalars("grad_nonfinite/total")[0].value == 2
     assert events.Scalars("grad_norm/module/0")[0].value == pytest.approx(
         record.module_norms["0"], nan_ok=True)
-    assert sorted(tags["histograms"]) == ["grad_log2_abs/0", "grad_log2_abs/1"]
-    histogram = events.Histograms("grad_log2_abs/0")[0].histogram_value
+    assert sorted(tags["histograms"]) == ["grad_log2_abs/module/0", "grad_log2_abs/module/1"]
+    histogram = events.Histograms("grad_log2_abs/module/0")[0].histogram_value
     counts = record.module_hist["0"][1:]  # finite non-zero values, one bucket per power of 2
     assert list(histogram.bucket) == counts
     assert list(histogram.bucket_limit) == [float(-12 + k) for k in range(1, 16)]
@@ -172,7 +172,7 @@ def test_wandb_logs_scalars_and_log2_histograms(monkeypatch, record):
     assert data["gradstats/step"] == 0  # its own x-axis: late records are not dropped
     assert fake.metrics["grad_norm/*"] == "gradstats/step"
     assert data["grad_nonfinite/total"] == 2 and math.isnan(data["grad_norm/total"])
-    histogram = data["grad_log2_abs/1"]
+    histogram = data["grad_log2_abs/module/1"]
     assert histogram.counts == record.module_hist["1"][1:]
     assert histogram.edges[0] == -12.0 and histogram.edges[-1] == 3.0
 
