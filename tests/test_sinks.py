@@ -57,13 +57,14 @@ def test_jsonl_lines_are_strict_json_with_every_field(tmp_path, record):
     assert data["module_hist"] == record.module_hist
 
 
-@pytest.mark.parametrize("append, steps", [(False, [0]), (True, [-1, 0])])
-def test_jsonl_starts_a_new_file_unless_appending(tmp_path, record, append, steps):
-    from gradstats.sinks.jsonl import JsonlSink
+@pytest.mark.parametrize("how, steps", [({"append": True}, [-1, 0]), ({"overwrite": True}, [0]),
+                                        ("jsonl+append", [-1, 0]), ("jsonl+overwrite", [0])])
+def test_jsonl_appends_or_overwrites_only_when_told(tmp_path, record, how, steps):
+    from gradstats.sinks import JsonlSink
 
     path = tmp_path / "g.jsonl"
     path.write_text('{"step": -1}\n')
-    sink = JsonlSink(path, append=append)
+    sink = make_sink(f"{how}:{path}") if isinstance(how, str) else JsonlSink(path, **how)
     sink.write(record)
     sink.close()
     assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == steps
