@@ -13,6 +13,7 @@ from .clip import (
     fused_clip_grad_norm_,
     get_total_norm,
 )
+from .logs import read_jsonl, records_to_rows
 from .monitor import GradMonitor
 from .record import StepRecord
 from .stats import GradStats, grad_stats
@@ -29,4 +30,6 @@ __all__ = [
     "fused_clip_grad_norm_",
     "get_total_norm",
     "grad_stats",
+    "read_jsonl",
+    "records_to_rows",
 ]
