@@ -15,6 +15,7 @@ from .clip import (
 )
 from .logs import read_jsonl, records_to_rows
 from .monitor import GradMonitor
+from .nonfinite import NonFiniteGradientWarning
 from .record import StepRecord
 from .stats import GradStats, grad_stats
 
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradMonitor",
     "GradStats",
+    "NonFiniteGradientWarning",
     "StepRecord",
     "clip_grad_norm_",
     "clip_grad_value_",
