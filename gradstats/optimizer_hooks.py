@@ -20,10 +20,15 @@ class OptimizerHooks:
     """Pre/post step hooks on ``optimizer``.
 
     Args:
-        optimizer: the optimizer to hook.
-        auto_step: called (with GradScaler's ``found_inf`` for this step, or None) to run
-            the monitor's step at every optimizer step; None: the user calls it (``optimizer=``).
+        optimizer: the optimizer to hook (see :func:`hookable`).
         skipping: whether ``on_nonfinite="skip"`` is on.
+
+    Attributes:
+        auto_step: set by ``attach``: called with GradScaler's ``found_inf`` for this step
+            (or None) to run the monitor at every optimizer step. None: the user calls
+            ``monitor.step()`` (``optimizer=``).
+        pending_skip: set by ``monitor.step()`` under ``"skip"``: the device flag of the
+            gradients it judged, armed for the next optimizer update.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, skipping: bool):
@@ -116,8 +121,7 @@ def hookable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def _closure_of(args: tuple, kwargs: dict):
     """The closure of ``optimizer.step(...)`` (``args`` starts with the optimizer). A None
     closure is no closure: ``AcceleratedOptimizer.step`` passes ``None`` positionally."""
-    closure = args[1] if len(args) > 1 else kwargs.get("closure")
-    return closure
+    return args[1] if len(args) > 1 else kwargs.get("closure")
 
 
 def _with_closure(args: tuple, kwargs: dict, closure: Callable) -> tuple[tuple, dict]:

@@ -3,12 +3,19 @@
 Layers get added, replaced and deleted after the monitor is made (a new head, LoRA/PEFT
 wrapping, ``resize_token_embeddings``, ``del model.head``), and a monitor that kept its first
 list would neither log nor clip the new ones, and would hold the old ones alive. Re-walking
-``named_parameters()`` every step is correct but costs several times the step's own gradient
-loop (4,500 parameters: ~10 ms against ~2 ms on this host), so each step first checks the
-module tree for a change, in C-speed passes over its dicts: the number of entries (an
-addition or a deletion) and that every entry still holds the object it held (a
-replacement, a ``None`` assignment, a parameter swapped in ``_parameters`` directly, as
-``Module.to`` does with ``torch.__future__`` overwrite on). Only a change pays for a walk.
+``named_parameters()`` every step is correct but costs five times the step's own gradient
+loop, so each step first checks the module tree for a change, in C-speed passes over its
+dicts: the number of entries (an addition or a deletion) and that every entry still holds
+the object it held (a replacement, a ``None`` assignment, a parameter swapped into
+``_parameters`` directly, as ``Module.to`` does with ``torch.__future__`` overwrite on).
+Only a change pays for a walk. Measured on a 2-core CPU host, GPT-2-shaped trees:
+
+================================  ===========  ============  ===============
+parameters / modules              walk         check         gradients loop
+================================  ===========  ============  ===============
+148 / 113                         0.3 ms       0.023 ms      0.055 ms
+4,492 / 3,371                     12 ms        0.5-0.8 ms    1.4-2.4 ms
+================================  ===========  ============  ===============
 
 torch's global module/parameter registration hooks were the other way: they miss
 deletions, ``None`` assignments and direct dict writes, and are global state; this check

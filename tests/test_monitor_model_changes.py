@@ -49,9 +49,18 @@ def set_bias_to_none(model):
     model[0].bias = None
 
 
+def convert_with_new_parameters(model):
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64).to(torch.float32)  # new Parameter objects, as before 2.0
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+
+
 CHANGES = {"add": add_head, "replace": replace_first, "delete-item": delete_last,
            "delete-attribute": delete_attribute, "wrap": wrap_in_adapter,
-           "param-to-none": set_bias_to_none}
+           "param-to-none": set_bias_to_none, "to-new-parameters": convert_with_new_parameters}
 
 
 @pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())

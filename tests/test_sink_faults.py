@@ -122,13 +122,19 @@ class FullDisk:
         self.real.close()
 
 
-def test_jsonl_disk_full_part_way_through_a_line_leaves_whole_lines_and_catches_up(tmp_path):
+def monitor_on_a_disk_filling_up(path, steps, room):
+    """A monitor writing `path` whose disk, after `steps` steps, takes `room` more bytes."""
     model = tiny_model()
-    path = tmp_path / "g.jsonl"
     monitor = gradstats.GradMonitor(model, sinks=[f"jsonl:{path}"])
+    run_steps(monitor, model, steps)
     [sink] = monitor.sinks
-    run_steps(monitor, model, 2)
-    disk = sink._file._file = FullDisk(sink._file._file, room=40)
+    disk = sink._file._file = FullDisk(sink._file._file, room=room)
+    return model, monitor, disk
+
+
+def test_jsonl_disk_full_part_way_through_a_line_leaves_whole_lines_and_catches_up(tmp_path):
+    path = tmp_path / "g.jsonl"
+    model, monitor, disk = monitor_on_a_disk_filling_up(path, steps=2, room=40)
     with pytest.warns(RuntimeWarning, match=r"JsonlSink\('.*g.jsonl'\) failed: OSError: "
                                             r"\[Errno 28\] No space left"):
         run_steps(monitor, model, 3)  # steps 2, 3, 4
@@ -147,12 +153,8 @@ def test_jsonl_torn_line_that_cannot_be_cut_off_stays_a_line_of_its_own(tmp_path
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(files.os, "ftruncate", refuse)
-    model = tiny_model()
     path = tmp_path / "g.jsonl"
-    monitor = gradstats.GradMonitor(model, sinks=[f"jsonl:{path}"])
-    [sink] = monitor.sinks
-    run_steps(monitor, model, 1)
-    disk = sink._file._file = FullDisk(sink._file._file, room=25)
+    model, monitor, disk = monitor_on_a_disk_filling_up(path, steps=1, room=25)
     with pytest.warns(RuntimeWarning, match="No space left"):
         run_steps(monitor, model, 1)
     disk.room = None
