@@ -228,3 +228,47 @@ def test_attach_on_a_closed_monitor_is_refused():
         monitor.attach(optimizer)
     backward(model, 0)
     optimizer.step()  # not hooked: the optimizer works as before
+
+
+def test_lightning_callback_in_on_before_optimizer_step_skips_that_very_update():
+    """Lightning's automatic optimization steps with a closure that runs backward and then
+    on_before_optimizer_step; a callback calling monitor.step() there skips that update."""
+    lightning = pytest.importorskip("lightning")
+
+    class Model(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, index):
+            return self.net(batch).square().sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    class MonitorCallback(lightning.Callback):
+        def on_fit_start(self, trainer, module):
+            self.monitor = gradstats.GradMonitor(module, sinks=[], on_nonfinite="skip",
+                                                 optimizer=trainer.optimizers[0])
+            self.weights = []
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            if trainer.global_step == 1:
+                module.net.weight.grad[0, 0] = float("nan")
+            self.monitor.step(max_norm=1.0)
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.weights.append(module.net.weight.detach().clone())
+
+    callback = MonitorCallback()
+    trainer = lightning.Trainer(max_steps=3, callbacks=[callback], accelerator="cpu",
+                                logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    data = torch.utils.data.DataLoader(torch.randn(4, 4), batch_size=1)
+    with pytest.warns(gradstats.NonFiniteGradientWarning, match="step 1 in 'net.weight'"):
+        trainer.fit(Model(), data)
+    callback.monitor.close()
+    first, skipped, last = callback.weights
+    assert torch.equal(first, skipped) and not torch.equal(skipped, last)
+    assert torch.isfinite(last).all() and callback.monitor.steps == 3
