@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import warnings
 
-# Top-level packages between the user's code and the monitor: their frames are skipped.
+# Top-level packages between the user's code and the monitor: their frames are skipped
+# (weakref: close() runs the sinks' close through a weakref.finalize).
 FRAMEWORKS = frozenset({"gradstats", "torch", "accelerate", "lightning", "pytorch_lightning",
-                        "transformers"})
+                        "transformers", "weakref"})
 
 
 def warn(message: str | Warning, category: type[Warning] = RuntimeWarning) -> None:
