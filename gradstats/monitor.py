@@ -198,7 +198,8 @@ class GradMonitor:
         self._nonfinite.on_landed(step, found)
 
     # -- optimizer hooks ------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, max_norm: float | None = None) -> GradMonitor:
+    def attach(self, optimizer: torch.optim.Optimizer,
+               max_norm: float | None = None) -> GradMonitor:
         """Run :meth:`step` (clipping to ``max_norm`` when given) at every
         ``optimizer.step()``, so the training loop stays untouched. Steps then count
         optimizer updates: with gradient accumulation, micro-batches are not steps.

@@ -1,10 +1,10 @@
 """Reading the logs back: read_jsonl returns exactly what the JSONL sink wrote."""
+import csv
 import dataclasses
 import math
 import pathlib
 
 import pytest
-import torch
 from monitor_helpers import ListSink, backward, poison, tiny_model
 
 import gradstats
@@ -68,7 +68,6 @@ def test_records_to_rows_are_the_csv_rows(tmp_path):
     with gradstats.GradMonitor(model, sinks=[sink, f"csv:{tmp_path}/g.csv"]) as monitor:
         monitor.step(max_norm=1.0)
     rows = gradstats.records_to_rows(sink.records)
-    import csv
     table = list(csv.DictReader(open(tmp_path / "g.csv")))
     assert [(r["scope"], r["name"]) for r in rows] == [(r["scope"], r["name"]) for r in table]
     assert [r["norm"] for r in rows] == [float(r["norm"]) for r in table]

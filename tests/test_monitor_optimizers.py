@@ -92,7 +92,8 @@ def test_raise_and_warn_with_a_closure_name_the_first_step(mode, on_nonfinite):
 @pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 def test_attach_clips_the_gradients_the_closure_made(make_optimizer):
     model, twin = tiny_model(), tiny_model()
-    optimizer, twin_optimizer = make_optimizer(model.parameters()), make_optimizer(twin.parameters())
+    optimizer = make_optimizer(model.parameters())
+    twin_optimizer = make_optimizer(twin.parameters())
     sink = ListSink()
     monitor = gradstats.GradMonitor(model, sinks=[sink]).attach(optimizer, max_norm=0.1)
     for step in range(3):

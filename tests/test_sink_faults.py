@@ -78,7 +78,8 @@ def test_a_raising_sink_does_not_break_an_attached_optimizer_step():
 
 def test_keyboard_interrupt_in_a_sink_is_not_swallowed():
     model = tiny_model()
-    monitor = gradstats.GradMonitor(model, sinks=[FlakySink(failing={1}, error=KeyboardInterrupt())])
+    interrupted = FlakySink(failing={1}, error=KeyboardInterrupt())
+    monitor = gradstats.GradMonitor(model, sinks=[interrupted])
     backward(model, 0)
     with pytest.raises(KeyboardInterrupt):
         monitor.step()

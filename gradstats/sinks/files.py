@@ -59,7 +59,8 @@ def default_path(suffix: str) -> Path:
     counter, across processes by the pid (and by :func:`create_new` if even that repeats,
     as with pid 1 in containers)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path(DEFAULT_FOLDER) / f"gradstats-{stamp}-{os.getpid()}-{next(_default_counter)}{suffix}"
+    number = next(_default_counter)
+    return Path(DEFAULT_FOLDER) / f"gradstats-{stamp}-{os.getpid()}-{number}{suffix}"
 
 
 def create_new(suffix: str) -> tuple[Path, int]:
