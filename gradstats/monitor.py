@@ -76,6 +76,12 @@ class GradMonitor:
         optimizer (Optimizer, optional): the optimizer whose update ``"skip"`` cancels.
         num_bins, min_exp (int): histogram layout, as for :func:`gradstats.grad_stats`.
 
+    Attributes:
+        steps (int): steps taken; the next :meth:`step` is step number ``steps``.
+        paths (list[Path]): the files the sinks write (the default file's name is also
+            logged once at INFO on the ``gradstats`` logger).
+        sinks (list): the sinks made from ``sinks``.
+
     With a fused optimizer (``fused=True``) ``"skip"`` hands the optimizer a device-side
     ``found_inf`` flag, as ``GradScaler`` does, and never syncs; other optimizers have their
     gradients hidden for that step, which needs one host sync on the flag. With
