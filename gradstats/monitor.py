@@ -125,6 +125,8 @@ class GradMonitor:
         check_histogram_range(num_bins, min_exp)
         self.num_bins, self.min_exp = num_bins, min_exp
         self._watched = WatchedParameters(model)
+        if optimizer is not None:  # checked before any sink opens a file
+            _check_optimizer(optimizer)
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
         self._lock = threading.RLock()  # one step at a time: numbers in call order
         self._sinks = SinkFanout(open_sinks(sinks))
@@ -233,7 +235,7 @@ class GradMonitor:
         return self
 
     def _hook(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer = hookable(optimizer)
+        optimizer = hookable(_check_optimizer(optimizer))
         if self._hooks is not None and self._hooks.optimizer is not optimizer:
             raise RuntimeError("this monitor is already hooked to another optimizer")
         if self._hooks is None:
@@ -275,6 +277,13 @@ def _close_queue(queue: RecordQueue, sinks: SinkFanout) -> None:
         queue.drain(wait=True)
     finally:
         sinks.close()
+
+
+def _check_optimizer(optimizer):
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    return optimizer
 
 
 def _positive_int(name: str, value) -> int:

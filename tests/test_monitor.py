@@ -420,11 +420,14 @@ def test_close_flushes_closes_sinks_and_is_final():
     ({"sinks": ["logging:x"]}, "takes no argument"),
     ({"sinks": [42]}, "a sink is a string"),
     ({"num_bins": 1}, "num_bins must be"),
+    ({"optimizer": "sgd", "sinks": ["jsonl"]}, "optimizer must be a torch.optim.Optimizer"),
     ({"norm_type": "fro"}, "norm_type must be a number"),
 ])
-def test_bad_arguments_are_named(kwargs, error):
+def test_bad_arguments_are_named(kwargs, error, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises((ValueError, TypeError), match=error):
         gradstats.GradMonitor(tiny_model(), **{"sinks": [], **kwargs})
+    assert not (tmp_path / "runs").exists()  # raised before any sink made a file
 
 
 def test_negative_max_norm_is_an_error_before_anything_changes():
