@@ -13,7 +13,9 @@ from .clip import (
     fused_clip_grad_norm_,
     get_total_norm,
 )
+from .logs import read_jsonl, records_to_rows
 from .monitor import GradMonitor
+from .nonfinite import NonFiniteGradientWarning
 from .record import StepRecord
 from .stats import GradStats, grad_stats
 
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradMonitor",
     "GradStats",
+    "NonFiniteGradientWarning",
     "StepRecord",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -29,4 +32,6 @@ __all__ = [
     "fused_clip_grad_norm_",
     "get_total_norm",
     "grad_stats",
+    "read_jsonl",
+    "records_to_rows",
 ]

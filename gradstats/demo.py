@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--init-gain", type=float, default=0.6, help="weight std * sqrt(width)")
     parser.add_argument("--max-norm", type=float, default=0.01)
-    parser.add_argument("--log", default="runs/demo/grads.jsonl", help="JSONL record file")
+    parser.add_argument("--log", default="runs/demo/grads.jsonl",
+                        help="JSONL record file (replaced on each run)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     table = ProgressTable()
     # Every step: one fused pass for all statistics and the clip; histograms on the last.
     with gradstats.GradMonitor(model, hist_every=max(1, args.steps - 1),
-                               sinks=[table, f"jsonl:{args.log}"]) as monitor:
+                               sinks=[table, f"jsonl+overwrite:{args.log}"]) as monitor:
         for _ in range(args.steps):
             loss = nn.functional.mse_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=False)

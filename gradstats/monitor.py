@@ -1,18 +1,23 @@
 """``GradMonitor``: every gradient's statistics, every step, for the cost of one fused pass.
 
 Per step: one ``collect_stats`` pass over the model's gradients (norms, NaN/Inf counts,
-histograms on histogram steps) and, when asked, the clip from the same pass. The results
-are copied to pinned host memory with non-blocking copies and an event; a later ``step``
-(or ``close``) turns the copies that have landed into a :class:`StepRecord` and hands it to
-the sinks. Nothing waits for the GPU unless the user asked for it (``on_nonfinite="raise"``,
-or ``"skip"`` with an optimizer that cannot skip on the device).
+histograms on histogram steps) and, when asked, the clip from the same pass. The pieces
+around that pass live in their own modules:
+
+- ``watched_params``: which parameters, re-read when the model's tree changed;
+- ``record_queue``: non-blocking copies to the host, records once they landed;
+- ``sinks.fanout``: every record to every sink, a failing sink reported and retried;
+- ``nonfinite``: what NaN/Inf make the monitor say (``on_nonfinite``);
+- ``optimizer_hooks``: ``attach``, closures, and skipping an update.
+
+Nothing waits for the GPU unless the user asked for it (``on_nonfinite="raise"``, ``"skip"``
+with an optimizer that cannot skip on the device, ``flush()``).
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
+import logging
 import math
-import warnings
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -20,19 +25,22 @@ import torch
 from torch import nn
 
 from . import ops
+from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
-from .params import ParametersLike, check_norm_inputs, gradients, named_items, norm_result_dtype
-from .record import build_record
-from .sinks import make_sink
+from .optimizer_hooks import OptimizerHooks, hookable
+from .params import ParametersLike, check_norm_inputs, gradients, norm_result_dtype
+from .record_queue import RecordQueue, named_counts
+from .sinks import open_sinks
+from .sinks.fanout import SinkFanout
 from .stats import GradStats, check_histogram_range, collect_stats, non_negative_float
+from .watched_params import WatchedParameters
 
 __all__ = ["GradMonitor"]
 
-ON_NONFINITE = ("warn", "raise", "skip", "ignore")
-DEFAULT_SINKS = ("jsonl:runs/gradstats.jsonl",)
-# Host copies allowed in flight before step() waits for the oldest: bounds pinned memory
-# when the host runs far ahead of the GPU (it rarely gets more than a step or two ahead).
-MAX_IN_FLIGHT = 64
+# A JSONL file of its own per monitor: runs/gradstats-<UTC time>-<pid>-<n>.jsonl.
+DEFAULT_SINKS = ("jsonl",)
+
+logger = logging.getLogger("gradstats")
 
 
 class GradMonitor:
@@ -40,18 +48,24 @@ class GradMonitor:
     per parameter and per module, written to sinks without stalling the GPU.
 
     Args:
-        model (nn.Module or Iterable[(str, Tensor)]): what to watch. ``torch.compile``,
+        model (nn.Module or Iterable[(str, Tensor)]): what to watch. For a module, the
+            parameters it holds at each step (layers added, replaced or deleted later are
+            followed); a list of tensors or ``(name, tensor)`` pairs is fixed. ``torch.compile``,
             ``DistributedDataParallel`` and ``DataParallel`` wrappers are looked through, so
             names match the unwrapped model.
         log_every (int): write step ``s`` when ``s % log_every == 0``. Default: 1
         hist_every (int, optional): include histograms when ``s % hist_every == 0`` (such
             a step is written even off the ``log_every`` grid). Default: None (never)
-        sinks (list): sink specs (``"jsonl:PATH"``, ``"csv:PATH"``, ``"tensorboard:DIR"``,
-            ``"wandb"``, ``"logging"``) or objects with ``write(record)``; see
-            :mod:`gradstats.sinks`. Default: ``["jsonl:runs/gradstats.jsonl"]``
+        sinks (list or None): sink specs (``"jsonl:PATH"``, ``"csv:PATH"``,
+            ``"jsonl+append:PATH"``, ``"tensorboard:DIR"``, ``"wandb"``, ``"logging"``, ...)
+            or objects with ``write(record)``; see :mod:`gradstats.sinks`. ``None`` or
+            ``[]``: none. Default: ``["jsonl"]``, a new file
+            ``runs/gradstats-<UTC time>-<pid>-<n>.jsonl`` (see :attr:`paths`). A file that
+            exists and is not empty is never emptied unless the spec says ``+overwrite``.
         on_nonfinite (str or callable): what a NaN/Inf gradient triggers.
-            ``"warn"``: a warning naming the step and parameters, once per run of
-            non-finite steps, when the counts reach the host (a step or so later).
+            ``"warn"``: a :class:`NonFiniteGradientWarning` naming the step and parameters,
+            once per run of non-finite steps, when the counts reach the host (a step or so
+            later); after five, the alarms go to the ``gradstats`` logger.
             ``"raise"``: ``step()`` waits for the counts and raises ``RuntimeError`` before
             clipping, so nothing is modified. ``"skip"``: that step's optimizer update
             becomes a no-op (needs ``optimizer=`` or :meth:`attach`), and a warning as for
@@ -62,9 +76,22 @@ class GradMonitor:
         optimizer (Optimizer, optional): the optimizer whose update ``"skip"`` cancels.
         num_bins, min_exp (int): histogram layout, as for :func:`gradstats.grad_stats`.
 
+    Attributes:
+        steps (int): steps taken; the next :meth:`step` is step number ``steps``.
+        paths (list[Path]): the files the sinks write (the default file's name is also
+            logged once at INFO on the ``gradstats`` logger).
+        sinks (list): the sinks made from ``sinks``.
+
     With a fused optimizer (``fused=True``) ``"skip"`` hands the optimizer a device-side
     ``found_inf`` flag, as ``GradScaler`` does, and never syncs; other optimizers have their
-    gradients hidden for that step, which needs one host sync on the flag.
+    gradients hidden for that step, which needs one host sync on the flag. With
+    ``optimizer.step(closure)``, call ``step()`` inside the closure after backward (as a
+    Lightning ``on_before_optimizer_step`` callback does): the update that follows is the
+    one skipped.
+
+    A sink that fails never stops training: it is reported once (a warning naming the sink
+    and the error), its records are held and retried, and the other sinks go on. Steps are
+    numbered in call order, also when ``step()`` is called from several threads.
 
     Example::
 
@@ -92,29 +119,35 @@ class GradMonitor:
     ):
         self.log_every = _positive_int("log_every", log_every)
         self.hist_every = None if hist_every is None else _positive_int("hist_every", hist_every)
-        if not (callable(on_nonfinite) or on_nonfinite in ON_NONFINITE):
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE} or a callable, "
-                             f"got {on_nonfinite!r}")
+        self._nonfinite = NonFinitePolicy(on_nonfinite)
         self.on_nonfinite = on_nonfinite
         self.norm_type = parse_norm_type(norm_type)
         check_histogram_range(num_bins, min_exp)
         self.num_bins, self.min_exp = num_bins, min_exp
-        self._params, names = named_items(_unwrap(model))
-        self._names = names or [str(i) for i in range(len(self._params))]
+        self._watched = WatchedParameters(model)
+        if optimizer is not None:  # checked before any sink opens a file
+            _check_optimizer(optimizer)
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
+        self._lock = threading.RLock()  # one step at a time: numbers in call order
+        self._sinks = SinkFanout(open_sinks(sinks))
+        self.paths = [sink.path for sink in self._sinks.sinks if getattr(sink, "path", None)]
+        if self.paths:
+            logger.info("gradstats: writing gradient statistics to %s",
+                        ", ".join(map(str, self.paths)))
         # The queue reaches back through a weak reference, so the exit-time finalizer
         # below keeps the sinks alive but not the monitor.
-        self._queue = _RecordQueue(_make_sinks(sinks), weakref.WeakMethod(self._on_landed))
-        self._closer = weakref.finalize(self, self._queue.close)  # flush at exit too
-        self._hooks: list = []
-        self._optimizer = None
-        self._auto_step, self._max_norm = False, None
-        self._found_inf: torch.Tensor | None = None  # "skip": this step's flag, on device
+        self._queue = RecordQueue(self._sinks.write, weakref.WeakMethod(self._on_landed))
+        self._closer = weakref.finalize(self, _close_queue, self._queue, self._sinks)
+        self._hooks: OptimizerHooks | None = None
+        self._max_norm: float | None = None
         self._scaler_found_inf: torch.Tensor | None = None  # GradScaler's, for this step
-        self._undo_skip: Callable[[], None] | None = None
-        self._in_nonfinite_run = False
         if optimizer is not None:
             self._hook(optimizer)
+
+    @property
+    def sinks(self) -> list:
+        """The sinks, as made from the ``sinks`` argument."""
+        return self._sinks.sinks
 
     # -- the step -------------------------------------------------------------------------
     def step(self, max_norm: float | None = None) -> torch.Tensor:
@@ -124,19 +157,22 @@ class GradMonitor:
         Returns:
             the total gradient norm (a device tensor, dtype as torch's clip returns).
         """
-        self._check_open()
-        if self.on_nonfinite == "skip" and self._optimizer is None:
-            raise RuntimeError("on_nonfinite='skip' needs the optimizer whose update to skip: "
-                               "pass optimizer=... to GradMonitor or call monitor.attach(optimizer)")
-        max_norm_value = math.inf if max_norm is None else non_negative_float("max_norm", max_norm)
-        self._queue.drain()
-        with torch.no_grad():
-            total_norm = self._step(self.steps, max_norm_value, clip=max_norm is not None)
-        self._queue.drain()  # on the CPU this step has landed already
-        return total_norm
+        with self._lock:
+            self._check_open()
+            if self.on_nonfinite == "skip" and self._hooks is None:
+                raise RuntimeError(
+                    "on_nonfinite='skip' needs the optimizer whose update to skip: pass "
+                    "optimizer=... to GradMonitor or call monitor.attach(optimizer)")
+            max_norm_value = (math.inf if max_norm is None
+                              else non_negative_float("max_norm", max_norm))
+            self._queue.drain()
+            with torch.no_grad():
+                total_norm = self._step(self.steps, max_norm_value, clip=max_norm is not None)
+            self._queue.drain()  # on the CPU this step has landed already
+            return total_norm
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
-        grads, names = gradients(self._params, self._names)
+        grads, names = gradients(*self._watched.current())
         check_norm_inputs(grads, names, "parameter")
         with_hist = self.hist_every is not None and step % self.hist_every == 0
         logged = with_hist or step % self.log_every == 0
@@ -149,7 +185,7 @@ class GradMonitor:
         if self.on_nonfinite == "raise":
             self._raise_if_nonfinite(step, stats, overflow)
         if self.on_nonfinite == "skip":
-            self._found_inf = (stats.nonfinite.sum() > 0).to(torch.float32)
+            self._hooks.pending_skip = (stats.nonfinite.sum() > 0).to(torch.float32)
         if clip and grads:
             ops.scale_(grads, stats.clip_coef)
         self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
@@ -162,92 +198,68 @@ class GradMonitor:
         # This step and the ones before reach the sinks before the error.
         self._queue.push(step, stats, logged=True, clipped=False, overflow=None)
         self._queue.drain(wait=True)
-        found = _named_counts(stats.names, stats.nonfinite.tolist())
+        found = named_counts(stats.names, stats.nonfinite.tolist())
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
-                           f"{_describe(found)}; nothing was clipped or modified")
+                           f"{describe(found)}; nothing was clipped or modified")
 
     def _on_landed(self, step: int, found: dict[str, int]) -> None:
-        """Called in step order with each step's non-zero NaN/Inf counts, once on the host
-        (empty for a step GradScaler skipped for overflow)."""
-        if self.on_nonfinite == "raise":
-            return  # checked at the step itself
-        first_of_run = bool(found) and not self._in_nonfinite_run
-        self._in_nonfinite_run = bool(found)
-        if not found:
-            return
-        if callable(self.on_nonfinite):
-            self.on_nonfinite(step, found)
-        elif first_of_run and self.on_nonfinite in ("warn", "skip"):
-            what = "its optimizer update was skipped" if self.on_nonfinite == "skip" else (
-                "later steps are not reported until the gradients are finite again")
-            warnings.warn(f"gradstats: NaN/Inf gradients first appeared at step {step} in "
-                          f"{_describe(found)}; {what}", RuntimeWarning, stacklevel=5)
+        self._nonfinite.on_landed(step, found)
 
     # -- optimizer hooks ------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, max_norm: float | None = None) -> GradMonitor:
-        """Run :meth:`step` (clipping to ``max_norm`` when given) right before every
+    def attach(self, optimizer: torch.optim.Optimizer,
+               max_norm: float | None = None) -> GradMonitor:
+        """Run :meth:`step` (clipping to ``max_norm`` when given) at every
         ``optimizer.step()``, so the training loop stays untouched. Steps then count
-        optimizer updates: with gradient accumulation, micro-batches are not steps. Under
-        ``GradScaler`` the steps it skips for overflow are not seen with a plain optimizer;
-        a fused one is stepped anyway, so they are seen and logged but raise no alarm.
-        Optimizers that take a closure (LBFGS) cannot be attached.
+        optimizer updates: with gradient accumulation, micro-batches are not steps.
 
-        Under ``GradScaler`` with a fused optimizer, call ``scaler.unscale_(optimizer)``
-        before ``scaler.step(optimizer)`` (as for clipping), so the statistics are of the
-        unscaled gradients.
+        Accelerate's ``AcceleratedOptimizer`` is looked through to the optimizer it wraps.
+        ``optimizer.step(closure)`` works too: the monitor runs right after the closure has
+        made the gradients, before the optimizer reads them. An optimizer that evaluates its
+        closure several times per update (LBFGS) gets one monitor step (and clip) per
+        evaluation; ``on_nonfinite="skip"`` cannot skip such an update and raises before
+        it starts.
+
+        Under ``GradScaler`` the steps it skips for overflow are not seen with a plain
+        optimizer; a fused one is stepped anyway, so they are seen and logged but raise no
+        alarm. With a fused optimizer, call ``scaler.unscale_(optimizer)`` before
+        ``scaler.step(optimizer)`` (as for clipping), so the statistics are of the unscaled
+        gradients.
         """
-        if max_norm is not None:
-            non_negative_float("max_norm", max_norm)
-        self._hook(optimizer)
-        self._auto_step, self._max_norm = True, max_norm
+        with self._lock:
+            self._check_open()
+            if max_norm is not None:
+                non_negative_float("max_norm", max_norm)
+            self._hook(optimizer)
+            self._max_norm = max_norm
+            self._hooks.auto_step = self._step_for_optimizer
         return self
 
     def _hook(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._optimizer is not None and self._optimizer is not optimizer:
+        optimizer = hookable(_check_optimizer(optimizer))
+        if self._hooks is not None and self._hooks.optimizer is not optimizer:
             raise RuntimeError("this monitor is already hooked to another optimizer")
-        if self._optimizer is None:
-            self._optimizer = optimizer
-            self._hooks += [optimizer.register_step_pre_hook(self._before_optimizer_step),
-                            optimizer.register_step_post_hook(self._after_optimizer_step)]
+        if self._hooks is None:
+            self._hooks = OptimizerHooks(optimizer, skipping=self.on_nonfinite == "skip")
 
-    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self._undo_skip = None  # left over only if the last step raised: stale, drop it
-        # `args` starts with the optimizer itself; a closure is the only other argument.
-        uses_closure = len(args) > 1 or kwargs.get("closure") is not None
-        if uses_closure and (self._auto_step or self._found_inf is not None):
-            raise RuntimeError("gradstats: GradMonitor cannot watch an optimizer step that "
-                               "takes a closure (the closure recomputes the gradients after "
-                               "the monitor has read them); call monitor.step() in the closure")
-        if self._auto_step:
-            if getattr(optimizer, "grad_scale", None) is not None:
-                raise RuntimeError(
-                    "gradstats: the gradients are still multiplied by GradScaler's scale; "
-                    "call scaler.unscale_(optimizer) before scaler.step(optimizer) so the "
-                    "monitor sees (and clips) the true gradients")
-            # Set by GradScaler for this very step (fused optimizers only).
-            self._scaler_found_inf = getattr(optimizer, "found_inf", None)
+    def _step_for_optimizer(self, scaler_found_inf: torch.Tensor | None) -> None:
+        with self._lock:
+            self._scaler_found_inf = scaler_found_inf
             self.step(self._max_norm)
-        found_inf, self._found_inf = self._found_inf, None
-        if found_inf is not None:
-            self._undo_skip = _skip_if_found(optimizer, found_inf)
-
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        undo, self._undo_skip = self._undo_skip, None
-        if undo is not None:
-            undo()
 
     # -- life cycle -----------------------------------------------------------------------
     def flush(self) -> None:
         """Wait for every step's statistics and write them (a sync: call it sparingly)."""
-        self._queue.drain(wait=True)
+        with self._lock:
+            self._queue.drain(wait=True)
 
     def close(self) -> None:
         """Write what is still in flight, close the sinks and remove the optimizer hooks.
-        Safe to call twice; also run at interpreter exit."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self._closer()
+        Safe to call twice; also run at interpreter exit. A sink's error is reported as a
+        warning, never raised."""
+        with self._lock:
+            if self._hooks is not None:
+                self._hooks.remove()
+            self._closer()
 
     def _check_open(self) -> None:
         if not self._closer.alive:
@@ -260,164 +272,21 @@ class GradMonitor:
         self.close()
 
 
-@dataclasses.dataclass
-class _InFlight:
-    """One step's statistics on their way to the host."""
-
-    step: int
-    host: GradStats  # host copies: the counts always, everything on written steps
-    logged: bool
-    overflow: torch.Tensor | None  # GradScaler's flag for this step, on the host
-    ready: Callable[[], bool]
-    wait: Callable[[], None]
-
-
-class _RecordQueue:
-    """Steps whose statistics are being copied to the host, oldest first. Each one that
-    has landed becomes a record for the sinks and its counts go to ``on_landed``, in step
-    order."""
-
-    def __init__(self, sinks: list, on_landed: weakref.WeakMethod):
-        self.sinks = sinks
-        self.on_landed = on_landed
-        self.in_flight: collections.deque[_InFlight] = collections.deque()
-
-    def push(self, step: int, stats: GradStats, logged: bool, clipped: bool,
-             overflow: torch.Tensor | None) -> None:
-        if len(self.in_flight) >= MAX_IN_FLIGHT:
-            self._land(self.in_flight.popleft(), wait=True)
-        host = _to_host(stats, logged, clipped)
-        ready, wait = _copy_fence(stats.nonfinite.device)
-        self.in_flight.append(_InFlight(step, host, logged, _host_copy(overflow), ready, wait))
-
-    def drain(self, wait: bool = False) -> None:
-        while self.in_flight and (wait or self.in_flight[0].ready()):
-            self._land(self.in_flight.popleft(), wait)
-
-    def _land(self, item: _InFlight, wait: bool) -> None:
-        if wait:
-            item.wait()
-        if item.logged:
-            record = build_record(item.step, item.host)
-            for sink in self.sinks:
-                sink.write(record)
-        on_landed = self.on_landed()
-        if on_landed is not None:  # None: the monitor is gone and this is the exit flush
-            overflowed = item.overflow is not None and bool(item.overflow)
-            counts = [] if overflowed else item.host.nonfinite.tolist()
-            on_landed(item.step, _named_counts(item.host.names, counts))
-
-    def close(self) -> None:
-        try:
-            self.drain(wait=True)
-        finally:
-            for sink in self.sinks:
-                close = getattr(sink, "close", None)
-                if close is not None:
-                    close()
-
-
-def _to_host(stats: GradStats, logged: bool, clipped: bool) -> GradStats:
-    """Host copies of what will be read: the counts always (for the alarms), the rest on
-    written steps. From CUDA, ``non_blocking`` copies land in pinned memory and return at
-    once; on the CPU the tensors are the results themselves."""
-    if not logged:
-        return dataclasses.replace(stats, norms=None, total_norm=None, hist=None, numel=None,
-                                   clip_coef=None, nonfinite=_host_copy(stats.nonfinite))
-    return dataclasses.replace(
-        stats, norms=_host_copy(stats.norms), total_norm=_host_copy(stats.total_norm),
-        nonfinite=_host_copy(stats.nonfinite), hist=_host_copy(stats.hist), numel=None,
-        clip_coef=_host_copy(stats.clip_coef) if clipped else None)
-
-
-def _host_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    if tensor is None or tensor.device.type == "cpu":
-        return tensor
-    return tensor.to("cpu", non_blocking=True)
-
-
-def _make_sinks(specs) -> list:
-    """Sinks from one spec or a list of them (``None``: the default), closing the ones
-    already opened when a later one cannot be made."""
-    if specs is None:
-        specs = DEFAULT_SINKS
-    elif isinstance(specs, str) or callable(getattr(specs, "write", None)):
-        specs = [specs]
-    sinks = []
+def _close_queue(queue: RecordQueue, sinks: SinkFanout) -> None:
     try:
-        for spec in specs:
-            sinks.append(make_sink(spec))
-    except BaseException:
-        for sink in sinks:
-            getattr(sink, "close", lambda: None)()
-        raise
-    return sinks
+        queue.drain(wait=True)
+    finally:
+        sinks.close()
 
 
-def _copy_fence(device: torch.device):
-    """``(ready, wait)`` for copies just queued on ``device``'s current stream."""
-    if device.type != "cuda":
-        return (lambda: True), (lambda: None)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event.query, event.synchronize
-
-
-def _skip_if_found(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor):
-    """Make this ``optimizer.step()`` a no-op when ``found_inf`` is non-zero; returns how to
-    undo the arrangement after the step (or None)."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        # Fused optimizers skip on the device when `found_inf` != 0 (GradScaler's protocol):
-        # no sync. GradScaler may have set its own flag already; either one skips.
-        # The flag must be exactly 0 or 1: the fused kernels also subtract it from the
-        # step counts they incremented.
-        previous = getattr(optimizer, "found_inf", None)
-        optimizer.found_inf = found_inf if previous is None else torch.maximum(
-            previous, found_inf.to(previous.device, previous.dtype))
-
-        def restore_found_inf():
-            if previous is None:
-                del optimizer.found_inf
-            else:
-                optimizer.found_inf = previous
-        return restore_found_inf
-    # Other optimizers read gradients on the host side of their loop: the decision needs
-    # the flag here (the one sync of this mode). A parameter without .grad is not updated
-    # (nor is its state), so hiding every gradient makes the step a no-op.
-    if not bool(found_inf):
-        return None
-    hidden = [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
-    for param, _ in hidden:
-        param.grad = None
-
-    def restore_grads():
-        for param, grad in hidden:
-            param.grad = grad
-    return restore_grads
-
-
-def _unwrap(model):
-    """The module under ``torch.compile`` / DDP / DataParallel wrappers, so parameter
-    names carry no ``_orig_mod.`` or ``module.`` prefix."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _named_counts(names: list[str], counts: list[int]) -> dict[str, int]:
-    return {name: count for name, count in zip(names, counts) if count}
-
-
-def _describe(found: dict[str, int]) -> str:
-    return ", ".join(f"{name!r} ({count} NaN/Inf)" for name, count in found.items())
+def _check_optimizer(optimizer):
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    return optimizer
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-

@@ -12,13 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-ROOT_MODULE = "<root>"  # the module name of parameters registered on the model itself
+# The module name of parameters registered on the model itself. torch refuses "" as a
+# submodule name, so no real module can share it (a child may be called "<root>").
+ROOT_MODULE = ""
+ROOT_LABEL = "<root>"  # how the logging sink shows ROOT_MODULE
+ROOT_TAG = "root"  # its dashboard tags: grad_norm/root, outside the grad_norm/module/ space
 
 
 def module_of(parameter_name: str) -> str:
-    """``'layers.3.mlp.fc.weight'`` -> ``'layers.3.mlp.fc'``: the module that owns it."""
+    """``'layers.3.mlp.fc.weight'`` -> ``'layers.3.mlp.fc'``: the module that owns it
+    (``ROOT_MODULE``, the empty string, for a parameter of the model itself)."""
     module, _, _ = parameter_name.rpartition(".")
-    return module or ROOT_MODULE
+    return module
 
 
 def combine_norms(norms: list[float], p: float) -> float:
@@ -54,10 +59,12 @@ class StepRecord:
         norm_type: the order of the norms.
         norms: parameter name -> gradient norm (parameters with a gradient).
         nonfinite: parameter name -> count of NaN/Inf elements, non-zero counts only.
-        module_norms, module_nonfinite: the same per owning module (``'layers.3.mlp'``).
+        module_norms, module_nonfinite: the same per owning module (``'layers.3.mlp'``;
+            ``''`` for the parameters registered on the model itself).
         hist, module_hist: name -> log2-magnitude counts of the finite values (see
             ``GradStats.hist``), on histogram steps only (else ``None``).
         bin_edges: the ``len(counts) + 1`` edges of those counts: ``[0, 2^min_exp, ...]``.
+        min_exp: the histogram's ``min_exp`` (on histogram steps).
     """
 
     step: int
@@ -88,8 +95,9 @@ class StepRecord:
             data["grad_norm/clip_coef"] = self.clip_coef
         # Modules under their own prefix: a module named "total" must not shadow the total.
         for module, norm in self.module_norms.items():
-            data[f"grad_norm/module/{module}"] = norm
-            data[f"grad_nonfinite/module/{module}"] = self.module_nonfinite.get(module, 0)
+            tag = module_tag(module)
+            data[f"grad_norm/{tag}"] = norm
+            data[f"grad_nonfinite/{tag}"] = self.module_nonfinite.get(module, 0)
         if parameters:
             data.update({f"grad_norm/param/{name}": n for name, n in self.norms.items()})
         return data
@@ -107,9 +115,42 @@ class StepRecord:
             "module_norms": {k: _json_float(v) for k, v in self.module_norms.items()},
             "module_nonfinite": self.module_nonfinite,
             **({"hist": self.hist, "module_hist": self.module_hist,
-                "bin_edges": [_json_float(edge) for edge in self.bin_edges]}
+                "bin_edges": [_json_float(edge) for edge in self.bin_edges],
+                "min_exp": self.min_exp}
                if self.hist is not None else {}),
         }
+
+    @classmethod
+    def from_json(cls, data: dict) -> StepRecord:
+        """The record :meth:`to_json` wrote (``"nan"``/``"inf"`` strings back to floats).
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a dict.
+        """
+        edges = data.get("bin_edges")
+        min_exp = data.get("min_exp")
+        if edges is not None and min_exp is None and len(edges) > 1 and 0 < edges[1] < math.inf:
+            min_exp = math.frexp(float(edges[1]))[1] - 1  # files written before min_exp was
+        return cls(
+            step=int(data["step"]),
+            total_norm=float(data["total_norm"]),
+            clip_coef=None if data["clip_coef"] is None else float(data["clip_coef"]),
+            norm_type=float(data["norm_type"]),
+            norms={k: float(v) for k, v in data["norms"].items()},
+            nonfinite={k: int(v) for k, v in data["nonfinite"].items()},
+            module_norms={k: float(v) for k, v in data["module_norms"].items()},
+            module_nonfinite={k: int(v) for k, v in data["module_nonfinite"].items()},
+            hist=data.get("hist"),
+            module_hist=data.get("module_hist"),
+            bin_edges=None if edges is None else [float(edge) for edge in edges],
+            min_exp=min_exp,
+        )
+
+
+def module_tag(module: str) -> str:
+    """The dashboard tag of a module's figures: ``module/<name>``, and ``root`` for the
+    model's own parameters (readable, and no real module can take it)."""
+    return ROOT_TAG if module == ROOT_MODULE else f"module/{module}"
 
 
 def _json_float(value: float | None):

@@ -1,46 +1,19 @@
 """GradMonitor: what it logs, when, and what NaN/Inf gradients make it do."""
 import json
+import logging
 import math
+import sys
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from helpers import as_float64, np_histogram, np_norm, np_total_norm, norm_rtol
+from monitor_helpers import ListSink, assert_same, backward, poison, snapshot, tiny_model
 
 import gradstats
 from gradstats.record import combine_norms, module_of
-
-
-class ListSink:
-    """The documented custom-sink interface: an object with write(record)."""
-
-    def __init__(self):
-        self.records = []
-        self.closed = False
-
-    def write(self, record):
-        self.records.append(record)
-
-    def close(self):
-        self.closed = True
-
-
-def tiny_model(device="cpu", dtype=torch.float32):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(5, 7),
-        torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(7, 3, bias=False)),
-        torch.nn.LayerNorm(3),
-    )
-    return model.to(device, dtype)
-
-
-def backward(model, seed, scale=1.0):
-    generator = torch.Generator().manual_seed(seed)
-    first = next(model.parameters())
-    x = torch.randn(4, 5, generator=generator).to(first.device, first.dtype)
-    (model(x).square().sum() * scale).backward()
 
 
 def expected_record(model, p, num_bins=64, min_exp=-40):
@@ -137,10 +110,6 @@ def test_writes_nothing_on_other_steps():
             assert [r.step for r in sink.records] == [0]
 
 
-def poison(model, name, value=float("nan")):
-    dict(model.named_parameters())[name].grad.view(-1)[1] = value
-
-
 def test_nan_alarm_names_the_parameter_and_the_step():
     model = tiny_model()
     monitor = gradstats.GradMonitor(model, sinks=[ListSink()])
@@ -203,23 +172,6 @@ OPTIMIZERS = {
     "adam-fused": lambda params: torch.optim.Adam(params, lr=0.1, fused=True),
     "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=0.1, foreach=True),
 }
-
-
-def snapshot(model, optimizer):
-    params = [q.detach().clone() for q in model.parameters()]
-    state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-             for s in optimizer.state.values()]
-    return params, state
-
-
-def assert_same(a, b):
-    (params_a, state_a), (params_b, state_b) = a, b
-    for x, y in zip(params_a, params_b):
-        assert torch.equal(x, y)
-    assert len(state_a) == len(state_b)
-    for s, t in zip(state_a, state_b):
-        for key in s:
-            assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(t[key])), key
 
 
 @pytest.mark.parametrize("attached", [False, True], ids=["optimizer-arg", "attach"])
@@ -308,10 +260,10 @@ def test_failed_optimizer_step_does_not_bring_back_stale_gradients():
 
 def test_records_that_land_late_are_written_in_order_and_at_close(monkeypatch):
     """As on a GPU: copies not yet landed wait for a later step or for close()."""
-    from gradstats import monitor as monitor_module
+    from gradstats import record_queue as monitor_module
 
     landed = {"now": False}
-    monkeypatch.setattr(monitor_module, "_copy_fence",
+    monkeypatch.setattr(monitor_module, "copy_fence",
                         lambda device: (lambda: landed["now"], lambda: None))
     model = tiny_model()
     sink = ListSink()
@@ -333,10 +285,10 @@ def test_records_that_land_late_are_written_in_order_and_at_close(monkeypatch):
 
 
 def test_at_most_max_in_flight_records_wait(monkeypatch):
-    from gradstats import monitor as monitor_module
+    from gradstats import record_queue as monitor_module
 
     monkeypatch.setattr(monitor_module, "MAX_IN_FLIGHT", 2)
-    monkeypatch.setattr(monitor_module, "_copy_fence",
+    monkeypatch.setattr(monitor_module, "copy_fence",
                         lambda device: (lambda: False, lambda: None))
     model = tiny_model()
     sink = ListSink()
@@ -348,31 +300,23 @@ def test_at_most_max_in_flight_records_wait(monkeypatch):
     assert [r.step for r in sink.records] == [0, 1, 2, 3]
 
 
-def test_a_single_sink_spec_and_none_for_the_default(tmp_path, monkeypatch):
+def test_a_single_sink_spec_none_and_empty_list(tmp_path, monkeypatch):
     model = tiny_model()
     backward(model, 0)
     with gradstats.GradMonitor(model, sinks=f"jsonl:{tmp_path}/one.jsonl") as monitor:
         monitor.step()
     assert len((tmp_path / "one.jsonl").read_text().splitlines()) == 1
     monkeypatch.chdir(tmp_path)
-    with gradstats.GradMonitor(model, sinks=None) as monitor:
-        monitor.step()
-    assert (tmp_path / "runs" / "gradstats.jsonl").exists()
+    for no_sinks in (None, []):
+        with gradstats.GradMonitor(model, sinks=no_sinks) as monitor:
+            monitor.step()
+        assert monitor.sinks == [] and monitor.paths == []
+    assert not (tmp_path / "runs").exists()
 
 
-def test_closure_optimizers_cannot_be_attached():
-    model = tiny_model()
-    optimizer = torch.optim.LBFGS(model.parameters())
-    gradstats.GradMonitor(model, sinks=[]).attach(optimizer)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = model(torch.ones(2, 5)).sum()
-        loss.backward()
-        return loss
-
-    with pytest.raises(RuntimeError, match="closure"):
-        optimizer.step(closure)
+def test_sinks_of_a_wrong_type_is_a_clear_type_error():
+    with pytest.raises(TypeError, match="sinks must be a sink spec .* got int"):
+        gradstats.GradMonitor(tiny_model(), sinks=42)
 
 
 def test_skip_needs_the_optimizer():
@@ -470,15 +414,20 @@ def test_close_flushes_closes_sinks_and_is_final():
     ({"hist_every": 0}, "hist_every must be a positive int"),
     ({"on_nonfinite": "explode"}, "on_nonfinite must be one of"),
     ({"sinks": ["parquet:x"]}, "unknown sink 'parquet:x'"),
-    ({"sinks": ["jsonl"]}, r"needs a path: 'jsonl:PATH'"),
+    ({"sinks": ["tensorboard"]}, r"needs a folder: 'tensorboard:DIR'"),
+    ({"sinks": ["jsonl+keep:x.jsonl"]}, r"'\+keep' is not a mode of 'jsonl'"),
+    ({"sinks": ["logging+append"]}, r"'\+append' is not a mode of 'logging'"),
     ({"sinks": ["logging:x"]}, "takes no argument"),
     ({"sinks": [42]}, "a sink is a string"),
     ({"num_bins": 1}, "num_bins must be"),
+    ({"optimizer": "sgd", "sinks": ["jsonl"]}, "optimizer must be a torch.optim.Optimizer"),
     ({"norm_type": "fro"}, "norm_type must be a number"),
 ])
-def test_bad_arguments_are_named(kwargs, error):
+def test_bad_arguments_are_named(kwargs, error, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises((ValueError, TypeError), match=error):
         gradstats.GradMonitor(tiny_model(), **{"sinks": [], **kwargs})
+    assert not (tmp_path / "runs").exists()  # raised before any sink made a file
 
 
 def test_negative_max_norm_is_an_error_before_anything_changes():
@@ -496,3 +445,79 @@ def test_module_norm_is_the_norm_of_its_parameters_norms(norms, p):
     expected = torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p).item()
     assert combine_norms(norms, p) == pytest.approx(expected, rel=1e-12)
     assert math.isnan(combine_norms(norms + [math.nan], p))
+
+
+def test_nan_that_comes_and_goes_keeps_the_warning_registry_bounded(caplog):
+    from gradstats import nonfinite
+
+    model = tiny_model()
+    monitor = gradstats.GradMonitor(model, sinks=[])
+    registry_sizes = []
+    with warnings.catch_warnings(record=True) as caught, \
+            caplog.at_level(logging.WARNING, logger="gradstats"):
+        warnings.simplefilter("default")
+        for step in range(40):
+            model.zero_grad()
+            backward(model, step)
+            if step % 2:
+                poison(model, "0.bias")
+            monitor.step()
+            registry_sizes.append(len(getattr(sys.modules[__name__], "__warningregistry__", {})))
+    monitor.close()
+    assert max(registry_sizes) <= nonfinite.MAX_WARNINGS + 1  # + the registry's version key
+    assert len(caught) == nonfinite.MAX_WARNINGS
+    assert [w.message.step for w in caught] == [1, 3, 5, 7, 9]
+    assert caught[0].message.found == {"0.bias": 1}
+    assert "further NaN/Inf alarms of this monitor go to the 'gradstats' logger" in str(
+        caught[-1].message)
+    assert len(caplog.messages) == 20 - nonfinite.MAX_WARNINGS  # the rest: logged
+    assert "first appeared at step 39 in '0.bias'" in caplog.messages[-1]
+    assert caught[0].filename == __file__  # points at the user's monitor.step() line
+
+
+def test_the_alarm_of_an_attached_monitor_points_at_the_optimizer_step_line():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = gradstats.GradMonitor(model, sinks=[]).attach(optimizer)
+    backward(model, 0)
+    poison(model, "0.bias")
+    with pytest.warns(gradstats.NonFiniteGradientWarning) as caught:
+        optimizer.step()
+    assert caught[0].filename == __file__
+    monitor.close()
+
+
+def test_steps_from_several_threads_are_numbered_in_call_order():
+    model = tiny_model()
+    backward(model, 0)
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(model, sinks=[sink])
+    threads = [threading.Thread(target=lambda: [monitor.step() for _ in range(50)])
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monitor.close()
+    assert [r.step for r in sink.records] == list(range(200))
+
+
+def test_a_child_module_named_root_is_not_merged_with_the_root_parameters(caplog):
+    model = torch.nn.Module()
+    model.add_module("<root>", torch.nn.Linear(2, 1))
+    model.register_parameter("evil\nname", torch.nn.Parameter(torch.ones(2)))
+    loss = model.get_submodule("<root>")(torch.ones(1, 2)).sum()
+    (loss + getattr(model, "evil\nname").sum() * float("nan")).backward()
+    sink = ListSink()
+    with caplog.at_level(logging.INFO, logger="gradstats"):
+        with gradstats.GradMonitor(model, sinks=[sink, "logging"], on_nonfinite="ignore") as m:
+            m.step()
+    [record] = sink.records
+    assert set(record.module_norms) == {"", "<root>"}
+    assert record.module_norms["<root>"] == pytest.approx(math.sqrt(3))
+    assert math.isnan(record.module_norms[""])
+    assert record.scalars()["grad_norm/module/<root>"] == pytest.approx(math.sqrt(3))
+    assert math.isnan(record.scalars()["grad_norm/root"])
+    [line] = [m for m in caplog.messages if m.startswith("step 0")]
+    assert "\n" not in line and line.endswith("NaN/Inf in evil\\nname")
+    assert "largest: <root> nan, '<root>' 1.732" in line

@@ -57,13 +57,14 @@ def test_jsonl_lines_are_strict_json_with_every_field(tmp_path, record):
     assert data["module_hist"] == record.module_hist
 
 
-@pytest.mark.parametrize("append, steps", [(False, [0]), (True, [-1, 0])])
-def test_jsonl_starts_a_new_file_unless_appending(tmp_path, record, append, steps):
-    from gradstats.sinks.jsonl import JsonlSink
+@pytest.mark.parametrize("how, steps", [({"append": True}, [-1, 0]), ({"overwrite": True}, [0]),
+                                        ("jsonl+append", [-1, 0]), ("jsonl+overwrite", [0])])
+def test_jsonl_appends_or_overwrites_only_when_told(tmp_path, record, how, steps):
+    from gradstats.sinks import JsonlSink
 
     path = tmp_path / "g.jsonl"
     path.write_text('{"step": -1}\n')
-    sink = JsonlSink(path, append=append)
+    sink = make_sink(f"{how}:{path}") if isinstance(how, str) else JsonlSink(path, **how)
     sink.write(record)
     sink.close()
     assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == steps
@@ -115,8 +116,8 @@ def test_tensorboard_files_read_back_with_tensorboards_own_reader(tmp_path, reco
     assert events.Scalars("grad_nonfinite/total")[0].value == 2
     assert events.Scalars("grad_norm/module/0")[0].value == pytest.approx(
         record.module_norms["0"], nan_ok=True)
-    assert sorted(tags["histograms"]) == ["grad_log2_abs/0", "grad_log2_abs/1"]
-    histogram = events.Histograms("grad_log2_abs/0")[0].histogram_value
+    assert sorted(tags["histograms"]) == ["grad_log2_abs/module/0", "grad_log2_abs/module/1"]
+    histogram = events.Histograms("grad_log2_abs/module/0")[0].histogram_value
     counts = record.module_hist["0"][1:]  # finite non-zero values, one bucket per power of 2
     assert list(histogram.bucket) == counts
     assert list(histogram.bucket_limit) == [float(-12 + k) for k in range(1, 16)]
@@ -172,7 +173,7 @@ def test_wandb_logs_scalars_and_log2_histograms(monkeypatch, record):
     assert data["gradstats/step"] == 0  # its own x-axis: late records are not dropped
     assert fake.metrics["grad_norm/*"] == "gradstats/step"
     assert data["grad_nonfinite/total"] == 2 and math.isnan(data["grad_norm/total"])
-    histogram = data["grad_log2_abs/1"]
+    histogram = data["grad_log2_abs/module/1"]
     assert histogram.counts == record.module_hist["1"][1:]
     assert histogram.edges[0] == -12.0 and histogram.edges[-1] == 3.0
 

@@ -7,6 +7,7 @@ scalars.
 """
 from __future__ import annotations
 
+from ..record import module_tag
 from . import Sink, require
 
 
@@ -14,7 +15,8 @@ class TensorBoardSink(Sink):
     """Writes, per logged step, the scalars of :meth:`StepRecord.scalars`
     (``grad_norm/total``, ``grad_norm/clip_coef``, ``grad_nonfinite/total``,
     ``grad_norm/module/<module>``, ``grad_nonfinite/module/<module>``, and
-    ``grad_norm/param/<name>`` when ``parameters=True``), and on histogram steps ``grad_log2_abs/<module>``: the
+    ``grad_norm/param/<name>`` when ``parameters=True``; ``grad_norm/root`` for the model's own
+    parameters), and on histogram steps ``grad_log2_abs/module/<module>``: the
     distribution of ``log2|g|`` over the module's finite non-zero gradient values, one
     bucket per power of two. The counts are exact; ``min``/``max`` are bucket edges and
     ``sum``/``sum_squares`` use bucket midpoints (TensorBoard only summarises them).
@@ -37,7 +39,8 @@ class TensorBoardSink(Sink):
         for tag, value in record.scalars(self.parameters).items():
             self.writer.add_scalar(tag, value, record.step)
         for module, counts in (record.module_hist or {}).items():
-            self._add_log2_histogram(f"grad_log2_abs/{module}", *record.log2_buckets(counts),
+            self._add_log2_histogram(f"grad_log2_abs/{module_tag(module)}",
+                                     *record.log2_buckets(counts),
                                      record.step)
         self.writer.flush()
 

@@ -1,13 +1,14 @@
 """``"wandb"``: ``wandb.log`` into the active Weights & Biases run."""
 from __future__ import annotations
 
+from ..record import module_tag
 from . import Sink, require
 
 
 class WandbSink(Sink):
     """Logs the scalars of :meth:`StepRecord.scalars` against the monitor's own step axis
     ``gradstats/step`` and, on
-    histogram steps, ``grad_log2_abs/<module>`` as a ``wandb.Histogram`` over ``log2|g|``
+    histogram steps, ``grad_log2_abs/module/<module>`` as a ``wandb.Histogram`` over ``log2|g|``
     with one bin per power of two (finite non-zero values only: W&B would silently drop
     NaN/Inf, so their counts are logged beside as ``grad_nonfinite/...``).
 
@@ -35,6 +36,6 @@ class WandbSink(Sink):
         for module, counts in (record.module_hist or {}).items():
             buckets, edges = record.log2_buckets(counts)
             if any(buckets):
-                data[f"grad_log2_abs/{module}"] = self._wandb.Histogram(
+                data[f"grad_log2_abs/{module_tag(module)}"] = self._wandb.Histogram(
                     np_histogram=(buckets, edges))
         self.run.log(data)

@@ -1,0 +1,103 @@
+"""Steps on their way from the device to the sinks.
+
+``GradMonitor.step`` queues non-blocking copies of a step's statistics into host memory and
+records an event behind them; a later step (or ``flush``/``close``) turns every step whose
+copies have landed into a :class:`StepRecord` for the sinks, oldest first. Nothing here waits
+for the GPU except ``drain(wait=True)`` and a queue grown to ``MAX_IN_FLIGHT``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from .record import build_record
+from .stats import GradStats
+
+# Host copies allowed in flight before push() waits for the oldest: bounds pinned memory
+# when the host runs far ahead of the GPU (it rarely gets more than a step or two ahead).
+MAX_IN_FLIGHT = 64
+
+
+@dataclasses.dataclass
+class InFlight:
+    """One step's statistics on their way to the host."""
+
+    step: int
+    host: GradStats  # host copies: the counts always, everything on written steps
+    logged: bool
+    overflow: torch.Tensor | None  # GradScaler's flag for this step, on the host
+    ready: Callable[[], bool]
+    wait: Callable[[], None]
+
+
+class RecordQueue:
+    """Steps whose statistics are being copied to the host, oldest first. Each one that
+    has landed is written (``write(record)``, on logged steps) and its non-zero NaN/Inf
+    counts go to ``on_landed(step, {name: count})``, in step order.
+
+    ``on_landed`` is a weak method: the exit-time flush keeps the queue (and the sinks)
+    alive, not the monitor."""
+
+    def __init__(self, write: Callable, on_landed: weakref.WeakMethod):
+        self.write = write
+        self.on_landed = on_landed
+        self.in_flight: collections.deque[InFlight] = collections.deque()
+
+    def push(self, step: int, stats: GradStats, logged: bool, clipped: bool,
+             overflow: torch.Tensor | None) -> None:
+        if len(self.in_flight) >= MAX_IN_FLIGHT:
+            self._land(self.in_flight.popleft(), wait=True)
+        host = _to_host(stats, logged, clipped)
+        ready, wait = copy_fence(stats.nonfinite.device)
+        self.in_flight.append(InFlight(step, host, logged, _host_copy(overflow), ready, wait))
+
+    def drain(self, wait: bool = False) -> None:
+        while self.in_flight and (wait or self.in_flight[0].ready()):
+            self._land(self.in_flight.popleft(), wait)
+
+    def _land(self, item: InFlight, wait: bool) -> None:
+        if wait:
+            item.wait()
+        if item.logged:
+            self.write(build_record(item.step, item.host))
+        on_landed = self.on_landed()
+        if on_landed is not None:  # None: the monitor is gone and this is the exit flush
+            overflowed = item.overflow is not None and bool(item.overflow)
+            counts = [] if overflowed else item.host.nonfinite.tolist()
+            on_landed(item.step, named_counts(item.host.names, counts))
+
+
+def named_counts(names: list[str], counts: list[int]) -> dict[str, int]:
+    return {name: count for name, count in zip(names, counts) if count}
+
+
+def _to_host(stats: GradStats, logged: bool, clipped: bool) -> GradStats:
+    """Host copies of what will be read: the counts always (for the alarms), the rest on
+    written steps. From CUDA, ``non_blocking`` copies land in pinned memory and return at
+    once; on the CPU the tensors are the results themselves."""
+    if not logged:
+        return dataclasses.replace(stats, norms=None, total_norm=None, hist=None, numel=None,
+                                   clip_coef=None, nonfinite=_host_copy(stats.nonfinite))
+    return dataclasses.replace(
+        stats, norms=_host_copy(stats.norms), total_norm=_host_copy(stats.total_norm),
+        nonfinite=_host_copy(stats.nonfinite), hist=_host_copy(stats.hist), numel=None,
+        clip_coef=_host_copy(stats.clip_coef) if clipped else None)
+
+
+def _host_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or tensor.device.type == "cpu":
+        return tensor
+    return tensor.to("cpu", non_blocking=True)
+
+
+def copy_fence(device: torch.device):
+    """``(ready, wait)`` for copies just queued on ``device``'s current stream."""
+    if device.type != "cuda":
+        return (lambda: True), (lambda: None)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event.query, event.synchronize
