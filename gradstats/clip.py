@@ -24,15 +24,15 @@ import torch
 
 from . import ops, reference
 from .norms import parse_norm_type
-from .params import (
-    ParametersLike,
+from .checks import (
+    check_clamp_inputs,
     check_norm_inputs,
+    check_total_norm,
     describe,
-    gradients,
-    named_items,
-    norm_result_dtype,
+    non_negative_float,
 )
-from .stats import FusedResult, fused_pass, non_negative_float
+from .params import ParametersLike, gradients, named_items, norm_result_dtype
+from .stats import FusedResult, fused_pass
 
 __all__ = [
     "fused_clip_grad_norm_",
@@ -61,14 +61,15 @@ def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float) -> FusedRe
 
 
 def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
-                        names: list[str] | None, what: str) -> None:
+                        names: list[str] | None, what: str, params=None) -> None:
     """``total`` is the norm as returned, in torch's dtype: an fp16 total can overflow
-    where the float32 one did not, and torch raises then too."""
+    where the float32 one did not, and torch raises then too. ``params``: the parameters
+    the gradients came from, so indices count what the caller passed."""
     # The one deliberate host sync here: the user asked for a check on the value.
     if bool(torch.isfinite(total)):
         return
     counts = result.nonfinite.tolist()
-    offenders = [f"{describe(i, names, what)} ({count} NaN/Inf)"
+    offenders = [f"{describe(i, names, what, params)} ({count} NaN/Inf)"
                  for i, count in enumerate(counts) if count]
     if offenders:
         detail = "Non-finite values in the gradients of: " + ", ".join(offenders) + "."
@@ -112,7 +113,7 @@ def get_total_norm(
     tensors, names = named_items(tensors)
     if not tensors:
         return torch.tensor(0.0)
-    check_norm_inputs(tensors, names, "tensor")
+    check_norm_inputs(tensors, names, "tensor", p)
     result = _norms_pass(tensors, p, math.inf)
     total = result.total_norm.to(norm_result_dtype(tensors))
     if error_if_nonfinite:
@@ -155,6 +156,7 @@ def clip_grads_with_norm_(
     if not grads:
         return
     total_norm = torch.as_tensor(total_norm)
+    check_total_norm(total_norm)
     # torch's formula, in total_norm's dtype and on its device, so results match torch.
     clip_coef = torch.clamp(max_norm / (total_norm + reference.EPS), max=1.0)
     ops.scale_(grads, clip_coef)
@@ -200,11 +202,11 @@ def fused_clip_grad_norm_(
     grads, names = gradients(params, names)
     if not grads:
         return torch.tensor(0.0)
-    check_norm_inputs(grads, names, "parameter")
+    check_norm_inputs(grads, names, "parameter", p, params)
     result = _norms_pass(grads, p, max_norm)
     total = result.total_norm.to(norm_result_dtype(grads))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, total, p, names, "parameter")
+        _raise_if_nonfinite(result, total, p, names, "parameter", params)
     ops.scale_(grads, result.clip_coef)
     return total
 
@@ -231,8 +233,9 @@ def clip_grad_value_(
     _check_foreach(foreach)
     clip_value = non_negative_float("clip_value", clip_value)
     params, names = named_items(parameters)
-    grads, _ = gradients(params, names)
+    grads, names = gradients(params, names)
     if grads:
+        check_clamp_inputs(grads, names, clip_value, params)
         ops.clamp_(grads, -clip_value, clip_value)
 
 
