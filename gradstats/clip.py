@@ -8,7 +8,12 @@ differences, all where torch fails or is needlessly slow:
 - an empty tensor contributes nothing to the inf-norm (torch raises);
 - when no clipping is needed the Triton path does not touch the gradients at all (torch
   multiplies every one by 1.0): no memory traffic. Every path leaves them bit-identical;
-- a tensor listed twice (or two tensors sharing memory) is scaled once, not twice;
+- a view listed twice (same address, shape, strides and dtype) is updated once, not
+  twice: two updates of one element at once would race on a GPU. Gradients that overlap
+  without being the same view (a prefix of a buffer and the buffer, shifted slices) are
+  each updated, one after the other, as torch does: an element two of them share is
+  scaled twice, exactly torch's result, on every backend (such gradients leave the
+  parallel kernel launch for the reference path);
 - ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
 - a negative or NaN ``max_norm``/``clip_value`` is an error, raised before anything changes.
 

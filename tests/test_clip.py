@@ -470,3 +470,83 @@ def test_clip_value_at_dtype_range_is_accepted_like_torch(backend_device, dtype,
     gradstats.clip_grad_value_(ours, clip_value)
     torch.nn.utils.clip_grad_value_(theirs, clip_value)
     assert torch.equal(ours[0].grad, theirs[0].grad)
+
+
+# In-place updates of gradients that share memory: every listed view is updated as torch
+# updates it (an element shared by two different views is scaled twice), except a view
+# listed twice, which is updated once (README).
+
+def _overlapping_grads(layout, device):
+    buffer = torch.arange(1.0, 13.0, device=device) * torch.tensor([1.0, -1.0] * 6, device=device)
+    other = torch.full((5,), 4.0, device=device)  # overlaps nothing: the parallel path
+    views = {
+        "prefix_first": [buffer[:5], buffer],
+        "prefix_last": [buffer, buffer[:5]],
+        "shifted": [buffer[:6], buffer[4:]],
+        "reshaped": [buffer.view(3, 4), buffer[2:9]],
+        "strided": [buffer[::2], buffer[1::2], buffer[:7]],
+    }[layout]
+    return buffer, views + [other]
+
+
+OVERLAP_LAYOUTS = ["prefix_first", "prefix_last", "shifted", "reshaped", "strided"]
+
+CLIP_CALLS = {
+    "clip_grad_norm_": (lambda ps: gradstats.clip_grad_norm_(ps, 1.0),
+                        lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
+    "grad_stats": (lambda ps: gradstats.grad_stats(ps, max_norm=1.0),
+                   lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
+    "clip_grads_with_norm_": (lambda ps: gradstats.clip_grads_with_norm_(ps, 1.0,
+                                                                         torch.tensor(30.0)),
+                              lambda ps: torch.nn.utils.clip_grads_with_norm_(
+                                  ps, 1.0, torch.tensor(30.0))),
+    "clip_grad_value_": (lambda ps: gradstats.clip_grad_value_(ps, 2.5),
+                         lambda ps: torch.nn.utils.clip_grad_value_(ps, 2.5)),
+}
+
+
+@pytest.mark.parametrize("call", list(CLIP_CALLS))
+@pytest.mark.parametrize("layout", OVERLAP_LAYOUTS)
+def test_overlapping_grads_are_updated_like_torch(backend_device, layout, call):
+    ours, theirs = CLIP_CALLS[call]
+    buffer, grads = _overlapping_grads(layout, backend_device)
+    their_buffer, their_grads = _overlapping_grads(layout, "cpu")
+    ours(with_grads(grads))
+    theirs(with_grads(their_grads))
+    # Our total norm is accumulated differently from torch's, so the coefficient may
+    # differ in its last bits; an element scaled twice differs by twice that.
+    torch.testing.assert_close(buffer.cpu(), their_buffer, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[-1].cpu(), their_grads[-1], rtol=1e-6, atol=0)
+    if call != "clip_grad_value_":
+        # Every element was scaled at least once: nothing is left at its old value.
+        assert (buffer.abs().cpu() < _overlapping_grads(layout, "cpu")[0].abs()).all()
+
+
+@pytest.mark.parametrize("call", list(CLIP_CALLS))
+def test_identical_views_are_updated_once_beside_overlapping_ones(backend_device, call):
+    ours, _ = CLIP_CALLS[call]
+    buffer = torch.full((10,), 3.0, device=backend_device)
+    ours(with_grads([buffer[:5], buffer, buffer[:5], buffer.view(2, 5), buffer.view(2, 5)]))
+    # Three different views: the first five elements are updated three times (by buffer[:5],
+    # buffer and buffer.view(2, 5)), the rest twice.
+    # The norm counts every listed tensor: 9 * (5 + 10 + 5 + 10 + 10) = 360.
+    once = {"clip_grad_value_": lambda x: min(x, 2.5)}.get(
+        call, lambda x: x * 1.0 / (360 ** 0.5 + 1e-6))
+    if call == "clip_grads_with_norm_":
+        once = lambda x: x * 1.0 / (30.0 + 1e-6)  # noqa: E731
+    expected = [once(once(once(3.0)))] * 5 + [once(once(3.0))] * 5
+    torch.testing.assert_close(buffer.cpu(), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_update_targets_split():
+    from gradstats.worklist import update_targets
+    buffer = torch.zeros(12)
+    other = torch.zeros(3)
+    tensors = [buffer[:4], other, buffer, buffer[:4], torch.zeros(0), buffer[4:8].view(2, 2),
+               other]
+    parallel, one_by_one = update_targets(tensors)
+    # other (listed twice: once) and the empty tensor overlap nothing; buffer[:4] (once),
+    # buffer and its view overlap one another.
+    assert parallel == [1, 4]
+    assert one_by_one == [0, 2, 5]
+    assert update_targets([buffer[:6], buffer[6:], other]) == ([0, 1, 2], [])
