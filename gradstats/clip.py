@@ -4,7 +4,10 @@ Same signatures, inputs, results, warnings and error texts as torch (>= 2.6), wi
 differences, all where torch fails or is needlessly slow:
 
 - the total norm is accumulated in float32 (float64 for float64 gradients) from one read
-  of every gradient, instead of per-tensor norms rounded to each gradient's dtype;
+  of every gradient, instead of per-tensor norms rounded to each gradient's dtype. Each
+  chunk's sum of ``|x|^p`` is float32 on every backend, so a lone float32 element above
+  ~1.8e19 gives an infinite 2-norm where torch returns its magnitude (with two or more
+  such elements torch overflows too);
 - an empty tensor contributes nothing to the inf-norm (torch raises);
 - when no clipping is needed the Triton path does not touch the gradients at all (torch
   multiplies every one by 1.0): no memory traffic. Every path leaves them bit-identical;
@@ -15,7 +18,11 @@ differences, all where torch fails or is needlessly slow:
   scaled twice, exactly torch's result, on every backend (such gradients leave the
   parallel kernel launch for the reference path);
 - ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
-- a negative or NaN ``max_norm``/``clip_value`` is an error, raised before anything changes.
+- every check runs before the first gradient changes, on every backend: a negative or
+  NaN ``max_norm``/``clip_value``, a ``total_norm`` that is not 0-d, sparse or complex
+  gradients for ``clip_grad_value_``, a ``clip_value`` beyond a gradient dtype's range,
+  sparse gradients with ``norm_type`` 0, < 0 or -inf. Errors name the parameter (by name,
+  or by its index among the parameters passed).
 
 Every function also takes an ``nn.Module`` or ``named_parameters()`` pairs, so errors can
 name parameters. ``foreach`` is accepted for compatibility and has no effect.
@@ -157,9 +164,12 @@ def clip_grads_with_norm_(
     _check_foreach(foreach)
     max_norm = non_negative_float("max_norm", max_norm)
     params, names = named_items(parameters)
-    grads, _ = gradients(params, names)
+    grads, names = gradients(params, names)
     if not grads:
         return
+    # An integer gradient cannot take a fractional coefficient in place: torch fails on it
+    # after scaling the others; here nothing is scaled.
+    check_norm_inputs(grads, names, "parameter", params=params)
     total_norm = torch.as_tensor(total_norm)
     check_total_norm(total_norm)
     # torch's formula, in total_norm's dtype and on its device, so results match torch.

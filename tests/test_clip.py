@@ -550,3 +550,14 @@ def test_update_targets_split():
     assert parallel == [1, 4]
     assert one_by_one == [0, 2, 5]
     assert update_targets([buffer[:6], buffer[6:], other]) == ([0, 1, 2], [])
+
+
+def test_clip_grads_with_norm_rejects_integer_grads_before_scaling(backend_device):
+    floats = torch.full((3,), 10.0, device=backend_device)
+    params = [torch.nn.Parameter(torch.zeros(3, device=backend_device)),
+              torch.zeros(2, dtype=torch.int64, device=backend_device)]
+    params[0].grad = floats
+    params[1].grad = torch.ones(2, dtype=torch.int64, device=backend_device)
+    with pytest.raises(TypeError, match="the gradient of parameter 1 has dtype torch.int64"):
+        gradstats.clip_grads_with_norm_(params, 1.0, torch.tensor(20.0))
+    assert floats.tolist() == [10.0] * 3
