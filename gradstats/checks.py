@@ -72,7 +72,7 @@ def check_norm_inputs(
 ) -> None:
     """Norms need floating-point or complex tensors, and sparse ones a fused norm type
     (``p > 0``): torch's composed norms have no sparse kernels. Say which tensor fails."""
-    dtypes = {t.dtype for t in tensors}
+    dtypes = {t.dtype for t in tensors}  # the common case: one cheap pass, no method calls
     if not all(dtype.is_floating_point or dtype.is_complex for dtype in dtypes):
         for index, tensor in enumerate(tensors):
             if not (tensor.is_floating_point() or tensor.is_complex()):

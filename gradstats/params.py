@@ -1,6 +1,7 @@
 """Turning what users pass as ``parameters`` into gradients (and names, when known)."""
 from __future__ import annotations
 
+import collections
 import types
 import warnings
 from collections.abc import Iterable
@@ -69,8 +70,7 @@ def _split_named(items: list) -> tuple[list[torch.Tensor], list[str]]:
     if len(set(names)) != len(names):
         # named_parameters() never repeats a name; a repeat would make errors and records
         # ambiguous (a record keeps one value per name).
-        seen: set[str] = set()
-        duplicate = next(name for name in names if name in seen or seen.add(name))
+        duplicate = next(name for name, count in collections.Counter(names).items() if count > 1)
         raise ValueError(f"parameter name {duplicate!r} appears more than once in `parameters`")
     return tensors, names
 

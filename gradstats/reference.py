@@ -80,11 +80,12 @@ def _one_chunk_power(values: torch.Tensor, p: float, kind: NormKind, acc_dtype) 
 def _powers(values: torch.Tensor, p: float, kind: NormKind, buffer: torch.Tensor) -> torch.Tensor:
     """``|x|^p`` in ``buffer``'s dtype, written into its start (one buffer reused for every
     slice: no fresh pages to fault in each time)."""
-    acc_dtype = buffer.dtype
     out = buffer[:values.numel()]
+    # 16-bit values are widened (exactly) into the buffer first, then updated in place.
+    source = values if values.dtype == out.dtype else out.copy_(values)
     if kind == NormKind.L2:
-        return torch.square(values, out=out) if values.dtype == acc_dtype else out.copy_(values).square_()
-    torch.abs(values, out=out) if values.dtype == acc_dtype else out.copy_(values).abs_()
+        return torch.square(source, out=out)
+    torch.abs(source, out=out)
     return out if kind == NormKind.L1 else out.pow_(p)
 
 

@@ -177,8 +177,8 @@ def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
             parallel.append(position)  # no memory: overlaps nothing
             continue
         start = tensor.data_ptr()
-        extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-        spans.append((start, start + extent * tensor.element_size(), position))
+        last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        spans.append((start, start + (last + 1) * tensor.element_size(), position))
     spans.sort()
     cluster, cluster_end = [], -1
     for start, end, position in spans + [(None, None, None)]:
