@@ -42,19 +42,18 @@ def tensor_power(values: torch.Tensor, p: float, kind: NormKind, chunk: int) -> 
     acc_dtype = torch.float64 if real.dtype == torch.float64 else torch.float32
     if kind == NormKind.INF:  # a maximum is exact in any order
         return torch.linalg.vector_norm(real, p, dtype=acc_dtype).to(torch.float64)
-    flat = real  # 1-D already (_flat_values)
-    if flat.numel() <= chunk:  # the common small tensor: one chunk, fewest ops
-        return _one_chunk_power(flat, p, kind, acc_dtype)
+    if real.numel() <= chunk:  # the common small tensor: one chunk, fewest ops
+        return _one_chunk_power(real, p, kind, acc_dtype)
     if kind == NormKind.L2:
-        return _sum_of_squares(flat, acc_dtype, chunk)
+        return _sum_of_squares(real, acc_dtype, chunk)
     # A slice of whole chunks at a time, so the |x|^p buffer stays small (in cache); sum()
     # reduces each chunk pairwise in acc_dtype: as accurate as the kernels, and on the CPU
     # faster than vector_norm's 1- and p-norms.
     step = chunk * SLICE_CHUNKS
-    buffer = torch.empty(min(step, flat.numel()), dtype=acc_dtype, device=flat.device)
+    buffer = torch.empty(min(step, real.numel()), dtype=acc_dtype, device=real.device)
     partials = []
-    for start in range(0, flat.numel(), step):
-        powers = _powers(flat[start:start + step], p, kind, buffer)
+    for start in range(0, real.numel(), step):
+        powers = _powers(real[start:start + step], p, kind, buffer)
         full = powers.numel() // chunk * chunk
         partials.append(powers[:full].view(-1, chunk).sum(1))
         if full < powers.numel():

@@ -244,7 +244,9 @@ def test_cpu_norm_of_a_large_fp32_tensor_is_accurate(monkeypatch, p):
     grad = _wide_range_values(1_000_003)
     stats = gradstats.grad_stats(with_grads([grad]), p, histogram=False)
     expected = np_norm(as_float64(grad), p)
-    assert stats.norms[0].item() == pytest.approx(expected, rel=1e-6)
+    # The 2-norm takes torch's float32 vector_norm per chunk (about 1e-6); the others are
+    # pairwise float32 sums per chunk (about 1e-9).
+    assert stats.norms[0].item() == pytest.approx(expected, rel=2e-6 if p == 2 else 1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
