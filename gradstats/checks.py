@@ -110,10 +110,10 @@ def check_clamp_inputs(
     for dtype, layout in kinds:
         if layout is not torch.strided or dtype.is_complex:
             index = next(i for i, g in enumerate(grads) if (g.dtype, g.layout) == (dtype, layout))
-            kind = "sparse gradients" if layout is not torch.strided else "complex types"
+            sparse = layout is not torch.strided
             raise NotImplementedError(
-                f"clamp is not supported for {kind}: "
-                f"{_subject(index, names, 'parameter', params)} is {layout}, {dtype}"
+                f"clamp is not supported for {'sparse gradients' if sparse else 'complex types'}"
+                f": {_subject(index, names, 'parameter', params)} is {layout if sparse else dtype}"
             )
         if (dtype.is_floating_point and not math.isinf(clip_value)
                 and clip_value > torch.finfo(dtype).max):

@@ -528,13 +528,11 @@ def test_identical_views_are_updated_once_beside_overlapping_ones(backend_device
     buffer = torch.full((10,), 3.0, device=backend_device)
     ours(with_grads([buffer[:5], buffer, buffer[:5], buffer.view(2, 5), buffer.view(2, 5)]))
     # Three different views: the first five elements are updated three times (by buffer[:5],
-    # buffer and buffer.view(2, 5)), the rest twice.
-    # The norm counts every listed tensor: 9 * (5 + 10 + 5 + 10 + 10) = 360.
-    once = {"clip_grad_value_": lambda x: min(x, 2.5)}.get(
-        call, lambda x: x * 1.0 / (360 ** 0.5 + 1e-6))
-    if call == "clip_grads_with_norm_":
-        once = lambda x: x * 1.0 / (30.0 + 1e-6)  # noqa: E731
-    expected = [once(once(once(3.0)))] * 5 + [once(once(3.0))] * 5
+    # buffer and buffer.view(2, 5)), the rest twice. The norm counts every listed tensor:
+    # 9 * (5 + 10 + 5 + 10 + 10) = 360.
+    coef = {"clip_grads_with_norm_": 1.0 / (30.0 + 1e-6)}.get(call, 1.0 / (360 ** 0.5 + 1e-6))
+    update = (lambda x: min(x, 2.5)) if call == "clip_grad_value_" else (lambda x: x * coef)
+    expected = [update(update(update(3.0)))] * 5 + [update(update(3.0))] * 5
     torch.testing.assert_close(buffer.cpu(), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
