@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .norms import NormKind, norm_kind
+from .worklist import overlaps_itself
 
 MAX_BINS = 1024  # one histogram row lives in registers during the pass
 MIN_EXP_RANGE = (-1100, 1100)  # beyond float64's exponents every value is out of range
@@ -122,4 +123,24 @@ def check_clamp_inputs(
                 f"clip_value {clip_value} cannot be converted to type {dtype} without "
                 f"overflow ({_subject(index, names, 'parameter', params)} is {dtype}, "
                 f"whose largest value is {torch.finfo(dtype).max})"
+            )
+
+
+def check_updatable(
+    grads: list[torch.Tensor], names: list[str] | None,
+    params: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """An expanded gradient (elements sharing memory) cannot be updated in place; torch
+    fails on it after updating the gradients before it, here before any."""
+    try:
+        if all(map(torch.Tensor.is_contiguous, grads)):
+            return  # the common case: one cheap call per tensor
+    except RuntimeError:  # sparse tensors have no is_contiguous; they own their values
+        pass
+    for index, grad in enumerate(grads):
+        if overlaps_itself(grad):
+            raise RuntimeError(
+                f"unsupported operation: {_subject(index, names, 'parameter', params)} is "
+                "expanded (more than one of its elements refers to a single memory location), "
+                "so it cannot be updated in place; nothing was modified. Clone it first."
             )

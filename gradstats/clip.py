@@ -21,8 +21,9 @@ differences, all where torch fails or is needlessly slow:
 - every check runs before the first gradient changes, on every backend: a negative or
   NaN ``max_norm``/``clip_value``, a ``total_norm`` that is not 0-d, sparse or complex
   gradients for ``clip_grad_value_``, a ``clip_value`` beyond a gradient dtype's range,
-  sparse gradients with ``norm_type`` 0, < 0 or -inf. Errors name the parameter (by name,
-  or by its index among the parameters passed).
+  sparse gradients with ``norm_type`` 0, < 0 or -inf, an expanded gradient (which no
+  in-place update can write). Errors name the parameter (by name, or by its index among
+  the parameters passed).
 
 Every function also takes an ``nn.Module`` or ``named_parameters()`` pairs, so errors can
 name parameters. ``foreach`` is accepted for compatibility and has no effect.
@@ -40,6 +41,7 @@ from .checks import (
     check_clamp_inputs,
     check_norm_inputs,
     check_total_norm,
+    check_updatable,
     describe,
     non_negative_float,
 )
@@ -170,6 +172,7 @@ def clip_grads_with_norm_(
     # An integer gradient cannot take a fractional coefficient in place: torch fails on it
     # after scaling the others; here nothing is scaled.
     check_norm_inputs(grads, names, "parameter", params=params)
+    check_updatable(grads, names, params)
     total_norm = torch.as_tensor(total_norm)
     check_total_norm(total_norm)
     # torch's formula, in total_norm's dtype and on its device, so results match torch.
@@ -218,6 +221,7 @@ def fused_clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     check_norm_inputs(grads, names, "parameter", p, params)
+    check_updatable(grads, names, params)
     result = _norms_pass(grads, p, max_norm)
     total = result.total_norm.to(norm_result_dtype(grads))
     if error_if_nonfinite:
@@ -251,6 +255,7 @@ def clip_grad_value_(
     grads, names = gradients(params, names)
     if grads:
         check_clamp_inputs(grads, names, clip_value, params)
+        check_updatable(grads, names, params)
         ops.clamp_(grads, -clip_value, clip_value)
 
 

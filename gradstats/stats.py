@@ -14,7 +14,7 @@ import torch
 
 from . import ops, reference
 from .norms import NormKind, norm_kind, parse_norm_type
-from .checks import check_histogram_range, check_norm_inputs, non_negative_float
+from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .params import ParametersLike, gradients, named_items
 
 
@@ -169,6 +169,8 @@ def grad_stats(
     params, param_names = named_items(parameters)
     grads, names = gradients(params, param_names)
     check_norm_inputs(grads, names, "parameter", p, params)
+    if max_norm is not None:
+        check_updatable(grads, names, params)
     stats = collect_stats(grads, names, p, max_norm=max_norm_value, histogram=histogram,
                           num_bins=num_bins, min_exp=min_exp)
     if max_norm is not None and grads:

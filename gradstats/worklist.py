@@ -177,8 +177,8 @@ def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
             parallel.append(position)  # no memory: overlaps nothing
             continue
         start = tensor.data_ptr()
-        last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-        spans.append((start, start + (last + 1) * tensor.element_size(), position))
+        end = start + (_last_offset(tensor) + 1) * tensor.element_size()
+        spans.append((start, end, position))
     spans.sort()
     cluster, cluster_end = [], -1
     for start, end, position in spans + [(None, None, None)]:
@@ -191,6 +191,21 @@ def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
             (parallel if len(distinct) == 1 else one_by_one).extend(distinct)
         cluster, cluster_end = [position], end
     return sorted(parallel), sorted(one_by_one)
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """A strided tensor some of whose elements share memory (an expanded tensor): its
+    elements span fewer slots than it has, or a dimension of size > 1 has stride 0."""
+    if tensor.layout is not torch.strided or tensor.numel() <= 1:
+        return False
+    if any(size > 1 and stride == 0 for size, stride in zip(tensor.shape, tensor.stride())):
+        return True
+    return _last_offset(tensor) + 1 < tensor.numel()
+
+
+def _last_offset(tensor: torch.Tensor) -> int:
+    """The offset, in elements, of ``tensor``'s last element from its first."""
+    return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
 def _first_of_each_view(tensors: list[torch.Tensor], positions: list[int]) -> list[int]:

@@ -559,3 +559,15 @@ def test_clip_grads_with_norm_rejects_integer_grads_before_scaling(backend_devic
     with pytest.raises(TypeError, match="the gradient of parameter 1 has dtype torch.int64"):
         gradstats.clip_grads_with_norm_(params, 1.0, torch.tensor(20.0))
     assert floats.tolist() == [10.0] * 3
+
+
+@pytest.mark.parametrize("call", list(CLIP_CALLS))
+def test_expanded_grad_raises_before_anything_is_updated(backend_device, call):
+    ours, theirs = CLIP_CALLS[call]
+    expanded = torch.full((1, 3), 5.0, device=backend_device).expand(2, 3)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        theirs(with_grads([torch.full((3,), 5.0), expanded.cpu()]))
+    first = torch.full((3,), 5.0, device=backend_device)
+    with pytest.raises(RuntimeError, match=r"the gradient of parameter 1 is expanded"):
+        ours(with_grads([first, expanded]))
+    assert first.tolist() == [5.0] * 3
