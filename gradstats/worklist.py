@@ -165,6 +165,8 @@ def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     else overlaps nothing and may be updated in parallel. Sparse tensors own their values:
     each is updated one at a time, once.
     """
+    if _dense_and_disjoint(tensors):
+        return list(range(len(tensors))), []
     spans = []  # (first byte, end byte, position)
     parallel, one_by_one, seen_sparse = [], [], set()
     for position, tensor in enumerate(tensors):
@@ -191,6 +193,20 @@ def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
             (parallel if len(distinct) == 1 else one_by_one).extend(distinct)
         cluster, cluster_end = [position], end
     return sorted(parallel), sorted(one_by_one)
+
+
+def _dense_and_disjoint(tensors: list[torch.Tensor]) -> bool:
+    """The common case, decided with C-level per-tensor reads only: contiguous tensors
+    whose byte ranges do not meet. False means "look closer", not "overlapping"."""
+    try:
+        if not all(map(torch.Tensor.is_contiguous, tensors)):
+            return False
+        starts = list(map(torch.Tensor.data_ptr, tensors))
+    except RuntimeError:  # sparse tensors
+        return False
+    sizes = map(torch.Tensor.nbytes.__get__, tensors)  # the property, read without a lambda
+    spans = sorted(zip(starts, map(int.__add__, starts, sizes)))
+    return all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
 
 
 def overlaps_itself(tensor: torch.Tensor) -> bool:
