@@ -225,7 +225,7 @@ def test_integer_gradient_is_named():
         param.grad = None
         bad = torch.ones(2, dtype=torch.int64)
         fake = type("P", (), {"grad": bad})()
-        from gradstats.params import check_norm_inputs
+        from gradstats.checks import check_norm_inputs
         check_norm_inputs([fake.grad], ["w"], "parameter")
 
 
