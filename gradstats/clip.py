@@ -4,13 +4,26 @@ Same signatures, inputs, results, warnings and error texts as torch (>= 2.6), wi
 differences, all where torch fails or is needlessly slow:
 
 - the total norm is accumulated in float32 (float64 for float64 gradients) from one read
-  of every gradient, instead of per-tensor norms rounded to each gradient's dtype;
+  of every gradient, instead of per-tensor norms rounded to each gradient's dtype. Each
+  chunk's sum of ``|x|^p`` is float32 on every backend, so a lone float32 element above
+  ~1.8e19 gives an infinite 2-norm where torch returns its magnitude (with two or more
+  such elements torch overflows too);
 - an empty tensor contributes nothing to the inf-norm (torch raises);
 - when no clipping is needed the Triton path does not touch the gradients at all (torch
   multiplies every one by 1.0): no memory traffic. Every path leaves them bit-identical;
-- a tensor listed twice (or two tensors sharing memory) is scaled once, not twice;
+- a view listed twice (same address, shape, strides and dtype) is updated once, not
+  twice: two updates of one element at once would race on a GPU. Gradients that overlap
+  without being the same view (a prefix of a buffer and the buffer, shifted slices) are
+  each updated, one after the other, as torch does: an element two of them share is
+  scaled twice, exactly torch's result, on every backend (such gradients leave the
+  parallel kernel launch for the reference path);
 - ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
-- a negative or NaN ``max_norm``/``clip_value`` is an error, raised before anything changes.
+- every check runs before the first gradient changes, on every backend: a negative or
+  NaN ``max_norm``/``clip_value``, a ``total_norm`` that is not 0-d, sparse or complex
+  gradients for ``clip_grad_value_``, a ``clip_value`` beyond a gradient dtype's range,
+  sparse gradients with ``norm_type`` 0, < 0 or -inf, an expanded gradient (which no
+  in-place update can write). Errors name the parameter (by name, or by its index among
+  the parameters passed).
 
 Every function also takes an ``nn.Module`` or ``named_parameters()`` pairs, so errors can
 name parameters. ``foreach`` is accepted for compatibility and has no effect.
@@ -24,15 +37,16 @@ import torch
 
 from . import ops, reference
 from .norms import parse_norm_type
-from .params import (
-    ParametersLike,
+from .checks import (
+    check_clamp_inputs,
     check_norm_inputs,
+    check_total_norm,
+    check_updatable,
     describe,
-    gradients,
-    named_items,
-    norm_result_dtype,
+    non_negative_float,
 )
-from .stats import FusedResult, fused_pass, non_negative_float
+from .params import ParametersLike, gradients, named_items, norm_result_dtype
+from .stats import FusedResult, fused_pass
 
 __all__ = [
     "fused_clip_grad_norm_",
@@ -61,14 +75,15 @@ def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float) -> FusedRe
 
 
 def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
-                        names: list[str] | None, what: str) -> None:
+                        names: list[str] | None, what: str, params=None) -> None:
     """``total`` is the norm as returned, in torch's dtype: an fp16 total can overflow
-    where the float32 one did not, and torch raises then too."""
+    where the float32 one did not, and torch raises then too. ``params``: the parameters
+    the gradients came from, so indices count what the caller passed."""
     # The one deliberate host sync here: the user asked for a check on the value.
     if bool(torch.isfinite(total)):
         return
     counts = result.nonfinite.tolist()
-    offenders = [f"{describe(i, names, what)} ({count} NaN/Inf)"
+    offenders = [f"{describe(i, names, what, params)} ({count} NaN/Inf)"
                  for i, count in enumerate(counts) if count]
     if offenders:
         detail = "Non-finite values in the gradients of: " + ", ".join(offenders) + "."
@@ -112,7 +127,7 @@ def get_total_norm(
     tensors, names = named_items(tensors)
     if not tensors:
         return torch.tensor(0.0)
-    check_norm_inputs(tensors, names, "tensor")
+    check_norm_inputs(tensors, names, "tensor", p)
     result = _norms_pass(tensors, p, math.inf)
     total = result.total_norm.to(norm_result_dtype(tensors))
     if error_if_nonfinite:
@@ -151,10 +166,15 @@ def clip_grads_with_norm_(
     _check_foreach(foreach)
     max_norm = non_negative_float("max_norm", max_norm)
     params, names = named_items(parameters)
-    grads, _ = gradients(params, names)
+    grads, names = gradients(params, names)
     if not grads:
         return
+    # An integer gradient cannot take a fractional coefficient in place: torch fails on it
+    # after scaling the others; here nothing is scaled.
+    check_norm_inputs(grads, names, "parameter", params=params)
+    check_updatable(grads, names, params)
     total_norm = torch.as_tensor(total_norm)
+    check_total_norm(total_norm)
     # torch's formula, in total_norm's dtype and on its device, so results match torch.
     clip_coef = torch.clamp(max_norm / (total_norm + reference.EPS), max=1.0)
     ops.scale_(grads, clip_coef)
@@ -200,11 +220,12 @@ def fused_clip_grad_norm_(
     grads, names = gradients(params, names)
     if not grads:
         return torch.tensor(0.0)
-    check_norm_inputs(grads, names, "parameter")
+    check_norm_inputs(grads, names, "parameter", p, params)
+    check_updatable(grads, names, params)
     result = _norms_pass(grads, p, max_norm)
     total = result.total_norm.to(norm_result_dtype(grads))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, total, p, names, "parameter")
+        _raise_if_nonfinite(result, total, p, names, "parameter", params)
     ops.scale_(grads, result.clip_coef)
     return total
 
@@ -231,8 +252,10 @@ def clip_grad_value_(
     _check_foreach(foreach)
     clip_value = non_negative_float("clip_value", clip_value)
     params, names = named_items(parameters)
-    grads, _ = gradients(params, names)
+    grads, names = gradients(params, names)
     if grads:
+        check_clamp_inputs(grads, names, clip_value, params)
+        check_updatable(grads, names, params)
         ops.clamp_(grads, -clip_value, clip_value)
 
 

@@ -13,7 +13,7 @@ import torch
 from . import reference
 from .backend import Backend, choose_backend
 from .norms import NormKind, norm_kind
-from .worklist import plan_for
+from .worklist import plan_for, update_targets
 
 FP32_MAX = torch.finfo(torch.float32).max
 
@@ -82,16 +82,18 @@ def _by_device(tensors: list[torch.Tensor]) -> list[tuple[torch.device, Backend,
     return [(device, choose_backend(device), group) for device, group in groups.items()]
 
 
-def _each_address_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The reference path's twin of ``Plan.update_groups``: one update per address."""
-    seen: set[int] = set()
-    unique = []
-    for tensor in tensors:
-        address = tensor.data_ptr() if tensor.layout is torch.strided else id(tensor)
-        if address not in seen:
-            seen.add(address)
-            unique.append(tensor)
-    return unique
+def _each_view_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The reference path's twin of ``Plan.update_groups``: a view listed twice (same
+    address, shape, strides, dtype) is updated once. Overlapping views that differ are all
+    updated, one after the other, as torch does; so is everything on this path."""
+    try:
+        addresses = list(map(torch.Tensor.data_ptr, tensors))
+    except RuntimeError:  # a sparse tensor has no data_ptr
+        addresses = [t.data_ptr() if t.layout is torch.strided else id(t) for t in tensors]
+    if len(set(addresses)) == len(addresses):
+        return tensors  # the common case: no address listed twice
+    positions = update_targets(tensors)
+    return [tensors[i] for i in sorted(positions[0] + positions[1])]
 
 
 def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
@@ -100,26 +102,26 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
         # A copy to the CPU must block: the CPU reads the coefficient right away.
         coef = clip_coef.to(device, non_blocking=device.type != "cpu")
         if backend is Backend.TORCH:
-            reference.scale_(_each_address_once(group), coef)
+            reference.scale_(_each_view_once(group), coef)
             continue
         from .kernels.apply import scale_ as triton_scale_
 
         plan = plan_for(group, device)
         for work in plan.update_groups:
             triton_scale_(work, coef)
-        reference.scale_([group[i] for i in plan.fallback], coef)
+        reference.scale_([group[i] for i in plan.update_fallback], coef)
 
 
 def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton."""
     for device, backend, group in _by_device(tensors):
         if backend is Backend.TORCH:
-            reference.clamp_(group, lo, hi)
+            reference.clamp_(_each_view_once(group), lo, hi)
             continue
         from .kernels.apply import clamp_ as triton_clamp_
 
         plan = plan_for(group, device)
-        left_over = [group[i] for i in plan.fallback]
+        left_over = [group[i] for i in plan.update_fallback]
         for work in plan.update_groups:
             if work.dtype == torch.float64:
                 # Kernel scalars are fp32; clamping fp64 to a rounded bound would differ

@@ -1,6 +1,7 @@
 """Turning what users pass as ``parameters`` into gradients (and names, when known)."""
 from __future__ import annotations
 
+import collections
 import types
 import warnings
 from collections.abc import Iterable
@@ -8,6 +9,10 @@ from typing import Union
 
 import torch
 from torch import nn
+
+# check_norm_inputs and describe moved to .checks; monitor.py still imports the first from
+# here until it is updated.
+from .checks import check_norm_inputs  # noqa: F401
 
 ParametersLike = Union[
     torch.Tensor, nn.Module, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]
@@ -31,7 +36,7 @@ def named_items(
     if isinstance(parameters, torch.Tensor):
         return [parameters], None
     if isinstance(parameters, nn.Module):
-        parameters = parameters.named_parameters()
+        parameters = unwrap_model(parameters).named_parameters()
     is_generator = isinstance(parameters, types.GeneratorType)
     try:
         items = list(parameters)
@@ -62,7 +67,24 @@ def _split_named(items: list) -> tuple[list[torch.Tensor], list[str]]:
             )
         names.append(str(item[0]))
         tensors.append(item[1])
+    if len(set(names)) != len(names):
+        # named_parameters() never repeats a name; a repeat would make errors and records
+        # ambiguous (a record keeps one value per name).
+        duplicate = next(name for name, count in collections.Counter(names).items() if count > 1)
+        raise ValueError(f"parameter name {duplicate!r} appears more than once in `parameters`")
     return tensors, names
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` / DDP / DataParallel wrappers, so parameter
+    names carry no ``_orig_mod.`` or ``module.`` prefix."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def gradients(
@@ -73,22 +95,6 @@ def gradients(
         return [p.grad for p in params if p.grad is not None], None
     kept = [(p.grad, name) for p, name in zip(params, names) if p.grad is not None]
     return [g for g, _ in kept], [name for _, name in kept]
-
-
-def describe(index: int, names: list[str] | None, what: str = "parameter") -> str:
-    return repr(names[index]) if names is not None else f"{what} {index}"
-
-
-def check_norm_inputs(tensors: list[torch.Tensor], names: list[str] | None, what: str) -> None:
-    """Norms need floating-point or complex tensors; say which one is not."""
-    if all(dtype.is_floating_point or dtype.is_complex for dtype in {t.dtype for t in tensors}):
-        return  # the common case: one cheap pass, no per-tensor method calls
-    for index, tensor in enumerate(tensors):
-        if not (tensor.is_floating_point() or tensor.is_complex()):
-            raise TypeError(
-                f"the gradient of {describe(index, names, what)} has dtype {tensor.dtype}; "
-                "norms need floating-point or complex tensors"
-            )
 
 
 def norm_result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:

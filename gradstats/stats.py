@@ -14,10 +14,8 @@ import torch
 
 from . import ops, reference
 from .norms import NormKind, norm_kind, parse_norm_type
-from .params import ParametersLike, check_norm_inputs, gradients, named_items
-
-MAX_BINS = 1024  # one histogram row lives in registers during the pass
-MIN_EXP_RANGE = (-1100, 1100)  # beyond float64's exponents every value is out of range
+from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
+from .params import ParametersLike, gradients, named_items
 
 
 @dataclass
@@ -127,25 +125,6 @@ def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor
     return _int64_on(list(numels), device)
 
 
-def non_negative_float(name: str, value: float) -> float:
-    """``float(value)``, or a clear error for anything that is not a number >= 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if math.isnan(number) or number < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {number}")
-    return number
-
-
-def check_histogram_range(num_bins: int, min_exp: int) -> None:
-    if not isinstance(num_bins, int) or not 2 <= num_bins <= MAX_BINS:
-        raise ValueError(f"num_bins must be an int in [2, {MAX_BINS}], got {num_bins!r}")
-    low, high = MIN_EXP_RANGE
-    if not isinstance(min_exp, int) or not low <= min_exp <= high:
-        raise ValueError(f"min_exp must be an int in [{low}, {high}], got {min_exp!r}")
-
-
 @torch.no_grad()
 def grad_stats(
     parameters: ParametersLike,
@@ -189,7 +168,9 @@ def grad_stats(
         check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
     grads, names = gradients(params, param_names)
-    check_norm_inputs(grads, names, "parameter")
+    check_norm_inputs(grads, names, "parameter", p, params)
+    if max_norm is not None:
+        check_updatable(grads, names, params)
     stats = collect_stats(grads, names, p, max_norm=max_norm_value, histogram=histogram,
                           num_bins=num_bins, min_exp=min_exp)
     if max_norm is not None and grads:

@@ -73,10 +73,12 @@ class WorkList:
 class Plan:
     device: torch.device
     groups: tuple[WorkList, ...]  # for the statistics: every position
-    # For in-place updates: a tensor listed twice would be updated by two programs at once
-    # (a race on GPUs), so each address is updated once, at its first position.
+    fallback: tuple[int, ...]  # positions the statistics read on the reference path
+    # In-place updates (see ``update_targets``): the kernels update only tensors whose
+    # memory overlaps no other listed tensor, in parallel; the reference path updates the
+    # rest one at a time, after them, so overlapping elements see every update in turn.
     update_groups: tuple[WorkList, ...]
-    fallback: tuple[int, ...]  # positions served by the reference path
+    update_fallback: tuple[int, ...]
 
 
 _plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
@@ -127,27 +129,108 @@ def clear_plan_cache() -> None:
 def _build_plan(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     by_dtype: dict[torch.dtype, list[int]] = {}
     fallback = []
-    first_position_of: dict[int, int] = {}  # address -> first position holding it
     for position, tensor in enumerate(tensors):
         if triton_can_read(tensor):
             by_dtype.setdefault(tensor.dtype, []).append(position)
-            first_position_of.setdefault(tensor.data_ptr(), position)
         else:
             fallback.append(position)
     groups = tuple(
         _build_work_list([tensors[i] for i in slots], slots, dtype, device)
         for dtype, slots in by_dtype.items()
     )
-    if len(first_position_of) == len(tensors) - len(fallback):
-        return Plan(device=device, groups=groups, update_groups=groups, fallback=tuple(fallback))
-    first_positions = set(first_position_of.values())
+    parallel, one_by_one = update_targets(tensors)
+    if len(parallel) == len(tensors) and not fallback:
+        return Plan(device=device, groups=groups, fallback=(), update_groups=groups,
+                    update_fallback=())
+    in_parallel = set(parallel)
     update_groups = tuple(
         _build_work_list([tensors[i] for i in kept], kept, dtype, device)
         for dtype, slots in by_dtype.items()
-        if (kept := [i for i in slots if i in first_positions])
+        if (kept := [i for i in slots if i in in_parallel])
     )
-    return Plan(device=device, groups=groups, update_groups=update_groups,
-                fallback=tuple(fallback))
+    update_fallback = sorted(set(one_by_one) | (set(fallback) & in_parallel))
+    return Plan(device=device, groups=groups, fallback=tuple(fallback),
+                update_groups=update_groups, update_fallback=tuple(update_fallback))
+
+
+def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Which positions an in-place update must touch, split into those it may update in
+    parallel and those it must update one at a time, in order.
+
+    A view listed again with the same address, shape, strides and dtype is updated once,
+    at its first position (two programs updating one element at once would race on a
+    GPU). Tensors whose memory overlaps without being identical views (a prefix of a
+    buffer and the buffer, shifted slices) are all updated one at a time, as torch does,
+    so an element they share is scaled once per tensor, exactly as in torch. Everything
+    else overlaps nothing and may be updated in parallel. Sparse tensors own their values:
+    each is updated one at a time, once.
+    """
+    if _dense_and_disjoint(tensors):
+        return list(range(len(tensors))), []
+    spans = []  # (first byte, end byte, position)
+    parallel, one_by_one, seen_sparse = [], [], set()
+    for position, tensor in enumerate(tensors):
+        if tensor.layout is not torch.strided:
+            if id(tensor) not in seen_sparse:
+                seen_sparse.add(id(tensor))
+                one_by_one.append(position)
+            continue
+        if tensor.numel() == 0:
+            parallel.append(position)  # no memory: overlaps nothing
+            continue
+        start = tensor.data_ptr()
+        end = start + (_last_offset(tensor) + 1) * tensor.element_size()
+        spans.append((start, end, position))
+    spans.sort()
+    cluster, cluster_end = [], -1
+    for start, end, position in spans + [(None, None, None)]:
+        if position is not None and start < cluster_end:
+            cluster.append(position)
+            cluster_end = max(cluster_end, end)
+            continue
+        if cluster:
+            distinct = _first_of_each_view(tensors, sorted(cluster))
+            (parallel if len(distinct) == 1 else one_by_one).extend(distinct)
+        cluster, cluster_end = [position], end
+    return sorted(parallel), sorted(one_by_one)
+
+
+def _dense_and_disjoint(tensors: list[torch.Tensor]) -> bool:
+    """The common case, decided with C-level per-tensor reads only: contiguous tensors
+    whose byte ranges do not meet. False means "look closer", not "overlapping"."""
+    try:
+        if not all(map(torch.Tensor.is_contiguous, tensors)):
+            return False
+        starts = list(map(torch.Tensor.data_ptr, tensors))
+    except RuntimeError:  # sparse tensors
+        return False
+    sizes = map(torch.Tensor.nbytes.__get__, tensors)  # the property, read without a lambda
+    spans = sorted(zip(starts, map(int.__add__, starts, sizes)))
+    return all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """A strided tensor some of whose elements share memory (an expanded tensor): its
+    elements span fewer slots than it has, or a dimension of size > 1 has stride 0."""
+    if tensor.layout is not torch.strided or tensor.numel() <= 1:
+        return False
+    if any(size > 1 and stride == 0 for size, stride in zip(tensor.shape, tensor.stride())):
+        return True
+    return _last_offset(tensor) + 1 < tensor.numel()
+
+
+def _last_offset(tensor: torch.Tensor) -> int:
+    """The offset, in elements, of ``tensor``'s last element from its first."""
+    return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def _first_of_each_view(tensors: list[torch.Tensor], positions: list[int]) -> list[int]:
+    first: dict[tuple, int] = {}
+    for position in positions:
+        tensor = tensors[position]
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+        first.setdefault(key, position)
+    return list(first.values())
 
 
 def _build_work_list(

@@ -370,3 +370,204 @@ def test_tensor_listed_twice_is_updated_once(backend_device):
     coef_once = torch.tensor([3.0, 4.0, 0.0]) * (1.0 / (math.sqrt(50.0) + 1e-6))
     gradstats.fused_clip_grad_norm_([params[0], params[0]], 1.0)
     torch.testing.assert_close(grad.cpu(), coef_once)
+
+
+# Errors name the parameter the caller passed, counted among all parameters.
+
+def _grad_with_nan_after_a_gradless_parameter(device):
+    no_grad = torch.nn.Parameter(torch.ones(3, device=device))
+    with_nan = torch.nn.Parameter(torch.ones(3, device=device))
+    with_nan.grad = torch.tensor([1.0, float("nan"), 2.0], device=device)
+    return [no_grad, with_nan]
+
+
+def test_error_if_nonfinite_counts_parameters_without_grad(backend_device):
+    params = _grad_with_nan_after_a_gradless_parameter(backend_device)
+    with pytest.raises(RuntimeError, match=r"gradients of: parameter 1 \(1 NaN/Inf\)\.$"):
+        gradstats.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert params[1].grad[1].isnan()  # nothing modified
+
+
+def test_dtype_error_counts_parameters_without_grad():
+    params = [torch.ones(3), torch.ones(3, dtype=torch.int64)]
+    params[1].grad = torch.ones(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"^the gradient of parameter 1 has dtype torch.int64"):
+        gradstats.clip_grad_norm_(params, 1.0)
+
+
+def test_get_total_norm_dtype_error_names_the_tensor_not_a_gradient():
+    with pytest.raises(TypeError, match=r"^tensor 1 has dtype torch.int64"):
+        gradstats.get_total_norm([torch.ones(2), torch.ones(2, dtype=torch.int64)])
+    with pytest.raises(TypeError, match=r"^tensor 'b' has dtype torch.int64"):
+        gradstats.get_total_norm([("a", torch.ones(2)), ("b", torch.ones(2, dtype=torch.int64))])
+
+
+# Bad input is rejected before the first gradient changes, on every backend.
+
+def _sparse_grad(device):
+    return torch.sparse_coo_tensor([[0, 2]], [5.0, -7.0], (4,), device=device)
+
+
+@pytest.mark.parametrize("p", COMPOSED_NORM_TYPES)
+def test_sparse_grads_with_composed_norm_type_raise_one_clear_line(backend_device, p):
+    dense = torch.full((3,), 5.0, device=backend_device)
+    params = with_grads([dense, _sparse_grad(backend_device)])
+    for call in (lambda: gradstats.clip_grad_norm_(params, 1.0, p),
+                 lambda: gradstats.grad_stats(params, p, max_norm=1.0)):
+        with pytest.raises(ValueError, match=r"^sparse gradients need norm_type > 0.*"
+                                             r"the gradient of parameter 1 is torch.sparse_coo"):
+            call()
+    with pytest.raises(ValueError, match=r"tensor 1 is torch.sparse_coo"):
+        gradstats.get_total_norm([dense, _sparse_grad(backend_device)], p)
+    assert dense.tolist() == [5.0] * 3
+
+
+@pytest.mark.parametrize("shape", [(2,), (1,), (1, 1)])
+def test_clip_grads_with_norm_rejects_non_scalar_total_before_scaling(backend_device, shape):
+    grad = torch.full((3,), 10.0, device=backend_device)
+    total_norm = torch.full(shape, 20.0, device=backend_device)
+    with pytest.raises(RuntimeError, match="scalar tensor expected to be 0 dim"):
+        torch.nn.utils.clip_grads_with_norm_(with_grads([grad.clone()]), 1.0, total_norm)
+    with pytest.raises(RuntimeError, match="total_norm: scalar tensor expected to be 0 dim"):
+        gradstats.clip_grads_with_norm_(with_grads([grad]), 1.0, total_norm)
+    assert grad.tolist() == [10.0] * 3
+
+
+@pytest.mark.parametrize("odd", ["sparse", "complex"])
+def test_clip_grad_value_checks_every_grad_before_clamping(backend_device, odd):
+    dense = torch.full((3,), 5.0, device=backend_device)
+    other = (_sparse_grad(backend_device) if odd == "sparse"
+             else torch.ones(3, dtype=torch.complex64, device=backend_device))
+    for grads in ([dense, other], [other, dense]):
+        with pytest.raises(NotImplementedError, match=f"clamp is not supported for {odd}"):
+            gradstats.clip_grad_value_(with_grads(grads), 1.0)
+        assert dense.tolist() == [5.0] * 3
+
+
+@pytest.mark.parametrize("dtype,clip_value", [
+    (torch.float16, 65519.0), (torch.float16, 1e5), (torch.bfloat16, 3.39e38),
+    (torch.float32, 3.4028235677973366e38), (torch.float32, 1e40),
+])
+def test_clip_value_beyond_dtype_range_raises_like_torch(backend_device, dtype, clip_value):
+    with pytest.raises(RuntimeError, match="cannot be converted to type"):
+        torch.nn.utils.clip_grad_value_(with_grads([torch.ones(2, dtype=dtype)]), clip_value)
+    # float64 holds any finite bound: only the second gradient can be the one named.
+    first = torch.full((3,), 5.0, dtype=torch.float64, device=backend_device)
+    grads = [first, torch.ones(2, dtype=dtype, device=backend_device)]
+    with pytest.raises(RuntimeError, match=f"cannot be converted to type {dtype} without "
+                                           r"overflow \(the gradient of parameter 1"):
+        gradstats.clip_grad_value_(with_grads(grads), clip_value)
+    assert first.tolist() == [5.0] * 3
+
+
+@pytest.mark.parametrize("dtype,clip_value", [
+    (torch.float16, 65504.0), (torch.float16, math.inf), (torch.bfloat16, 1e5),
+    (torch.float32, 3.4028234663852886e38), (torch.float64, 1e300),
+])
+def test_clip_value_at_dtype_range_is_accepted_like_torch(backend_device, dtype, clip_value):
+    ours = with_grads([torch.tensor([-3.0, 0.5, 7.0], dtype=dtype, device=backend_device)])
+    theirs = clone_params(ours)
+    gradstats.clip_grad_value_(ours, clip_value)
+    torch.nn.utils.clip_grad_value_(theirs, clip_value)
+    assert torch.equal(ours[0].grad, theirs[0].grad)
+
+
+# In-place updates of gradients that share memory: every listed view is updated as torch
+# updates it (an element shared by two different views is scaled twice), except a view
+# listed twice, which is updated once (README).
+
+def _overlapping_grads(layout, device):
+    buffer = torch.arange(1.0, 13.0, device=device) * torch.tensor([1.0, -1.0] * 6, device=device)
+    other = torch.full((5,), 4.0, device=device)  # overlaps nothing: the parallel path
+    views = {
+        "prefix_first": [buffer[:5], buffer],
+        "prefix_last": [buffer, buffer[:5]],
+        "shifted": [buffer[:6], buffer[4:]],
+        "reshaped": [buffer.view(3, 4), buffer[2:9]],
+        "strided": [buffer[::2], buffer[1::2], buffer[:7]],
+    }[layout]
+    return buffer, views + [other]
+
+
+OVERLAP_LAYOUTS = ["prefix_first", "prefix_last", "shifted", "reshaped", "strided"]
+
+CLIP_CALLS = {
+    "clip_grad_norm_": (lambda ps: gradstats.clip_grad_norm_(ps, 1.0),
+                        lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
+    "grad_stats": (lambda ps: gradstats.grad_stats(ps, max_norm=1.0),
+                   lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
+    "clip_grads_with_norm_": (lambda ps: gradstats.clip_grads_with_norm_(ps, 1.0,
+                                                                         torch.tensor(30.0)),
+                              lambda ps: torch.nn.utils.clip_grads_with_norm_(
+                                  ps, 1.0, torch.tensor(30.0))),
+    "clip_grad_value_": (lambda ps: gradstats.clip_grad_value_(ps, 2.5),
+                         lambda ps: torch.nn.utils.clip_grad_value_(ps, 2.5)),
+}
+
+
+@pytest.mark.parametrize("call", list(CLIP_CALLS))
+@pytest.mark.parametrize("layout", OVERLAP_LAYOUTS)
+def test_overlapping_grads_are_updated_like_torch(backend_device, layout, call):
+    ours, theirs = CLIP_CALLS[call]
+    buffer, grads = _overlapping_grads(layout, backend_device)
+    their_buffer, their_grads = _overlapping_grads(layout, "cpu")
+    ours(with_grads(grads))
+    theirs(with_grads(their_grads))
+    # Our total norm is accumulated differently from torch's, so the coefficient may
+    # differ in its last bits; an element scaled twice differs by twice that.
+    torch.testing.assert_close(buffer.cpu(), their_buffer, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[-1].cpu(), their_grads[-1], rtol=1e-6, atol=0)
+    if call != "clip_grad_value_":
+        # Every element was scaled at least once: nothing is left at its old value.
+        assert (buffer.abs().cpu() < _overlapping_grads(layout, "cpu")[0].abs()).all()
+
+
+@pytest.mark.parametrize("call", list(CLIP_CALLS))
+def test_identical_views_are_updated_once_beside_overlapping_ones(backend_device, call):
+    ours, _ = CLIP_CALLS[call]
+    buffer = torch.full((10,), 3.0, device=backend_device)
+    ours(with_grads([buffer[:5], buffer, buffer[:5], buffer.view(2, 5), buffer.view(2, 5)]))
+    # Three different views: the first five elements are updated three times (by buffer[:5],
+    # buffer and buffer.view(2, 5)), the rest twice. The norm counts every listed tensor:
+    # 9 * (5 + 10 + 5 + 10 + 10) = 360.
+    coef = {"clip_grads_with_norm_": 1.0 / (30.0 + 1e-6)}.get(call, 1.0 / (360 ** 0.5 + 1e-6))
+    update = (lambda x: min(x, 2.5)) if call == "clip_grad_value_" else (lambda x: x * coef)
+    expected = [update(update(update(3.0)))] * 5 + [update(update(3.0))] * 5
+    torch.testing.assert_close(buffer.cpu(), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_update_targets_split():
+    from gradstats.worklist import update_targets
+    buffer = torch.zeros(12)
+    other = torch.zeros(3)
+    tensors = [buffer[:4], other, buffer, buffer[:4], torch.zeros(0), buffer[4:8].view(2, 2),
+               other]
+    parallel, one_by_one = update_targets(tensors)
+    # other (listed twice: once) and the empty tensor overlap nothing; buffer[:4] (once),
+    # buffer and its view overlap one another.
+    assert parallel == [1, 4]
+    assert one_by_one == [0, 2, 5]
+    assert update_targets([buffer[:6], buffer[6:], other]) == ([0, 1, 2], [])
+
+
+def test_clip_grads_with_norm_rejects_integer_grads_before_scaling(backend_device):
+    floats = torch.full((3,), 10.0, device=backend_device)
+    params = [torch.nn.Parameter(torch.zeros(3, device=backend_device)),
+              torch.zeros(2, dtype=torch.int64, device=backend_device)]
+    params[0].grad = floats
+    params[1].grad = torch.ones(2, dtype=torch.int64, device=backend_device)
+    with pytest.raises(TypeError, match="the gradient of parameter 1 has dtype torch.int64"):
+        gradstats.clip_grads_with_norm_(params, 1.0, torch.tensor(20.0))
+    assert floats.tolist() == [10.0] * 3
+
+
+@pytest.mark.parametrize("call", list(CLIP_CALLS))
+def test_expanded_grad_raises_before_anything_is_updated(backend_device, call):
+    ours, theirs = CLIP_CALLS[call]
+    expanded = torch.full((1, 3), 5.0, device=backend_device).expand(2, 3)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        theirs(with_grads([torch.full((3,), 5.0), expanded.cpu()]))
+    first = torch.full((3,), 5.0, device=backend_device)
+    with pytest.raises(RuntimeError, match=r"the gradient of parameter 1 is expanded"):
+        ours(with_grads([first, expanded]))
+    assert first.tolist() == [5.0] * 3

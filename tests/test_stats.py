@@ -225,5 +225,44 @@ def test_integer_gradient_is_named():
         param.grad = None
         bad = torch.ones(2, dtype=torch.int64)
         fake = type("P", (), {"grad": bad})()
-        from gradstats.params import check_norm_inputs
+        from gradstats.checks import check_norm_inputs
         check_norm_inputs([fake.grad], ["w"], "parameter")
+
+
+# The reference path sums powers per kernel chunk, like the kernels: accurate, and it
+# overflows where they do.
+
+def _wide_range_values(numel: int, dtype=torch.float32) -> torch.Tensor:
+    magnitudes = 10 ** torch.empty(numel, dtype=torch.float64).uniform_(-3, 3)
+    return (torch.randn(numel, dtype=torch.float64) * magnitudes).to(dtype)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_cpu_norm_of_a_large_fp32_tensor_is_accurate(monkeypatch, p):
+    # torch's float32 vector_norm of 1M such values is off by up to 5e-4 (4e-3 at 8M).
+    monkeypatch.setenv("GRADSTATS_BACKEND", "torch")
+    grad = _wide_range_values(1_000_003)
+    stats = gradstats.grad_stats(with_grads([grad]), p, histogram=False)
+    expected = np_norm(as_float64(grad), p)
+    # The 2-norm takes torch's float32 vector_norm per chunk (about 1e-6); the others are
+    # pairwise float32 sums per chunk (about 1e-9).
+    assert stats.norms[0].item() == pytest.approx(expected, rel=2e-6 if p == 2 else 1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5])
+def test_backends_agree_across_chunks(backend_device, small_chunks, dtype, p):
+    grads = [_wide_range_values(n, dtype).to(backend_device) for n in (3 * 256 + 5, 256, 9)]
+    stats = gradstats.grad_stats(with_grads(grads), p, histogram=False)
+    expected = torch.tensor([np_norm(as_float64(g), p) for g in grads], dtype=torch.float64)
+    torch.testing.assert_close(stats.norms.cpu().double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_fp32_chunk_power_overflow_gives_inf_on_every_backend(backend_device, p):
+    # 1e20 ** 2 overflows float32: the kernels' accumulator is inf, and the reference's
+    # too (torch returns 1e20 for a lone element; README Limits).
+    params = with_grads([torch.tensor([1e20], device=backend_device)])
+    assert gradstats.get_total_norm([params[0].grad], p).item() == math.inf
+    gradstats.clip_grad_norm_(params, 1.0, p)
+    assert params[0].grad.tolist() == [0.0]
