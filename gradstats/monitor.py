@@ -28,11 +28,12 @@ from . import ops
 from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
-from .params import ParametersLike, check_norm_inputs, gradients, norm_result_dtype
+from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
+from .params import ParametersLike, gradients, norm_result_dtype
 from .record_queue import RecordQueue, named_counts
 from .sinks import open_sinks
 from .sinks.fanout import SinkFanout
-from .stats import GradStats, check_histogram_range, collect_stats, non_negative_float
+from .stats import GradStats, collect_stats
 from .watched_params import WatchedParameters
 
 __all__ = ["GradMonitor"]
@@ -173,7 +174,9 @@ class GradMonitor:
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         grads, names = gradients(*self._watched.current())
-        check_norm_inputs(grads, names, "parameter")
+        check_norm_inputs(grads, names, "parameter", self.norm_type)
+        if clip:
+            check_updatable(grads, names)
         with_hist = self.hist_every is not None and step % self.hist_every == 0
         logged = with_hist or step % self.log_every == 0
         stats = collect_stats(grads, names, self.norm_type, max_norm=max_norm,

@@ -10,10 +10,6 @@ from typing import Union
 import torch
 from torch import nn
 
-# check_norm_inputs and describe moved to .checks; monitor.py still imports the first from
-# here until it is updated.
-from .checks import check_norm_inputs  # noqa: F401
-
 ParametersLike = Union[
     torch.Tensor, nn.Module, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]
 ]

@@ -28,7 +28,7 @@ import operator
 import torch
 from torch import nn
 
-from .params import ParametersLike, named_items
+from .params import ParametersLike, named_items, unwrap_model
 
 
 class WatchedParameters:
@@ -37,13 +37,11 @@ class WatchedParameters:
     (nothing to re-read: the list is the user's)."""
 
     def __init__(self, model: nn.Module | ParametersLike):
-        self.module = unwrap(model) if isinstance(model, nn.Module) else None
+        self.module = unwrap_model(model) if isinstance(model, nn.Module) else None
         if self.module is not None:
             self._read_module()
             return
-        self.params, names = named_items(model)
-        if names is not None:
-            _check_unique(names)
+        self.params, names = named_items(model)  # repeated names are refused there
         self.names = names or [str(i) for i in range(len(self.params))]
 
     def current(self) -> tuple[list[torch.Tensor], list[str]]:
@@ -67,26 +65,3 @@ class WatchedParameters:
             return True
         now = map(dict.get, self._owners, self._keys)
         return not all(map(operator.is_, now, self._values))
-
-
-def _check_unique(names: list[str]) -> None:
-    if len(set(names)) == len(names):
-        return
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"parameter name {name!r} appears twice; records are keyed by "
-                             f"name, so each (name, tensor) pair needs its own name")
-        seen.add(name)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under ``torch.compile`` / DDP / DataParallel wrappers, so parameter
-    names carry no ``_orig_mod.`` or ``module.`` prefix."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model

@@ -521,3 +521,24 @@ def test_a_child_module_named_root_is_not_merged_with_the_root_parameters(caplog
     [line] = [m for m in caplog.messages if m.startswith("step 0")]
     assert "\n" not in line and line.endswith("NaN/Inf in evil\\nname")
     assert "largest: <root> nan, '<root>' 1.732" in line
+
+
+def test_step_checks_every_gradient_before_clipping_any():
+    """The monitor's clip takes the same checks as fused_clip_grad_norm_: an expanded
+    gradient (elements sharing memory) raises before the first gradient is scaled."""
+    first = torch.nn.Parameter(torch.ones(4))
+    expanded = torch.nn.Parameter(torch.ones(4))
+    first.grad = torch.full((4,), 10.0)
+    expanded.grad = torch.full((1,), 10.0).expand(4)
+    monitor = gradstats.GradMonitor([("first", first), ("expanded", expanded)], sinks=None)
+    with pytest.raises(RuntimeError, match="'expanded' is expanded"):
+        monitor.step(max_norm=1.0)
+    assert torch.equal(first.grad, torch.full((4,), 10.0))
+
+
+def test_sparse_gradients_with_a_composed_norm_type_name_the_parameter():
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    monitor = gradstats.GradMonitor(embedding, norm_type=0, sinks=None)
+    with pytest.raises(ValueError, match="sparse gradients need norm_type > 0.*'weight'"):
+        monitor.step()
