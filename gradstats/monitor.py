@@ -213,7 +213,7 @@ class GradMonitor:
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         self._undo_skip = None  # left over only if the last step raised: stale, drop it
         # `args` starts with the optimizer itself; a closure is the only other argument.
-        uses_closure = len(args) > 1 or kwargs.get("closure") is not None
+        uses_closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
         if uses_closure and (self._auto_step or self._found_inf is not None):
             raise RuntimeError("gradstats: GradMonitor cannot watch an optimizer step that "
                                "takes a closure (the closure recomputes the gradients after "
