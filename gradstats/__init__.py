@@ -15,11 +15,13 @@ from .clip import (
 )
 from .monitor import GradMonitor
 from .record import StepRecord
+from .routing import ClipRouting, route_torch_clipping
 from .stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipRouting",
     "GradMonitor",
     "GradStats",
     "StepRecord",
@@ -29,4 +31,5 @@ __all__ = [
     "fused_clip_grad_norm_",
     "get_total_norm",
     "grad_stats",
+    "route_torch_clipping",
 ]
