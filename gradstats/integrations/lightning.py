@@ -12,12 +12,7 @@ import torch
 from ..monitor import GradMonitor
 from ..record import StepRecord
 from ..stats import non_negative_float
-from ._trainer_steps import (
-    TrainerStepSink,
-    check_monitor_options,
-    make_sinks,
-    translate_callback,
-)
+from ._options import check_monitor_options, make_sinks
 
 try:
     import lightning.pytorch as pl
@@ -46,8 +41,8 @@ class GradStatsCallback(pl.Callback):
     manual optimization.
 
     Args:
-        log_every (int, optional): log optimizer steps ``0, log_every, ...`` (counted from the
-            start of the fit). Default: the Trainer's ``log_every_n_steps``
+        log_every (int, optional): log the optimizer steps whose ``global_step`` is a
+            multiple of ``log_every``. Default: the Trainer's ``log_every_n_steps``
         hist_every (int, optional): add histograms (to gradstats sinks) every ``hist_every``
             steps. Default: None
         sinks: gradstats sinks (``"jsonl:PATH"``, ``"tensorboard:DIR"``, objects with
@@ -55,8 +50,8 @@ class GradStatsCallback(pl.Callback):
         on_nonfinite (str or callable): as for :class:`gradstats.GradMonitor`. ``"raise"``
             raises ``RuntimeError`` from the training step before anything is clipped or
             updated; ``"skip"`` makes that optimizer step leave the weights unchanged (the
-            Trainer still counts it). A callable gets the Trainer's ``global_step``.
-            Default: ``"warn"``
+            Trainer still counts it). Warnings, errors and a callable name the Trainer's
+            ``global_step``. Default: ``"warn"``
         norm_type (float): order of the norms. Default: 2.0
         max_norm (float, optional): clip the gradients to this total norm from the same
             pass, instead of Lightning's clipping: leave ``Trainer(gradient_clip_val=None)``
@@ -104,7 +99,6 @@ class GradStatsCallback(pl.Callback):
         self.num_bins, self.min_exp = num_bins, min_exp
         self.log_to_loggers = log_to_loggers
         self.monitor: GradMonitor | None = None
-        self._steps: TrainerStepSink | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()  # a monitor left by an earlier fit
@@ -128,20 +122,21 @@ class GradStatsCallback(pl.Callback):
             sinks = make_sinks(self.sinks)
             if self.log_to_loggers and trainer.loggers:
                 sinks.append(_LoggersSink(trainer.loggers))
-        self._steps = TrainerStepSink(sinks)
         self.monitor = GradMonitor(
-            pl_module, sinks=[self._steps], optimizer=optimizer,
+            pl_module, sinks=sinks, optimizer=optimizer,
             log_every=(self.log_every if self.log_every is not None
                        else max(trainer.log_every_n_steps, 1)),
             hist_every=self.hist_every, norm_type=self.norm_type,
-            on_nonfinite=translate_callback(self.on_nonfinite, self._steps),
-            num_bins=self.num_bins, min_exp=self.min_exp)
+            on_nonfinite=self.on_nonfinite, num_bins=self.num_bins, min_exp=self.min_exp)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if self.monitor is None:
             return  # not fitting (no on_fit_start)
-        self._steps.expect(self.monitor.steps, trainer.global_step)
+        # Number the monitor's step as the Trainer's (it moves on only after the update), so
+        # records (even those that land a step late), warnings and errors carry the step
+        # Lightning logs this batch at.
+        self.monitor.steps = trainer.global_step
         self.monitor.step(self.max_norm)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
