@@ -132,10 +132,8 @@ def test_scalars_reach_tensorboard_through_report_to_and_max_norm_replaces_the_t
     (event_file,) = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
     events = EventAccumulator(event_file)
     events.Reload()
-    for tag, key in [("train/grad_norm/total", "grad_norm/total"),
-                     ("train/grad_norm/clip_coef", "grad_norm/clip_coef"),
-                     ("train/grad_norm/module/transformer.wte", "grad_norm/module/transformer.wte")]:
-        scalars = events.Scalars(tag)
+    for key in ["grad_norm/total", "grad_norm/clip_coef", "grad_norm/module/transformer.wte"]:
+        scalars = events.Scalars(f"train/{key}")  # the Trainer's TensorBoard prefix
         assert [s.step for s in scalars] == [1, 2, 3, 4]
         assert [s.value for s in scalars] == pytest.approx([log[key] for log in logs], rel=1e-6)
 
@@ -227,3 +225,14 @@ def test_log_every_defaults_to_the_trainers_logging_steps(tmp_path):
     logs = _step_logs(trainer)
     assert [h["step"] for h in logs] == [2, 4]
     assert [h["grad_norm/total"] for h in logs] == [r.total_norm for r in sink.records]
+
+
+def test_added_after_the_report_to_callbacks_warns_and_still_fills_log_history(tmp_path):
+    trainer = _trainer(tmp_path, [GradStatsCallback(report_modules=False)], max_steps=2,
+                       report_to=["tensorboard"])
+    with pytest.warns(UserWarning, match=r"add_to\(trainer\).*\(tensorboard\)"):
+        _train(trainer)
+    logs = _step_logs(trainer)
+    assert [h["grad_norm/total"] for h in logs] == pytest.approx([h["grad_norm"] for h in logs],
+                                                                 rel=1e-5)
+    assert not any(k.startswith("grad_norm/module/") for k in logs[0])

@@ -57,13 +57,19 @@ class GradStatsCallback(TrainerCallback):
             raises ``RuntimeError`` out of ``trainer.train()`` before the optimizer step;
             ``"skip"`` makes that optimizer step leave the weights unchanged (the Trainer
             still counts it and steps its LR scheduler). Warnings, errors and a callable
-            name the Trainer's step. Default: ``"warn"``
+            name the Trainer's step. Note that by the time this callback runs, one NaN/Inf
+            gradient has made every gradient NaN: the Trainer's clip (or, with
+            ``max_grad_norm=0``, its ``grad_norm``, computed by the same call with
+            ``max_norm=inf``) scales all of them by ``max_norm / nan``. Default: ``"warn"``
         norm_type (float): order of the norms. Default: 2.0
         max_norm (float, optional): clip the gradients to this total norm from the same
             pass; set ``TrainingArguments(max_grad_norm=0)`` so the Trainer does not clip
             first (a warning says so otherwise).
         num_bins, min_exp (int): histogram layout, as for :func:`gradstats.grad_stats`.
         report (bool): add the scalars to the Trainer's logs. Default: True
+        report_modules (bool): include the per-module scalars in the Trainer's logs (they
+            are also printed to the console by its printer/progress callback); gradstats
+            sinks always get them. Default: True
 
     Example::
 
@@ -86,13 +92,16 @@ class GradStatsCallback(TrainerCallback):
         num_bins: int = 64,
         min_exp: int = -40,
         report: bool = True,
+        report_modules: bool = True,
     ):
         self.log_every = log_every
         self.options = dict(hist_every=hist_every, norm_type=norm_type, num_bins=num_bins,
                             min_exp=min_exp, on_nonfinite=on_nonfinite)
         check_monitor_options(log_every=1 if log_every is None else log_every, **self.options)
         self.max_norm = None if max_norm is None else non_negative_float("max_norm", max_norm)
-        self.sinks, self.on_nonfinite, self.report = sinks, on_nonfinite, report
+        self.sinks, self.on_nonfinite = sinks, on_nonfinite
+        self.report, self.report_modules = report, report_modules
+        self._placed = False  # by add_to, before the report_to callbacks
         self.monitor: GradMonitor | None = None
         self._latest: _LatestRecord | None = None
         self._reported_step: int | None = None
@@ -105,12 +114,20 @@ class GradStatsCallback(TrainerCallback):
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
+        self._placed = True
         return self
 
     # -- events -------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model=None, optimizer=None, **kwargs) -> None:
         self._close()  # a monitor left by an earlier train()
+        if self.report and args.report_to and not self._placed:
+            warnings.warn(
+                "GradStatsCallback was not added with GradStatsCallback(...).add_to(trainer): "
+                "Trainer(callbacks=[...]) and trainer.add_callback() run it after the report_to "
+                f"callbacks ({', '.join(args.report_to)}), which then log without the gradient "
+                "statistics (trainer.state.log_history and gradstats sinks still get them)",
+                UserWarning, stacklevel=2)
         if self.max_norm is not None and args.max_grad_norm:
             warnings.warn(
                 f"GradStatsCallback(max_norm={self.max_norm}) clips, and the Trainer clips "
@@ -147,10 +164,14 @@ class GradStatsCallback(TrainerCallback):
         # The Trainer synchronised already (loss.item()), so the records have landed.
         self.monitor.flush()
         record = self._latest.record
-        if record is None or record.step != state.global_step or record.step == self._reported_step:
-            return  # no record for this step (or already in an earlier log of this step)
+        if record is None or record.step != state.global_step:
+            return  # no record of the step being logged
+        if record.step == self._reported_step:
+            return  # it went into an earlier log of this step (then the end-of-train summary)
         self._reported_step = record.step
         scalars = record.scalars()
+        if not self.report_modules:
+            scalars = {k: v for k, v in scalars.items() if "/module/" not in k}
         logs.update(scalars)
         # Trainer.log appended a copy of the logs to log_history before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
