@@ -1,8 +1,7 @@
-"""Checking and building what the framework callbacks hand to ``GradMonitor``."""
+"""What the framework callbacks hand to ``GradMonitor``: options checked early, sink lists."""
 from __future__ import annotations
 
 from ..monitor import GradMonitor
-from ..sinks import make_sink
 
 
 def check_monitor_options(**options) -> None:
@@ -11,19 +10,11 @@ def check_monitor_options(**options) -> None:
     GradMonitor([], sinks=[], **options).close()
 
 
-def make_sinks(specs) -> list:
-    """gradstats sinks from one spec or a list of them (``None``: none), closing the ones
-    already opened when a later one cannot be made."""
+def sink_list(specs) -> list:
+    """One sink spec or a list of them, as a new list (``None``: empty), for the callback to
+    add its own sinks to; ``GradMonitor`` makes them."""
     if specs is None:
         return []
     if isinstance(specs, str) or callable(getattr(specs, "write", None)):
-        specs = [specs]
-    sinks = []
-    try:
-        for spec in specs:
-            sinks.append(make_sink(spec))
-    except BaseException:
-        for sink in sinks:
-            getattr(sink, "close", lambda: None)()
-        raise
-    return sinks
+        return [specs]
+    return list(specs)

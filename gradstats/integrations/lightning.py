@@ -12,7 +12,7 @@ import torch
 from ..monitor import GradMonitor
 from ..record import StepRecord
 from ..stats import non_negative_float
-from ._options import check_monitor_options, make_sinks
+from ._options import check_monitor_options, sink_list
 
 try:
     import lightning.pytorch as pl
@@ -119,7 +119,7 @@ class GradStatsCallback(pl.Callback):
             optimizer = trainer.optimizers[0]
         sinks = []
         if trainer.is_global_zero:  # one writer per run, as Lightning's loggers
-            sinks = make_sinks(self.sinks)
+            sinks = sink_list(self.sinks)
             if self.log_to_loggers and trainer.loggers:
                 sinks.append(_LoggersSink(trainer.loggers))
         self.monitor = GradMonitor(
