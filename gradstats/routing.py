@@ -64,7 +64,7 @@ class _Routing:
             else:
                 warnings.warn(f"gradstats: {module.__name__}.{name} was replaced by something "
                               "else while routed to gradstats; leaving that in place",
-                              RuntimeWarning, stacklevel=4)
+                              RuntimeWarning, stacklevel=3)
 
 
 class ClipRouting:
