@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate", "timm")
 
 
@@ -15,3 +17,14 @@ def test_importing_gradstats_imports_no_framework():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=root)
     assert result.stdout.strip() == "[]"
+
+
+def test_lightning_callback_falls_back_to_pytorch_lightning():
+    pytest.importorskip("pytorch_lightning")
+    code = ("import sys; sys.modules['lightning'] = None  # as if not installed\n"
+            "import pytorch_lightning\n"
+            "from gradstats.integrations.lightning import GradStatsCallback\n"
+            "assert issubclass(GradStatsCallback, pytorch_lightning.Callback)\n"
+            "assert 'lightning.pytorch' not in sys.modules\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

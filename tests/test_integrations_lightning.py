@@ -3,7 +3,6 @@ records per optimizer step at the Trainer's step, values against gradients captu
 same moment, clipping from the same pass, and NaN handling (warn / raise / skip)."""
 import csv
 import math
-import warnings
 
 import pytest
 import torch
@@ -14,6 +13,11 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from gradstats.integrations.lightning import GradStatsCallback  # noqa: E402
 
 LR = 0.1
+# Lightning's own notices about tiny runs and its internals, not about this integration.
+LIGHTNING_NOISE = [pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+                   pytest.mark.filterwarnings("ignore:The number of training batches"),
+                   pytest.mark.filterwarnings("ignore:.*does not have many workers")]
+pytestmark = LIGHTNING_NOISE
 
 
 class TinyModule(pl.LightningModule):
@@ -73,9 +77,7 @@ def _fit(tmp_path, callbacks, data, max_steps, nan_batch=None, **trainer_kwargs)
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, **trainer_kwargs)
     module = TinyModule(nan_batch)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, data)
+    trainer.fit(module, data)
     return trainer, module
 
 

@@ -298,6 +298,8 @@ def test_timm_native_scaler_clips_through_gradstats(mode, value, routed_name, ca
     assert not torch.equal(weights[0], _tiny_model()[0].weight.detach())  # it trained
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")  # Lightning's internals
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
 @pytest.mark.parametrize("algorithm, clip_val, routed_name", [
     ("norm", 0.05, "clip_grad_norm_"), ("value", 0.001, "clip_grad_value_")])
 def test_lightning_gradient_clip_val_clips_through_gradstats(algorithm, clip_val, routed_name,
