@@ -46,11 +46,13 @@ class _Routing:
     """One installation: the routed functions, and what each module attribute held before."""
 
     def __init__(self):
-        self.saved = {(module, name): getattr(module, name)
-                      for module in _MODULES for name in _NAMES if hasattr(module, name)}
+        # Those this torch has (get_total_norm and clip_grads_with_norm_ came in 2.6); what
+        # torch.nn.utils holds is what tensors gradstats does not serve go to.
         originals = {name: getattr(torch.nn.utils, name)
                      for name in _NAMES if hasattr(torch.nn.utils, name)}
         self.routed = {name: _ROUTERS[name](original) for name, original in originals.items()}
+        self.saved = {(module, name): getattr(module, name)
+                      for module in _MODULES for name in self.routed if hasattr(module, name)}
         self.holders = 0
 
     def install(self) -> None:
