@@ -54,11 +54,29 @@ class Capture(TrainerCallback):
 
 
 class ListSink:
-    def __init__(self):
-        self.records = []
+    def __init__(self, clock=lambda: None):
+        self.records, self.clock, self.written_at = [], clock, []
 
     def write(self, record):
         self.records.append(record)
+        self.written_at.append(self.clock())
+
+
+@pytest.fixture(params=["land-at-once", "land-late"])
+def landing(request, monkeypatch):
+    """``land-late``: the host copies never report ready by themselves, so records land only
+    when the monitor waits (flush, close), as with a GPU running behind the host: each
+    record must still carry the step it was taken at."""
+    if request.param == "land-late":
+        def never_ready(device):
+            return (lambda: False), (lambda: None)
+        try:  # where the fence lives after the monitor refactor, then before it
+            from gradstats import record_queue
+            monkeypatch.setattr(record_queue, "copy_fence", never_ready)
+        except ImportError:
+            from gradstats import monitor
+            monkeypatch.setattr(monitor, "_copy_fence", never_ready)
+    return request.param
 
 
 def _trainer(tmp_path, callbacks=(), **arguments):
@@ -88,12 +106,16 @@ def _step_logs(trainer):
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_one_record_per_update_at_the_trainers_step_with_reference_norms(tmp_path, accumulation):
-    capture, sink = Capture(), ListSink()
+def test_one_record_per_update_at_the_trainers_step_with_reference_norms(tmp_path, accumulation,
+                                                                         landing):
+    capture = Capture()  # runs after the gradstats callback, which add_to puts first
+    sink = ListSink(clock=lambda: len(capture.steps))
     trainer = _trainer(tmp_path, [capture], gradient_accumulation_steps=accumulation)
     GradStatsCallback(sinks=[sink]).add_to(trainer)
     _train(trainer)
     assert capture.steps == [0, 1, 2, 3]  # once per update, not per micro-batch
+    # written in on_pre_optimizer_step, or when on_log waits for them (after the update)
+    assert sink.written_at == ([0, 1, 2, 3] if landing == "land-at-once" else [1, 2, 3, 4])
     assert [r.step for r in sink.records] == [1, 2, 3, 4]  # as the Trainer counts updates
     logs = _step_logs(trainer)
     assert [h["step"] for h in logs] == [1, 2, 3, 4]

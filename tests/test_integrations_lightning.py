@@ -56,14 +56,32 @@ class Capture(pl.Callback):
 
 
 class ListSink:
-    def __init__(self):
-        self.records, self.closed = [], False
+    def __init__(self, clock=lambda: None):
+        self.records, self.closed, self.clock, self.written_at = [], False, clock, []
 
     def write(self, record):
         self.records.append(record)
+        self.written_at.append(self.clock())
 
     def close(self):
         self.closed = True
+
+
+@pytest.fixture(params=["land-at-once", "land-late"])
+def landing(request, monkeypatch):
+    """``land-late``: the host copies never report ready by themselves, so records land only
+    when the monitor waits (flush, close), as with a GPU running behind the host: each
+    record must still carry the step it was taken at."""
+    if request.param == "land-late":
+        def never_ready(device):
+            return (lambda: False), (lambda: None)
+        try:  # where the fence lives after the monitor refactor, then before it
+            from gradstats import record_queue
+            monkeypatch.setattr(record_queue, "copy_fence", never_ready)
+        except ImportError:
+            from gradstats import monitor
+            monkeypatch.setattr(monitor, "_copy_fence", never_ready)
+    return request.param
 
 
 def _data(n_batches):
@@ -92,11 +110,15 @@ def _norm(tensors):
     return float(torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors])))
 
 
-def test_one_record_per_optimizer_step_at_the_trainers_step_with_reference_norms(tmp_path):
-    capture, sink = Capture(), ListSink()
+def test_one_record_per_optimizer_step_at_the_trainers_step_with_reference_norms(tmp_path,
+                                                                                  landing):
+    capture = Capture()
+    sink = ListSink(clock=lambda: len(capture.steps))
     trainer, _ = _fit(tmp_path, [capture, GradStatsCallback(log_every=1, sinks=[sink])],
                       _data(6), max_steps=3, accumulate_grad_batches=2)
     assert capture.steps == [0, 1, 2]  # 6 batches, 2 per optimizer step
+    # written at the step, or all at the end of training (before the loggers finalize)
+    assert sink.written_at == ([1, 2, 3] if landing == "land-at-once" else [3, 3, 3])
     # Lightning passes the torch optimizer itself, the one whose step() runs the closure.
     assert all(opt is trainer.optimizers[0] for opt in capture.optimizers)
     assert isinstance(capture.optimizers[0], torch.optim.SGD)
