@@ -167,6 +167,13 @@ def test_max_norm_with_the_trainers_clip_warns(tmp_path):
         _train(trainer)
 
 
+def test_max_grad_norm_none_is_a_clear_error(tmp_path):
+    trainer = _trainer(tmp_path, max_grad_norm=None, max_steps=1)
+    GradStatsCallback(max_norm=0.5).add_to(trainer)
+    with pytest.raises(ValueError, match="max_grad_norm=0 turns its clipping off"):
+        _train(trainer)
+
+
 def _nan_at_update(trainer, update):
     """A NaN in one gradient (``transformer.h.0.mlp.c_fc.bias``) on update ``update``."""
     bias = trainer.model.transformer.h[0].mlp.c_fc.bias

@@ -128,6 +128,10 @@ class GradStatsCallback(TrainerCallback):
                 f"callbacks ({', '.join(args.report_to)}), which then log without the gradient "
                 "statistics (trainer.state.log_history and gradstats sinks still get them)",
                 UserWarning, stacklevel=2)
+        if args.max_grad_norm is None:  # transformers 5.x compares it with 0 at every update
+            raise ValueError("TrainingArguments(max_grad_norm=None) fails in the Trainer's "
+                             "update ('>' between None and int); max_grad_norm=0 turns its "
+                             "clipping off")
         if self.max_norm is not None and args.max_grad_norm:
             warnings.warn(
                 f"GradStatsCallback(max_norm={self.max_norm}) clips, and the Trainer clips "
