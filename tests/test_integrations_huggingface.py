@@ -5,12 +5,11 @@ scalars in ``log_history`` and in TensorBoard's event files, ``max_norm`` in pla
 Trainer's clip, NaN handling, and ``GradMonitor.attach`` on the Trainer's optimizer."""
 import glob
 import math
-import warnings
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -38,10 +37,11 @@ class TokenData(torch.utils.data.Dataset):
 
 class Capture(TrainerCallback):
     """The independent reference: gradients and weights where this callback sits in the
-    list, before the optimizer step, and the weights after it."""
+    list, before the optimizer step, and the weights and gradients after it."""
 
     def __init__(self):
         self.steps, self.grads, self.before, self.after = [], [], [], []
+        self.grads_after = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.steps.append(state.global_step)
@@ -51,6 +51,7 @@ class Capture(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        self.grads_after.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
 
 
 class ListSink:
@@ -91,12 +92,6 @@ def _trainer(tmp_path, callbacks=(), **arguments):
                    callbacks=list(callbacks))
 
 
-def _train(trainer):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*loss_type=None.*")
-        trainer.train()
-
-
 def _norm(tensors):
     return float(torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors])))
 
@@ -112,7 +107,7 @@ def test_one_record_per_update_at_the_trainers_step_with_reference_norms(tmp_pat
     sink = ListSink(clock=lambda: len(capture.steps))
     trainer = _trainer(tmp_path, [capture], gradient_accumulation_steps=accumulation)
     GradStatsCallback(sinks=[sink]).add_to(trainer)
-    _train(trainer)
+    trainer.train()
     assert capture.steps == [0, 1, 2, 3]  # once per update, not per micro-batch
     # written in on_pre_optimizer_step, or when on_log waits for them (after the update)
     assert sink.written_at == ([0, 1, 2, 3] if landing == "land-at-once" else [1, 2, 3, 4])
@@ -142,7 +137,7 @@ def test_scalars_reach_tensorboard_through_report_to_and_max_norm_replaces_the_t
     after = Capture()  # runs after the gradstats callback: sees the clipped gradients
     trainer = _trainer(tmp_path, [after], report_to=["tensorboard"])  # to output_dir/runs/
     GradStatsCallback(max_norm=max_norm).add_to(trainer)
-    _train(trainer)
+    trainer.train()
     logs = _step_logs(trainer)
     for log, grads in zip(logs, after.grads):
         # The Trainer did not clip (max_grad_norm=0): its grad_norm is the norm before.
@@ -164,14 +159,14 @@ def test_max_norm_with_the_trainers_clip_warns(tmp_path):
     trainer = _trainer(tmp_path, max_grad_norm=1.0, max_steps=1)
     GradStatsCallback(max_norm=0.5).add_to(trainer)
     with pytest.warns(UserWarning, match="clipped twice"):
-        _train(trainer)
+        trainer.train()
 
 
 def test_max_grad_norm_none_is_a_clear_error(tmp_path):
     trainer = _trainer(tmp_path, max_grad_norm=None, max_steps=1)
     GradStatsCallback(max_norm=0.5).add_to(trainer)
     with pytest.raises(ValueError, match="max_grad_norm=0 turns its clipping off"):
-        _train(trainer)
+        trainer.train()
 
 
 def _nan_at_update(trainer, update):
@@ -186,7 +181,7 @@ def test_nonfinite_raise_stops_before_the_optimizer_step(tmp_path):
     GradStatsCallback(on_nonfinite="raise").add_to(trainer)
     _nan_at_update(trainer, 1)
     with pytest.raises(RuntimeError, match=r"step 2 in .*'transformer.h.0.mlp.c_fc.bias' \(128 "):
-        _train(trainer)
+        trainer.train()
     assert capture.steps == [0]  # the capture callback runs after gradstats': not reached
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), capture.after[0][name])
@@ -199,7 +194,7 @@ def test_nonfinite_skip_leaves_the_weights_of_that_update_bit_identical(tmp_path
     GradStatsCallback(on_nonfinite="skip").add_to(trainer)
     _nan_at_update(trainer, 1)
     with pytest.warns(RuntimeWarning, match="step 2 .* its optimizer update was skipped"):
-        _train(trainer)
+        trainer.train()
     assert capture.steps == [0, 1, 2, 3]
     for name, weight in capture.before[1].items():
         assert torch.equal(capture.after[1][name], weight)  # the NaN update: no change at all
@@ -227,21 +222,23 @@ class AttachMonitor(TrainerCallback):
 def test_monitor_attached_to_the_trainers_optimizer_steps_once_per_update(tmp_path):
     sink, capture = ListSink(), Capture()
     trainer = _trainer(tmp_path, [AttachMonitor(sink), capture], gradient_accumulation_steps=2)
-    _train(trainer)
+    trainer.train()
     assert [r.step for r in sink.records] == [0, 1, 2, 3]
     logs = _step_logs(trainer)
-    for record, log, grads in zip(sink.records, logs, capture.grads):
+    for record, log, grads, clipped in zip(sink.records, logs, capture.grads,
+                                           capture.grads_after):
         # before the optimizer step, after on_pre_optimizer_step: the Trainer's grad_norm
         assert record.total_norm == pytest.approx(log["grad_norm"], rel=1e-5)
         assert record.total_norm == pytest.approx(_norm(grads.values()), rel=1e-5)
         assert record.clip_coef == pytest.approx(0.5 / (record.total_norm + 1e-6), rel=1e-5)
+        assert _norm(clipped) == pytest.approx(0.5, rel=1e-5)  # clipped before the update
 
 
 @pytest.mark.xfail(reason="GradMonitor.attach does not look under AcceleratedOptimizer, which "
                           "has no step hooks of its own (monitor.py)", strict=False)
 def test_monitor_attached_to_the_accelerated_optimizer_itself(tmp_path):
     sink = ListSink()
-    _train(_trainer(tmp_path, [AttachMonitor(sink, unwrap=False)], max_steps=2))
+    _trainer(tmp_path, [AttachMonitor(sink, unwrap=False)], max_steps=2).train()
     assert [r.step for r in sink.records] == [0, 1]
 
 
@@ -249,7 +246,7 @@ def test_log_every_defaults_to_the_trainers_logging_steps(tmp_path):
     sink = ListSink()
     trainer = _trainer(tmp_path, logging_steps=2)
     GradStatsCallback(sinks=[sink]).add_to(trainer)
-    _train(trainer)
+    trainer.train()
     assert [r.step for r in sink.records] == [2, 4]
     logs = _step_logs(trainer)
     assert [h["step"] for h in logs] == [2, 4]
@@ -260,7 +257,7 @@ def test_added_after_the_report_to_callbacks_warns_and_still_fills_log_history(t
     trainer = _trainer(tmp_path, [GradStatsCallback(report_modules=False)], max_steps=2,
                        report_to=["tensorboard"])
     with pytest.warns(UserWarning, match=r"add_to\(trainer\).*\(tensorboard\)"):
-        _train(trainer)
+        trainer.train()
     logs = _step_logs(trainer)
     assert [h["grad_norm/total"] for h in logs] == pytest.approx([h["grad_norm"] for h in logs],
                                                                  rel=1e-5)
