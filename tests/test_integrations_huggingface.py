@@ -4,6 +4,7 @@ against the gradients at that moment and against the Trainer's own ``grad_norm``
 scalars in ``log_history`` and in TensorBoard's event files, ``max_norm`` in place of the
 Trainer's clip, NaN handling, and ``GradMonitor.attach`` on the Trainer's optimizer."""
 import glob
+import importlib
 import math
 
 import pytest
@@ -71,12 +72,12 @@ def landing(request, monkeypatch):
     if request.param == "land-late":
         def never_ready(device):
             return (lambda: False), (lambda: None)
-        try:  # where the fence lives after the monitor refactor, then before it
-            from gradstats import record_queue
-            monkeypatch.setattr(record_queue, "copy_fence", never_ready)
-        except ImportError:
-            from gradstats import monitor
+        from gradstats import monitor
+        if hasattr(monitor, "_copy_fence"):  # before the monitor refactor
             monkeypatch.setattr(monitor, "_copy_fence", never_ready)
+        else:  # after it (gradstats/record_queue.py)
+            monkeypatch.setattr(importlib.import_module("gradstats.record_queue"),
+                                "copy_fence", never_ready)
     return request.param
 
 

@@ -2,6 +2,7 @@
 records per optimizer step at the Trainer's step, values against gradients captured at the
 same moment, clipping from the same pass, and NaN handling (warn / raise / skip)."""
 import csv
+import importlib
 import math
 
 import pytest
@@ -75,12 +76,12 @@ def landing(request, monkeypatch):
     if request.param == "land-late":
         def never_ready(device):
             return (lambda: False), (lambda: None)
-        try:  # where the fence lives after the monitor refactor, then before it
-            from gradstats import record_queue
-            monkeypatch.setattr(record_queue, "copy_fence", never_ready)
-        except ImportError:
-            from gradstats import monitor
+        from gradstats import monitor
+        if hasattr(monitor, "_copy_fence"):  # before the monitor refactor
             monkeypatch.setattr(monitor, "_copy_fence", never_ready)
+        else:  # after it (gradstats/record_queue.py)
+            monkeypatch.setattr(importlib.import_module("gradstats.record_queue"),
+                                "copy_fence", never_ready)
     return request.param
 
 
