@@ -17,11 +17,13 @@ from .logs import read_jsonl, records_to_rows
 from .monitor import GradMonitor
 from .nonfinite import NonFiniteGradientWarning
 from .record import StepRecord
+from .routing import ClipRouting, route_torch_clipping
 from .stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipRouting",
     "GradMonitor",
     "GradStats",
     "NonFiniteGradientWarning",
@@ -34,4 +36,5 @@ __all__ = [
     "grad_stats",
     "read_jsonl",
     "records_to_rows",
+    "route_torch_clipping",
 ]
