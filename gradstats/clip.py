@@ -18,6 +18,10 @@ differences, all where torch fails or is needlessly slow:
   scaled twice, exactly torch's result, on every backend (such gradients leave the
   parallel kernel launch for the reference path);
 - ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
+- ``max_norm=inf`` never changes a gradient. torch multiplies every gradient by
+  ``clamp(inf / (total + 1e-6), max=1)``, which is NaN when the total is: one NaN gradient
+  turns all of them NaN, and the Hugging Face Trainer measures its norm exactly that way,
+  hiding where the NaN came from;
 - every check runs before the first gradient changes, on every backend: a negative or
   NaN ``max_norm``/``clip_value``, a ``total_norm`` that is not 0-d, sparse or complex
   gradients for ``clip_grad_value_``, a ``clip_value`` beyond a gradient dtype's range,
@@ -176,6 +180,8 @@ def clip_grads_with_norm_(
     total_norm = torch.as_tensor(total_norm)
     check_total_norm(total_norm)
     # torch's formula, in total_norm's dtype and on its device, so results match torch.
+    if max_norm == math.inf:
+        return  # no clipping asked for (see the module docstring)
     clip_coef = torch.clamp(max_norm / (total_norm + reference.EPS), max=1.0)
     ops.scale_(grads, clip_coef)
 
@@ -226,7 +232,8 @@ def fused_clip_grad_norm_(
     total = result.total_norm.to(norm_result_dtype(grads))
     if error_if_nonfinite:
         _raise_if_nonfinite(result, total, p, names, "parameter", params)
-    ops.scale_(grads, result.clip_coef)
+    if max_norm != math.inf:  # inf: no clipping asked for (see the module docstring)
+        ops.scale_(grads, result.clip_coef)
     return total
 
 

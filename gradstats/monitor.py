@@ -189,7 +189,7 @@ class GradMonitor:
             self._raise_if_nonfinite(step, stats, overflow)
         if self.on_nonfinite == "skip":
             self._hooks.pending_skip = (stats.nonfinite.sum() > 0).to(torch.float32)
-        if clip and grads:
+        if clip and grads and max_norm != math.inf:  # inf: nothing to clip, as in clip.py
             ops.scale_(grads, stats.clip_coef)
         self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
         return stats.total_norm.to(norm_result_dtype(grads)) if grads else stats.total_norm

@@ -60,3 +60,17 @@ def small_chunks(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(params=["land-at-once", "land-late"])
+def landing(request, monkeypatch):
+    """``land-late``: the host copies never report ready by themselves, so records land only
+    when the monitor waits (flush, close), as with a GPU running behind the host: each
+    record must still carry the step it was taken at."""
+    if request.param == "land-late":
+        from gradstats import record_queue
+
+        def never_ready(device):
+            return (lambda: False), (lambda: None)
+        monkeypatch.setattr(record_queue, "copy_fence", never_ready)
+    return request.param

@@ -571,3 +571,25 @@ def test_expanded_grad_raises_before_anything_is_updated(backend_device, call):
     with pytest.raises(RuntimeError, match=r"the gradient of parameter 1 is expanded"):
         ours(with_grads([first, expanded]))
     assert first.tolist() == [5.0] * 3
+
+
+@pytest.mark.parametrize("clip", ["fused_clip_grad_norm_", "clip_grads_with_norm_", "grad_stats",
+                                  "monitor"])
+def test_infinite_max_norm_never_spreads_one_nan_to_every_gradient(backend_device, clip):
+    """torch scales by clamp(inf / (nan + 1e-6), max=1) = nan, turning every gradient NaN
+    (the Hugging Face Trainer measures its norm with max_norm=inf); gradstats leaves them."""
+    finite = torch.nn.Parameter(torch.ones(3, device=backend_device))
+    poisoned = torch.nn.Parameter(torch.ones(3, device=backend_device))
+    finite.grad = torch.tensor([1.0, 2.0, 3.0], device=backend_device)
+    poisoned.grad = torch.tensor([1.0, float("nan"), 2.0], device=backend_device)
+    params = [finite, poisoned]
+    if clip == "fused_clip_grad_norm_":
+        assert gradstats.fused_clip_grad_norm_(params, math.inf).isnan()
+    elif clip == "clip_grads_with_norm_":
+        gradstats.clip_grads_with_norm_(params, math.inf, torch.tensor(math.nan))
+    elif clip == "grad_stats":
+        assert gradstats.grad_stats(params, max_norm=math.inf).nonfinite.tolist() == [0, 1]
+    else:
+        gradstats.GradMonitor(params, sinks=None, on_nonfinite="ignore").step(max_norm=math.inf)
+    assert torch.equal(finite.grad, torch.tensor([1.0, 2.0, 3.0], device=backend_device))
+    assert poisoned.grad.isnan().tolist() == [False, True, False]

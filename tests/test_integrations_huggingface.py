@@ -4,8 +4,8 @@ against the gradients at that moment and against the Trainer's own ``grad_norm``
 scalars in ``log_history`` and in TensorBoard's event files, ``max_norm`` in place of the
 Trainer's clip, NaN handling, and ``GradMonitor.attach`` on the Trainer's optimizer."""
 import glob
-import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+import gradstats  # noqa: E402
 from gradstats import GradMonitor  # noqa: E402
 from gradstats.integrations.huggingface import GradStatsCallback  # noqa: E402
 
@@ -62,23 +63,6 @@ class ListSink:
     def write(self, record):
         self.records.append(record)
         self.written_at.append(self.clock())
-
-
-@pytest.fixture(params=["land-at-once", "land-late"])
-def landing(request, monkeypatch):
-    """``land-late``: the host copies never report ready by themselves, so records land only
-    when the monitor waits (flush, close), as with a GPU running behind the host: each
-    record must still carry the step it was taken at."""
-    if request.param == "land-late":
-        def never_ready(device):
-            return (lambda: False), (lambda: None)
-        from gradstats import monitor
-        if hasattr(monitor, "_copy_fence"):  # before the monitor refactor
-            monkeypatch.setattr(monitor, "_copy_fence", never_ready)
-        else:  # after it (gradstats/record_queue.py)
-            monkeypatch.setattr(importlib.import_module("gradstats.record_queue"),
-                                "copy_fence", never_ready)
-    return request.param
 
 
 def _trainer(tmp_path, callbacks=(), **arguments):
@@ -186,6 +170,20 @@ def test_nonfinite_raise_stops_before_the_optimizer_step(tmp_path):
     assert capture.steps == [0]  # the capture callback runs after gradstats': not reached
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), capture.after[0][name])
+
+
+def test_with_routing_the_trainers_norm_call_no_longer_spreads_the_nan(tmp_path):
+    """With max_grad_norm=0 the Trainer still measures its grad_norm through
+    clip_grad_norm_(max_norm=inf), which in torch multiplies every gradient by NaN once one
+    is NaN; routed to gradstats it changes nothing, so the alarm names the one parameter."""
+    trainer = _trainer(tmp_path)
+    GradStatsCallback(on_nonfinite="raise").add_to(trainer)
+    _nan_at_update(trainer, 1)
+    with gradstats.route_torch_clipping():
+        with pytest.raises(RuntimeError) as raised:
+            trainer.train()
+    assert re.search(r"step 2 in 'transformer.h.0.mlp.c_fc.bias' \(128 NaN/Inf\); nothing",
+                     str(raised.value))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "adamw"])

@@ -2,7 +2,6 @@
 records per optimizer step at the Trainer's step, values against gradients captured at the
 same moment, clipping from the same pass, and NaN handling (warn / raise / skip)."""
 import csv
-import importlib
 import math
 
 import pytest
@@ -66,23 +65,6 @@ class ListSink:
 
     def close(self):
         self.closed = True
-
-
-@pytest.fixture(params=["land-at-once", "land-late"])
-def landing(request, monkeypatch):
-    """``land-late``: the host copies never report ready by themselves, so records land only
-    when the monitor waits (flush, close), as with a GPU running behind the host: each
-    record must still carry the step it was taken at."""
-    if request.param == "land-late":
-        def never_ready(device):
-            return (lambda: False), (lambda: None)
-        from gradstats import monitor
-        if hasattr(monitor, "_copy_fence"):  # before the monitor refactor
-            monkeypatch.setattr(monitor, "_copy_fence", never_ready)
-        else:  # after it (gradstats/record_queue.py)
-            monkeypatch.setattr(importlib.import_module("gradstats.record_queue"),
-                                "copy_fence", never_ready)
-    return request.param
 
 
 def _data(n_batches):

@@ -57,10 +57,13 @@ class GradStatsCallback(TrainerCallback):
             raises ``RuntimeError`` out of ``trainer.train()`` before the optimizer step;
             ``"skip"`` makes that optimizer step leave the weights unchanged (the Trainer
             still counts it and steps its LR scheduler). Warnings, errors and a callable
-            name the Trainer's step. Note that by the time this callback runs, one NaN/Inf
-            gradient has made every gradient NaN: the Trainer's clip (or, with
-            ``max_grad_norm=0``, its ``grad_norm``, computed by the same call with
-            ``max_norm=inf``) scales all of them by ``max_norm / nan``. Default: ``"warn"``
+            name the Trainer's step. By the time this callback runs, torch's clip has
+            made every gradient NaN once one is: the Trainer's clip (or, with
+            ``max_grad_norm=0``, its ``grad_norm``, measured by the same call with
+            ``max_norm=inf``) scales all of them by ``max_norm / nan``. Run
+            ``trainer.train()`` under :func:`gradstats.route_torch_clipping` and that call
+            is gradstats', which leaves the gradients alone at ``max_norm=inf``: the alarm
+            then names the parameter that went non-finite. Default: ``"warn"``
         norm_type (float): order of the norms. Default: 2.0
         max_norm (float, optional): clip the gradients to this total norm from the same
             pass; set ``TrainingArguments(max_grad_norm=0)`` so the Trainer does not clip
