@@ -10,8 +10,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from ..monitor import GradMonitor
 from ..record import StepRecord
-from ..stats import non_negative_float
-from ._options import check_monitor_options, sink_list
+from ..checks import non_negative_float
+from ..sinks import sink_specs
+from ._options import check_monitor_options
 
 __all__ = ["GradStatsCallback"]
 
@@ -145,7 +146,7 @@ class GradStatsCallback(TrainerCallback):
         # "skip" acts on the torch optimizer: accelerate's AcceleratedOptimizer.step()
         # calls its step(), whose hooks make the update a no-op.
         torch_optimizer = _torch_optimizer(optimizer) if self.on_nonfinite == "skip" else None
-        sinks = sink_list(self.sinks) if state.is_world_process_zero else []
+        sinks = sink_specs(self.sinks) if state.is_world_process_zero else []
         self._latest, self._reported_step = _LatestRecord(), None
         log_every = self.log_every
         if log_every is None:

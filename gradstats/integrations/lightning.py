@@ -11,8 +11,9 @@ import torch
 
 from ..monitor import GradMonitor
 from ..record import StepRecord
-from ..stats import non_negative_float
-from ._options import check_monitor_options, sink_list
+from ..checks import non_negative_float
+from ..sinks import sink_specs
+from ._options import check_monitor_options
 
 try:
     import lightning.pytorch as pl
@@ -119,7 +120,7 @@ class GradStatsCallback(pl.Callback):
             optimizer = trainer.optimizers[0]
         sinks = []
         if trainer.is_global_zero:  # one writer per run, as Lightning's loggers
-            sinks = sink_list(self.sinks)
+            sinks = sink_specs(self.sinks)
             if self.log_to_loggers and trainer.loggers:
                 sinks.append(_LoggersSink(trainer.loggers))
         self.monitor = GradMonitor(

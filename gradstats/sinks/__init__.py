@@ -125,7 +125,7 @@ def open_sinks(specs) -> list:
     """
     from .files import check_target  # here: this package's __init__ stays import-light
 
-    checked = [_check_spec(spec) for spec in _as_list(specs)]
+    checked = [_check_spec(spec) for spec in sink_specs(specs)]
     paths = [spec.path.resolve() for spec in checked
              if isinstance(spec, SinkSpec) and spec.path is not None]
     for path in paths:
@@ -145,7 +145,8 @@ def open_sinks(specs) -> list:
     return sinks
 
 
-def _as_list(specs) -> list:
+def sink_specs(specs) -> list:
+    """One sink spec or a list of them, as a new list (``None``: empty)."""
     if specs is None:
         return []
     if isinstance(specs, str) or callable(getattr(specs, "write", None)):
