@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import triton_can_read
-from .kernels.config import LaunchConfig, launch_config
+from .launch_config import LaunchConfig, launch_config
 
 # Plans kept at once: a training job needs one per device and parameter set, a monitor
 # with clipping a few more; old entries are dropped first.

@@ -1,4 +1,5 @@
-"""Launch settings per device kind and dtype.
+"""Launch settings per device kind and dtype (chunk, block, warps). Outside ``kernels/``: the
+work lists are built from them and the reference sums per chunk, neither importing triton.
 
 ``chunk`` is the work unit: one program reads ``chunk`` elements of one tensor, so a tiny
 bias and a huge embedding both split into equal pieces. ``block`` is how many elements a
