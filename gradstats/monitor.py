@@ -138,8 +138,10 @@ class GradMonitor:
         # The queue reaches back through a weak reference, so the exit-time finalizer
         # below keeps the sinks alive but not the monitor.
         self._queue = RecordQueue(self._sinks.write, weakref.WeakMethod(self._on_landed))
-        self._closer = weakref.finalize(self, _close_queue, self._queue, self._sinks)
-        self._hooks: OptimizerHooks | None = None
+        # At most one; held in a list the finalizer shares, so a monitor dropped without
+        # close() takes its hooks off the optimizer too.
+        self._held_hooks: list[OptimizerHooks] = []
+        self._closer = weakref.finalize(self, _close, self._queue, self._sinks, self._held_hooks)
         self._max_norm: float | None = None
         self._scaler_found_inf: torch.Tensor | None = None  # GradScaler's, for this step
         if optimizer is not None:
@@ -149,6 +151,10 @@ class GradMonitor:
     def sinks(self) -> list:
         """The sinks, as made from the ``sinks`` argument."""
         return self._sinks.sinks
+
+    @property
+    def _hooks(self) -> OptimizerHooks | None:
+        return self._held_hooks[0] if self._held_hooks else None
 
     # -- the step -------------------------------------------------------------------------
     def step(self, max_norm: float | None = None) -> torch.Tensor:
@@ -242,7 +248,8 @@ class GradMonitor:
         if self._hooks is not None and self._hooks.optimizer is not optimizer:
             raise RuntimeError("this monitor is already hooked to another optimizer")
         if self._hooks is None:
-            self._hooks = OptimizerHooks(optimizer, skipping=self.on_nonfinite == "skip")
+            self._held_hooks.append(
+                OptimizerHooks(optimizer, skipping=self.on_nonfinite == "skip"))
 
     def _step_for_optimizer(self, scaler_found_inf: torch.Tensor | None) -> None:
         with self._lock:
@@ -260,8 +267,6 @@ class GradMonitor:
         Safe to call twice; also run at interpreter exit. A sink's error is reported as a
         warning, never raised."""
         with self._lock:
-            if self._hooks is not None:
-                self._hooks.remove()
             self._closer()
 
     def _check_open(self) -> None:
@@ -275,7 +280,9 @@ class GradMonitor:
         self.close()
 
 
-def _close_queue(queue: RecordQueue, sinks: SinkFanout) -> None:
+def _close(queue: RecordQueue, sinks: SinkFanout, held_hooks: list[OptimizerHooks]) -> None:
+    for hooks in held_hooks:
+        hooks.remove()
     try:
         queue.drain(wait=True)
     finally:

@@ -12,6 +12,7 @@ the skip, all before the optimizer reads them. Either way the post-hook undoes t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -36,17 +37,19 @@ class OptimizerHooks:
         self.skipping = skipping
         self.auto_step: Callable[[torch.Tensor | None], None] | None = None
         self.pending_skip: torch.Tensor | None = None  # "skip": the last step's flag, on device
-        self._undo_skip: Callable[[], None] | None = None
+        self._armed: ArmedSkip | None = None  # the skip set up for the step under way
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
     def remove(self) -> None:
+        """Take the hooks off (and put back a skip armed for a step that never finished)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._disarm(after_failure=True)
 
     def _before_step(self, optimizer, args, kwargs):
-        self._undo_skip = None  # left over only if the last step raised: stale, drop it
+        self._disarm(after_failure=True)  # armed still: the last step raised before its end
         closure = _closure_of(args, kwargs)
         if closure is None:
             if self.auto_step is not None:
@@ -75,6 +78,7 @@ class OptimizerHooks:
             nonlocal calls
             calls += 1
             if calls > 1 and self.skipping:
+                self._disarm()  # our error: the gradients hidden for this step come back
                 raise RuntimeError(
                     "gradstats: on_nonfinite='skip' cannot skip an optimizer step that "
                     "evaluates its closure more than once; use on_nonfinite='raise' or 'warn'")
@@ -100,12 +104,26 @@ class OptimizerHooks:
     def _arm_skip(self, optimizer) -> None:
         found_inf, self.pending_skip = self.pending_skip, None
         if found_inf is not None:
-            self._undo_skip = skip_if_found(optimizer, found_inf)
+            self._armed = skip_if_found(optimizer, found_inf)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        undo, self._undo_skip = self._undo_skip, None
-        if undo is not None:
-            undo()
+        self._disarm()
+
+    def _disarm(self, after_failure: bool = False) -> None:
+        armed, self._armed = self._armed, None
+        if armed is not None and (armed.restore_after_failure or not after_failure):
+            armed.restore()
+
+
+@dataclass
+class ArmedSkip:
+    """What a skip changed on the optimizer for one step, and how to put it back."""
+
+    restore: Callable[[], None]
+    # When the step raised before the post-hook ran: a device flag left on the optimizer
+    # would skip every later update, so it is put back at the next step (or close); hidden
+    # gradients are not, since the next backward has made new ones by then.
+    restore_after_failure: bool
 
 
 def hookable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -130,7 +148,8 @@ def _with_closure(args: tuple, kwargs: dict, closure: Callable) -> tuple[tuple, 
     return args, {**kwargs, "closure": closure}
 
 
-def skip_if_found(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor):
+def skip_if_found(optimizer: torch.optim.Optimizer,
+                  found_inf: torch.Tensor) -> ArmedSkip | None:
     """Make this ``optimizer.step()`` a no-op when ``found_inf`` is non-zero; returns how to
     undo the arrangement after the step (or None)."""
     if getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -147,7 +166,7 @@ def skip_if_found(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor):
                 del optimizer.found_inf
             else:
                 optimizer.found_inf = previous
-        return restore_found_inf
+        return ArmedSkip(restore_found_inf, restore_after_failure=True)
     # Other optimizers read gradients on the host side of their loop: the decision needs
     # the flag here (the one sync of this mode). A parameter without .grad is not updated
     # (nor is its state), so hiding every gradient makes the step a no-op.
@@ -160,4 +179,4 @@ def skip_if_found(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor):
     def restore_grads():
         for param, grad in hidden:
             param.grad = grad
-    return restore_grads
+    return ArmedSkip(restore_grads, restore_after_failure=False)

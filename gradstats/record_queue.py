@@ -52,8 +52,9 @@ class RecordQueue:
         if len(self.in_flight) >= MAX_IN_FLIGHT:
             self._land(self.in_flight.popleft(), wait=True)
         host = _to_host(stats, logged, clipped)
+        host_overflow = _host_copy(overflow)  # queued before the fence, so it covers this too
         ready, wait = copy_fence(stats.nonfinite.device)
-        self.in_flight.append(InFlight(step, host, logged, _host_copy(overflow), ready, wait))
+        self.in_flight.append(InFlight(step, host, logged, host_overflow, ready, wait))
 
     def drain(self, wait: bool = False) -> None:
         while self.in_flight and (wait or self.in_flight[0].ready()):

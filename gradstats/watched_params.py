@@ -23,12 +23,16 @@ needs neither.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
 from torch import nn
 
 from .params import ParametersLike, named_items, unwrap_model
+
+
+_GONE = object()  # what a key deleted since the last walk reads as
 
 
 class WatchedParameters:
@@ -63,5 +67,7 @@ class WatchedParameters:
     def _tree_changed(self) -> bool:
         if sum(map(len, self._dicts)) != self._entry_count:
             return True
-        now = map(dict.get, self._owners, self._keys)
+        # A deleted key reads as _GONE, never as the None a dict can hold (a bias=False
+        # Linear's "bias"): a deletion paired with an addition keeps the count unchanged.
+        now = map(dict.get, self._owners, self._keys, itertools.repeat(_GONE))
         return not all(map(operator.is_, now, self._values))

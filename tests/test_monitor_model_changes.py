@@ -119,3 +119,18 @@ def test_duplicate_names_in_pairs_are_refused():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="'w' appears more than once"):
         gradstats.GradMonitor([("w", a), ("v", a), ("w", b)], sinks=[])
+
+
+def test_a_deleted_none_entry_and_an_added_parameter_in_one_step_are_seen():
+    """``del`` of a ``None`` entry (a bias=False Linear's bias) plus a new parameter keeps the
+    entry count: the deleted key must not read as the ``None`` it held."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    monitor = gradstats.GradMonitor(model, sinks=None)
+    model(torch.randn(3, 2)).sum().backward()
+    monitor.step()
+    del model[0].bias
+    model[0].extra = torch.nn.Parameter(torch.ones(2))
+    model[0].extra.grad = torch.full((2,), 1e3)
+    monitor.step(max_norm=1.0)
+    assert torch.linalg.vector_norm(model[0].extra.grad) < 1.0
+    monitor.close()

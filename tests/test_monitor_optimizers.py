@@ -1,4 +1,5 @@
 """GradMonitor at optimizer.step(): closures (Lightning, LBFGS), accelerate, GradScaler, skip."""
+import gc
 import warnings
 
 import pytest
@@ -165,8 +166,46 @@ def test_skip_refuses_a_second_closure_evaluation_of_an_unknown_optimizer():
     optimizer = TwiceSGD(model.parameters(), lr=0.1)
     monitor = gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip").attach(optimizer)
     with pytest.raises(RuntimeError, match="evaluates its closure more than once"):
-        optimizer.step(make_closure(model, optimizer, 0))
+        optimizer.step(make_closure(model, optimizer, 0, nan_in="0.weight"))
+    # The gradients hidden to skip the first evaluation's update come back with the error.
+    assert all(p.grad is not None for p in model.parameters())
     monitor.close()
+
+
+def test_a_step_that_raises_leaves_no_skip_flag_on_a_fused_optimizer():
+    """A skip armed for a step that raised before its end (here: another pre-hook) must not
+    stay on the optimizer: a found_inf left there would skip every later update."""
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    monitor = gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip").attach(optimizer)
+    failures = [RuntimeError("a later pre-hook fails once")]
+
+    def fail_once(*_):
+        if failures:
+            raise failures.pop()
+    optimizer.register_step_pre_hook(fail_once)
+    backward(model, 0)
+    poison(model, "0.weight")
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="fails once"):
+        warnings.simplefilter("ignore")
+        optimizer.step()
+    for seed in (1, 2):
+        model.zero_grad()
+        backward(model, seed)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        assert not any(torch.equal(old, p) for old, p in zip(before, model.parameters()))
+    assert getattr(optimizer, "found_inf", None) is None
+    monitor.close()
+
+
+def test_a_monitor_dropped_without_close_takes_its_hooks_off_the_optimizer():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip", optimizer=optimizer)
+        gc.collect()
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
 
 
 def test_skip_decided_before_a_closure_step_is_an_error_not_a_stale_skip():

@@ -244,3 +244,30 @@ def test_two_monitors_on_the_default_path_write_separate_files(tmp_path, monkeyp
     assert [r.step for r in gradstats.read_jsonl(first_path)] == [0, 1, 2, 3]
     assert [r.step for r in gradstats.read_jsonl(second_path)] == [0, 1]
     assert any(str(first_path) in message for message in caplog.messages)
+
+
+def test_two_monitors_given_one_new_path_are_refused_before_they_interleave(tmp_path):
+    path = tmp_path / "shared.jsonl"
+    first = gradstats.GradMonitor(tiny_model(), sinks=[f"jsonl:{path}"])
+    with pytest.raises(FileExistsError, match="another gradstats sink of this process"):
+        gradstats.GradMonitor(tiny_model(), sinks=[f"jsonl+append:{path}"])
+    first.close()
+    gradstats.GradMonitor(tiny_model(), sinks=[f"jsonl+append:{path}"]).close()  # free again
+
+
+def test_the_overflow_flag_is_copied_before_the_fence_that_covers_it(monkeypatch):
+    """On a GPU the fence (an event) covers only the copies queued before it: GradScaler's
+    overflow flag read after the fence could be a value not yet written."""
+    from gradstats import record_queue
+
+    calls = []
+    monkeypatch.setattr(record_queue, "_host_copy",
+                        lambda tensor: calls.append("copy") or tensor)
+    monkeypatch.setattr(record_queue, "copy_fence",
+                        lambda device: calls.append("fence") or ((lambda: True), (lambda: None)))
+    model = tiny_model()
+    backward(model, 0)
+    stats = gradstats.grad_stats(model)
+    queue = record_queue.RecordQueue(lambda record: None, lambda: None)
+    queue.push(0, stats, logged=True, clipped=False, overflow=torch.tensor(0.0))
+    assert calls[-1] == "fence" and calls.count("copy") >= 2

@@ -143,9 +143,9 @@ class GradStatsCallback(TrainerCallback):
                 "and the statistics are of the Trainer's clipped gradients. Set "
                 "TrainingArguments(max_grad_norm=0) to clip once, in gradstats' pass",
                 UserWarning, stacklevel=2)
-        # "skip" acts on the torch optimizer: accelerate's AcceleratedOptimizer.step()
-        # calls its step(), whose hooks make the update a no-op.
-        torch_optimizer = _torch_optimizer(optimizer) if self.on_nonfinite == "skip" else None
+        # "skip" hooks the Trainer's optimizer (GradMonitor looks through accelerate's
+        # AcceleratedOptimizer to the torch optimizer whose step() runs the hooks).
+        skipped = optimizer if self.on_nonfinite == "skip" else None
         sinks = sink_specs(self.sinks) if state.is_world_process_zero else []
         self._latest, self._reported_step = _LatestRecord(), None
         log_every = self.log_every
@@ -153,7 +153,7 @@ class GradStatsCallback(TrainerCallback):
             by_steps = args.logging_strategy == "steps"
             log_every = max(int(state.logging_steps), 1) if by_steps else 1
         self.monitor = GradMonitor(model, sinks=sinks + [self._latest], log_every=log_every,
-                                   optimizer=torch_optimizer, **self.options)
+                                   optimizer=skipped, **self.options)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                               control: TrainerControl, **kwargs) -> None:
@@ -204,14 +204,3 @@ class _LatestRecord:
 
     def write(self, record: StepRecord) -> None:
         self.record = record
-
-
-def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (possibly nested;
-    itself a ``torch.optim.Optimizer`` subclass that holds the real one as ``.optimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError("GradStatsCallback(on_nonfinite='skip') needs the Trainer's optimizer "
-                        f"to be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer

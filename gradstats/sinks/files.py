@@ -22,6 +22,10 @@ _default_counter = itertools.count()  # numbers the default files of this proces
 
 MODES = ("new", "append", "overwrite")
 
+# The files this process's sinks hold open: a second sink on one of them would interleave
+# its lines with the first's (two monitors given one path), whatever its mode.
+_open_paths: set[Path] = set()
+
 
 def check_mode(append: bool, overwrite: bool) -> str:
     """``"new"``, ``"append"`` or ``"overwrite"`` from a file sink's two flags."""
@@ -36,6 +40,9 @@ def check_target(path: Path, mode: str) -> None:
     cannot be written. Run for every sink of a monitor before any of them opens a file."""
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a log file path names a folder", str(path))
+    if path.resolve() in _open_paths:
+        raise FileExistsError(errno.EEXIST, "another gradstats sink of this process is writing "
+                              "this file; give each monitor its own path", str(path))
     if path.exists():
         if mode == "new" and path.is_file() and path.stat().st_size > 0:
             raise FileExistsError(
@@ -98,6 +105,8 @@ class LineFile:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
             fd = os.open(self.path, flags | (os.O_TRUNC if mode == "overwrite" else 0), 0o644)
         self._file = os.fdopen(fd, "ab", buffering=0)
+        self._held = self.path.resolve()
+        _open_paths.add(self._held)
         self._end = os.fstat(fd).st_size  # where the last complete chunk ends
         self._torn = False  # a failed chunk is still in the file: start the next on a new line
 
@@ -131,4 +140,5 @@ class LineFile:
             self._torn = False
 
     def close(self) -> None:
+        _open_paths.discard(self._held)
         self._file.close()
