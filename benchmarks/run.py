@@ -201,8 +201,8 @@ def write_csv(rows: list[Row], env: dict, path: Path) -> None:
         for row in rows:
             writer.writerow([row.workload, row.dtype, row.case, row.baseline,
                              f"{row.ours_ms:.5f}", f"{row.baseline_ms:.5f}", f"{row.ratio:.5f}",
-                             f"{row.spread:.4f}", row.bytes_moved, f"{row.floor_ms:.5f}", f"{row.of_floor:.4f}",
-                             *env.values()])
+                             f"{row.spread:.4f}", row.bytes_moved, f"{row.floor_ms:.5f}",
+                             f"{row.of_floor:.4f}", *env.values()])
 
 
 def plot(rows: list[Row], path: Path) -> bool:

@@ -40,7 +40,6 @@ import math
 import torch
 
 from . import ops, reference
-from .norms import parse_norm_type
 from .checks import (
     check_clamp_inputs,
     check_norm_inputs,
@@ -49,6 +48,7 @@ from .checks import (
     describe,
     non_negative_float,
 )
+from .norms import parse_norm_type
 from .params import ParametersLike, gradients, named_items, norm_result_dtype
 from .stats import FusedResult, fused_pass
 

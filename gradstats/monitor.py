@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from . import ops
+from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
-from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .params import ParametersLike, gradients, norm_result_dtype
 from .record_queue import RecordQueue, named_counts
 from .sinks import open_sinks

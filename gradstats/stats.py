@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops, reference
-from .norms import NormKind, norm_kind, parse_norm_type
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
+from .norms import NormKind, norm_kind, parse_norm_type
 from .params import ParametersLike, gradients, named_items
 
 
@@ -54,7 +54,8 @@ class GradStats:
     def bin_edges(self) -> torch.Tensor:
         """The ``num_bins + 1`` histogram edges (float64, CPU) for plotting or logging:
         ``[0, 2^min_exp, 2^(min_exp+1), ..., 2^(min_exp+num_bins-1)]``. Column 0 (exact
-        zeros) is drawn as ``[0, 2^min_exp)``; column ``k`` as ``[2^(min_exp+k-1), 2^(min_exp+k))``."""
+        zeros) is drawn as ``[0, 2^min_exp)``; column ``k`` as
+        ``[2^(min_exp+k-1), 2^(min_exp+k))``."""
         exponents = torch.arange(self.min_exp, self.min_exp + self.num_bins, dtype=torch.float64)
         return torch.cat([torch.zeros(1, dtype=torch.float64), torch.exp2(exponents)])
 

@@ -31,7 +31,6 @@ from torch import nn
 
 from .params import ParametersLike, named_items, unwrap_model
 
-
 _GONE = object()  # what a key deleted since the last walk reads as
 
 

@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from gradstats import launch_config as config  # noqa: E402
 from gradstats import worklist  # noqa: E402
 from gradstats.backend import interpreter_enabled, triton_importable  # noqa: E402
-from gradstats import launch_config as config  # noqa: E402
 
 
 def _backend_devices():

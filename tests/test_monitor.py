@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import as_float64, np_histogram, np_norm, np_total_norm, norm_rtol
+from helpers import as_float64, norm_rtol, np_histogram, np_norm, np_total_norm
 from monitor_helpers import ListSink, assert_same, backward, poison, snapshot, tiny_model
 
 import gradstats

@@ -10,11 +10,11 @@ from helpers import (
     as_float64,
     make_grads,
     make_params,
-    with_grads,
     norm_rtol,
     np_histogram,
     np_norm,
     np_total_norm,
+    with_grads,
 )
 
 import gradstats
@@ -124,7 +124,8 @@ def test_chunk_and_block_edges(backend_device, small_chunks):
         grads = make_grads(sizes, dtype, backend_device)
         grads[2][chunk] = float("nan")  # the one element of the last chunk
         check_stats(gradstats.grad_stats(with_grads(grads)), grads, 2.0, backend_device)
-        check_stats(gradstats.grad_stats(with_grads(grads), math.inf), grads, math.inf, backend_device)
+        check_stats(gradstats.grad_stats(with_grads(grads), math.inf), grads, math.inf,
+                    backend_device)
 
 
 def test_many_tensors_mixed_dtypes(backend_device, small_chunks):

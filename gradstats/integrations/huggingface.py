@@ -5,12 +5,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 
-import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..checks import non_negative_float
 from ..monitor import GradMonitor
 from ..record import StepRecord
-from ..checks import non_negative_float
 from ..sinks import sink_specs
 from ._options import check_monitor_options
 

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..checks import non_negative_float
 from ..monitor import GradMonitor
 from ..record import StepRecord
-from ..checks import non_negative_float
 from ..sinks import sink_specs
 from ._options import check_monitor_options
 

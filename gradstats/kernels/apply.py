@@ -18,7 +18,6 @@ import triton.language as tl
 from ..worklist import WorkList
 from .stats import _TRITON_DTYPES, _work_item
 
-
 _SCALE: tl.constexpr = tl.constexpr(0)
 _CLAMP: tl.constexpr = tl.constexpr(1)
 

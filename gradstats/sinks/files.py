@@ -47,9 +47,9 @@ def check_target(path: Path, mode: str) -> None:
         if mode == "new" and path.is_file() and path.stat().st_size > 0:
             raise FileExistsError(
                 errno.EEXIST,
-                f"gradstats will not empty a file it did not create: pass append=True to "
-                f"continue it or overwrite=True to replace it (in a spec string: "
-                f"'KIND+append:PATH' or 'KIND+overwrite:PATH'), or choose another path",
+                "gradstats will not empty a file it did not create: pass append=True to "
+                "continue it or overwrite=True to replace it (in a spec string: "
+                "'KIND+append:PATH' or 'KIND+overwrite:PATH'), or choose another path",
                 str(path))
         if not os.access(path, os.W_OK):
             raise PermissionError(errno.EACCES, "cannot write the log file", str(path))
