@@ -8,9 +8,15 @@ pre-hook runs the monitor (``attach``) and arms the skip decided by the last
 optimization, LBFGS) the gradients do not exist yet when the pre-hook runs: it replaces the
 closure by one that calls it, then runs the monitor on the gradients it just made and arms
 the skip, all before the optimizer reads them. Either way the post-hook undoes the skip.
+
+An optimizer subclass whose ``step`` calls ``super().step()`` runs torch's step hooks twice,
+the second time inside the first (torch wraps each class's ``step``). Only the outer call is
+the update: the hooks recognise the inner one by the outer call's frame still being on the
+stack, and leave it alone, so the monitor runs once and the skip stays armed.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +44,9 @@ class OptimizerHooks:
         self.auto_step: Callable[[torch.Tensor | None], None] | None = None
         self.pending_skip: torch.Tensor | None = None  # "skip": the last step's flag, on device
         self._armed: ArmedSkip | None = None  # the skip set up for the step under way
+        # torch's step wrapper running the update under way: set by the pre-hook, cleared by
+        # the post-hook (left set only by a step that raised, and then off the stack).
+        self._step_frame = None
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
@@ -49,6 +58,9 @@ class OptimizerHooks:
         self._disarm(after_failure=True)
 
     def _before_step(self, optimizer, args, kwargs):
+        if self._inside_step_under_way():
+            return None  # super().step() of a subclass: the outer call is the update
+        self._step_frame = sys._getframe(1)  # torch's wrapper, which called this hook
         self._disarm(after_failure=True)  # armed still: the last step raised before its end
         closure = _closure_of(args, kwargs)
         if closure is None:
@@ -107,7 +119,21 @@ class OptimizerHooks:
             self._armed = skip_if_found(optimizer, found_inf)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if sys._getframe(1) is not self._step_frame:
+            return  # the inner call of a subclass's super().step(): the update goes on
+        self._step_frame = None
         self._disarm()
+
+    def _inside_step_under_way(self) -> bool:
+        """Whether this hook runs inside the step call that set ``_step_frame``."""
+        if self._step_frame is None:
+            return False
+        frame = sys._getframe(2)  # above torch's wrapper that called the hook
+        while frame is not None:
+            if frame is self._step_frame:
+                return True
+            frame = frame.f_back
+        return False
 
     def _disarm(self, after_failure: bool = False) -> None:
         armed, self._armed = self._armed, None

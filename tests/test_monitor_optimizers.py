@@ -312,3 +312,34 @@ def test_lightning_callback_in_on_before_optimizer_step_skips_that_very_update()
     first, skipped, last = callback.weights
     assert torch.equal(first, skipped) and not torch.equal(skipped, last)
     assert torch.isfinite(last).all() and callback.monitor.steps == 3
+
+
+@pytest.mark.parametrize("with_closure", [False, True], ids=["no-closure", "closure"])
+def test_a_subclass_calling_super_step_is_one_monitored_and_skipped_update(with_closure):
+    """torch runs the step hooks again for the parent's step inside a subclass's: the monitor
+    must run once per update, and the inner call must not undo the outer call's skip."""
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)  # torch wraps SGD.step now
+
+    class CustomSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    model = tiny_model()
+    optimizer = CustomSGD(model.parameters(), lr=0.1, momentum=0.9)
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="skip").attach(optimizer)
+    before = snapshot(model, optimizer)
+    closure = make_closure(model, optimizer, 0, nan_in="0.weight")
+    with pytest.warns(gradstats.NonFiniteGradientWarning, match="step 0 .* update was skipped"):
+        if with_closure:
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+    assert_same(before, snapshot(model, optimizer))
+    model.zero_grad()
+    backward(model, 1)
+    optimizer.step()
+    assert not torch.equal(before[0][0], model[0].weight)
+    assert monitor.steps == 2 and [r.step for r in sink.records] == [0, 1]
+    monitor.close()
