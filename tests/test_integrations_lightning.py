@@ -151,23 +151,32 @@ def test_max_norm_with_gradient_clip_val_is_an_error(tmp_path):
              gradient_clip_val=0.5)
 
 
-def test_nonfinite_warns_naming_the_step(tmp_path):
+# Under accumulate_grad_batches=a, optimizer step 1 sums batches a .. 2a - 1: the NaN goes
+# into its first micro-batch.
+ACCUMULATION = pytest.mark.parametrize("accumulation", [1, 2], ids=["accumulate-1", "accumulate-2"])
+
+
+@ACCUMULATION
+def test_nonfinite_warns_naming_the_step(tmp_path, accumulation):
     with pytest.warns(RuntimeWarning, match="first appeared at step 1 in 'net.2.bias' "):
-        trainer, _ = _fit(tmp_path, [GradStatsCallback(log_every=1)], _data(3), max_steps=3,
-                          nan_batch=1)
+        trainer, _ = _fit(tmp_path, [GradStatsCallback(log_every=1)], _data(3 * accumulation),
+                          max_steps=3, nan_batch=accumulation,
+                          accumulate_grad_batches=accumulation)
     nonfinite = {int(row["step"]): row["grad_nonfinite/total"] for row in _logged_rows(trainer)}
     assert (nonfinite[0], nonfinite[1]) == (0, 3)  # net.2.bias: 3 NaN (then the weights are)
 
 
-def test_nonfinite_raise_stops_in_the_training_step_and_modifies_nothing(tmp_path):
+@ACCUMULATION
+def test_nonfinite_raise_stops_in_the_training_step_and_modifies_nothing(tmp_path, accumulation):
     capture, sink = Capture(), ListSink()
     callback = GradStatsCallback(on_nonfinite="raise", max_norm=0.01, sinks=[sink])
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
                          callbacks=[capture, callback], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    module = TinyModule(nan_batch=1)
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accumulate_grad_batches=accumulation)
+    module = TinyModule(nan_batch=accumulation)
     with pytest.raises(RuntimeError, match=r"non-finite gradients at step 1 in 'net.2.bias' \(3"):
-        trainer.fit(module, _data(3))
+        trainer.fit(module, _data(3 * accumulation))
     assert capture.steps == [0, 1]
     for name, param in module.named_parameters():  # not updated, not clipped
         assert torch.equal(param.detach(), capture.weights[1][name])
@@ -178,11 +187,13 @@ def test_nonfinite_raise_stops_in_the_training_step_and_modifies_nothing(tmp_pat
     assert callback.monitor is None
 
 
-def test_nonfinite_skip_leaves_the_weights_of_that_step_unchanged(tmp_path):
+@ACCUMULATION
+def test_nonfinite_skip_leaves_the_weights_of_that_step_unchanged(tmp_path, accumulation):
     capture = Capture()
     with pytest.warns(RuntimeWarning, match="step 1 .* its optimizer update was skipped"):
         _, module = _fit(tmp_path, [capture, GradStatsCallback(on_nonfinite="skip")],
-                         _data(4), max_steps=4, nan_batch=1)
+                         _data(4 * accumulation), max_steps=4, nan_batch=accumulation,
+                         accumulate_grad_batches=accumulation)
     assert capture.steps == [0, 1, 2, 3]
     for name, weight in capture.weights[2].items():
         assert torch.equal(weight, capture.weights[1][name])  # step 1: bit-identical
