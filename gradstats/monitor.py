@@ -195,7 +195,9 @@ class GradMonitor:
             self._raise_if_nonfinite(step, stats, overflow)
         if self.on_nonfinite == "skip":
             self._hooks.pending_skip = (stats.nonfinite.sum() > 0).to(torch.float32)
-        if clip and grads and max_norm != math.inf:  # inf: nothing to clip, as in clip.py
+        if clip and max_norm == math.inf:  # nothing to clip, as in clip.py: the factor is 1
+            stats.clip_coef.fill_(1.0)
+        elif clip and grads:
             ops.scale_(grads, stats.clip_coef)
         self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
         return stats.total_norm.to(norm_result_dtype(grads)) if grads else stats.total_norm
@@ -227,6 +229,10 @@ class GradMonitor:
         closure several times per update (LBFGS) gets one monitor step (and clip) per
         evaluation; ``on_nonfinite="skip"`` cannot skip such an update and raises before
         it starts.
+
+        The optimizer's hooks keep an attached monitor alive, logging, clipping and holding
+        its files, until :meth:`close` (or the end of the ``with`` block): dropping the
+        last reference is not enough.
 
         Under ``GradScaler`` the steps it skips for overflow are not seen with a plain
         optimizer; a fused one is stepped anyway, so they are seen and logged but raise no

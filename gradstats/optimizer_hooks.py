@@ -11,8 +11,8 @@ the skip, all before the optimizer reads them. Either way the post-hook undoes t
 
 An optimizer subclass whose ``step`` calls ``super().step()`` runs torch's step hooks twice,
 the second time inside the first (torch wraps each class's ``step``). Only the outer call is
-the update: the hooks recognise the inner one by the outer call's frame still being on the
-stack, and leave it alone, so the monitor runs once and the skip stays armed.
+the update: the hooks recognise the inner one by an outer step call of the same optimizer on
+the stack, and leave it alone, so the monitor runs once and the skip stays armed.
 """
 from __future__ import annotations
 
@@ -44,9 +44,6 @@ class OptimizerHooks:
         self.auto_step: Callable[[torch.Tensor | None], None] | None = None
         self.pending_skip: torch.Tensor | None = None  # "skip": the last step's flag, on device
         self._armed: ArmedSkip | None = None  # the skip set up for the step under way
-        # torch's step wrapper running the update under way: set by the pre-hook, cleared by
-        # the post-hook (left set only by a step that raised, and then off the stack).
-        self._step_frame = None
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
@@ -58,9 +55,8 @@ class OptimizerHooks:
         self._disarm(after_failure=True)
 
     def _before_step(self, optimizer, args, kwargs):
-        if self._inside_step_under_way():
+        if _inside_own_step(optimizer):
             return None  # super().step() of a subclass: the outer call is the update
-        self._step_frame = sys._getframe(1)  # torch's wrapper, which called this hook
         self._disarm(after_failure=True)  # armed still: the last step raised before its end
         closure = _closure_of(args, kwargs)
         if closure is None:
@@ -119,21 +115,9 @@ class OptimizerHooks:
             self._armed = skip_if_found(optimizer, found_inf)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if sys._getframe(1) is not self._step_frame:
+        if _inside_own_step(optimizer):
             return  # the inner call of a subclass's super().step(): the update goes on
-        self._step_frame = None
         self._disarm()
-
-    def _inside_step_under_way(self) -> bool:
-        """Whether this hook runs inside the step call that set ``_step_frame``."""
-        if self._step_frame is None:
-            return False
-        frame = sys._getframe(2)  # above torch's wrapper that called the hook
-        while frame is not None:
-            if frame is self._step_frame:
-                return True
-            frame = frame.f_back
-        return False
 
     def _disarm(self, after_failure: bool = False) -> None:
         armed, self._armed = self._armed, None
@@ -150,6 +134,19 @@ class ArmedSkip:
     # would skip every later update, so it is put back at the next step (or close); hidden
     # gradients are not, since the next backward has made new ones by then.
     restore_after_failure: bool
+
+
+def _inside_own_step(optimizer) -> bool:
+    """Whether a hook of ``optimizer`` runs inside another (outer) step call of it: a torch
+    step wrapper frame, above the one that called the hook, whose ``self`` is ``optimizer``.
+    Stateless: nothing is kept across steps (a step that raised leaves no frame behind)."""
+    wrapper = sys._getframe(2)  # hook <- _inside_own_step; [2] is torch's wrapper
+    frame = wrapper.f_back
+    while frame is not None:
+        if frame.f_code is wrapper.f_code and frame.f_locals.get("self") is optimizer:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def hookable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -187,7 +184,11 @@ def skip_if_found(optimizer: torch.optim.Optimizer,
         optimizer.found_inf = found_inf if previous is None else torch.maximum(
             previous, found_inf.to(previous.device, previous.dtype))
 
+        combined = optimizer.found_inf
+
         def restore_found_inf():
+            if optimizer.__dict__.get("found_inf") is not combined:
+                return  # GradScaler (or the user) has set this step's own flag since
             if previous is None:
                 del optimizer.found_inf
             else:

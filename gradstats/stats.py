@@ -174,7 +174,9 @@ def grad_stats(
         check_updatable(grads, names, params)
     stats = collect_stats(grads, names, p, max_norm=max_norm_value, histogram=histogram,
                           num_bins=num_bins, min_exp=min_exp)
-    if max_norm_value != math.inf and grads:  # inf: nothing to clip, as in clip.py
+    if max_norm_value == math.inf:  # nothing to clip, as in clip.py: the factor applied is 1
+        stats.clip_coef.fill_(1.0)
+    elif grads:
         ops.scale_(grads, stats.clip_coef)
     if max_norm is None:
         stats.clip_coef = None

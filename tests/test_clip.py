@@ -573,6 +573,11 @@ def test_expanded_grad_raises_before_anything_is_updated(backend_device, call):
     assert first.tolist() == [5.0] * 3
 
 
+class _Records:
+    def __init__(self, records):
+        self.write = records.append
+
+
 @pytest.mark.parametrize("clip", ["fused_clip_grad_norm_", "clip_grads_with_norm_", "grad_stats",
                                   "monitor"])
 def test_infinite_max_norm_never_spreads_one_nan_to_every_gradient(backend_device, clip):
@@ -588,8 +593,13 @@ def test_infinite_max_norm_never_spreads_one_nan_to_every_gradient(backend_devic
     elif clip == "clip_grads_with_norm_":
         gradstats.clip_grads_with_norm_(params, math.inf, torch.tensor(math.nan))
     elif clip == "grad_stats":
-        assert gradstats.grad_stats(params, max_norm=math.inf).nonfinite.tolist() == [0, 1]
+        stats = gradstats.grad_stats(params, max_norm=math.inf)
+        assert stats.nonfinite.tolist() == [0, 1] and stats.clip_coef.item() == 1.0
     else:
-        gradstats.GradMonitor(params, sinks=None, on_nonfinite="ignore").step(max_norm=math.inf)
+        records = []
+        monitor = gradstats.GradMonitor(params, sinks=[_Records(records)], on_nonfinite="ignore")
+        monitor.step(max_norm=math.inf)
+        monitor.close()
+        assert records[0].clip_coef == 1.0  # the factor applied: none
     assert torch.equal(finite.grad, torch.tensor([1.0, 2.0, 3.0], device=backend_device))
     assert poisoned.grad.isnan().tolist() == [False, True, False]

@@ -1,6 +1,8 @@
 """GradMonitor at optimizer.step(): closures (Lightning, LBFGS), accelerate, GradScaler, skip."""
 import gc
+import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -342,4 +344,56 @@ def test_a_subclass_calling_super_step_is_one_monitored_and_skipped_update(with_
     optimizer.step()
     assert not torch.equal(before[0][0], model[0].weight)
     assert monitor.steps == 2 and [r.step for r in sink.records] == [0, 1]
+    monitor.close()
+
+
+def test_a_step_that_raised_keeps_none_of_the_callers_locals_alive():
+    """The nested-step check must hold no frame: after a failed step (an OOM, say) the
+    user's locals (a batch, activations) go as soon as the user lets them go."""
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = gradstats.GradMonitor(model, sinks=[]).attach(optimizer)
+    optimizer.register_step_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("OOM")))
+    probe = []
+
+    def train_step():
+        activations = torch.empty(1000)
+        probe.append(weakref.ref(activations))
+        backward(model, 0)
+        optimizer.step()
+
+    with pytest.raises(RuntimeError, match="OOM"):
+        train_step()
+    gc.collect()
+    assert probe[0]() is None
+    monitor.close()
+
+
+def test_a_failed_step_does_not_overwrite_the_next_steps_grad_scaler_flag():
+    """The skip restored after a step that raised must not write that step's GradScaler
+    flag over the one GradScaler set for the next step (a clean update would be skipped)."""
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    monitor = gradstats.GradMonitor(model, sinks=[], on_nonfinite="skip").attach(optimizer)
+    failures = [RuntimeError("transient")]
+
+    def fail_once(*_):
+        if failures:
+            raise failures.pop()
+    optimizer.register_step_pre_hook(fail_once)
+    x = torch.randn(4, 5)
+    scaler.scale(model(x).sum() * math.inf).backward()  # overflow: GradScaler's flag is 1
+    scaler.unscale_(optimizer)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="transient"):
+        warnings.simplefilter("ignore")
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    scaler.scale(model(x).square().sum()).backward()  # finite
+    scaler.unscale_(optimizer)
+    before = model[0].weight.detach().clone()
+    scaler.step(optimizer)
+    scaler.update()
+    assert not torch.equal(before, model[0].weight)
     monitor.close()

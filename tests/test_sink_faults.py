@@ -1,6 +1,7 @@
 """Sinks that fail (a flaky logger, a full disk) and files that must not be harmed: training
 goes on, the other sinks go on, records are retried, no torn line, no file emptied unasked."""
 import errno
+import gc
 import json
 import logging
 import os
@@ -271,3 +272,22 @@ def test_the_overflow_flag_is_copied_before_the_fence_that_covers_it(monkeypatch
     queue = record_queue.RecordQueue(lambda record: None, lambda: None)
     queue.push(0, stats, logged=True, clipped=False, overflow=torch.tensor(0.0))
     assert calls[-1] == "fence" and calls.count("copy") >= 2
+
+
+def test_a_sink_dropped_without_close_lets_its_path_go(tmp_path):
+    path = tmp_path / "dropped.jsonl"
+    sink = JsonlSink(path)
+    del sink
+    gc.collect()
+    JsonlSink(path, append=True).close()
+
+
+def test_closing_a_sink_twice_keeps_a_later_sinks_hold_on_the_path(tmp_path):
+    path = tmp_path / "held.jsonl"
+    first = JsonlSink(path)
+    first.close()
+    second = JsonlSink(path, append=True)
+    first.close()
+    with pytest.raises(FileExistsError, match="another gradstats sink"):
+        JsonlSink(path, append=True)
+    second.close()

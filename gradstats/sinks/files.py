@@ -13,6 +13,7 @@ import datetime
 import errno
 import itertools
 import os
+import weakref
 from pathlib import Path
 
 # Where the default sink writes: a new file per monitor, named so that two monitors (in one
@@ -23,8 +24,9 @@ _default_counter = itertools.count()  # numbers the default files of this proces
 MODES = ("new", "append", "overwrite")
 
 # The files this process's sinks hold open: a second sink on one of them would interleave
-# its lines with the first's (two monitors given one path), whatever its mode.
-_open_paths: set[Path] = set()
+# its lines with the first's (two monitors given one path), whatever its mode. Weak: a sink
+# dropped without close() lets its path go.
+_open_files: weakref.WeakValueDictionary[Path, LineFile] = weakref.WeakValueDictionary()
 
 
 def check_mode(append: bool, overwrite: bool) -> str:
@@ -40,9 +42,11 @@ def check_target(path: Path, mode: str) -> None:
     cannot be written. Run for every sink of a monitor before any of them opens a file."""
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a log file path names a folder", str(path))
-    if path.resolve() in _open_paths:
+    if path.resolve() in _open_files:
         raise FileExistsError(errno.EEXIST, "another gradstats sink of this process is writing "
-                              "this file; give each monitor its own path", str(path))
+                              "this file: close() the monitor that writes it (a monitor attached "
+                              "to an optimizer lives until then), or give each its own path",
+                              str(path))
     if path.exists():
         if mode == "new" and path.is_file() and path.stat().st_size > 0:
             raise FileExistsError(
@@ -106,7 +110,7 @@ class LineFile:
             fd = os.open(self.path, flags | (os.O_TRUNC if mode == "overwrite" else 0), 0o644)
         self._file = os.fdopen(fd, "ab", buffering=0)
         self._held = self.path.resolve()
-        _open_paths.add(self._held)
+        _open_files[self._held] = self
         self._end = os.fstat(fd).st_size  # where the last complete chunk ends
         self._torn = False  # a failed chunk is still in the file: start the next on a new line
 
@@ -140,5 +144,6 @@ class LineFile:
             self._torn = False
 
     def close(self) -> None:
-        _open_paths.discard(self._held)
+        if _open_files.get(self._held) is self:  # not a later sink's hold on the same path
+            del _open_files[self._held]
         self._file.close()
