@@ -1,0 +1,189 @@
+"""Host (Python) time per call on the path a CUDA run takes, measured on a CPU.
+
+    python -m benchmarks.host_overhead [--calls N] [--out DIR] [--note TEXT]
+
+On a GPU the kernels of one call take 0.06-0.25 ms, so below a few hundred tensors a call
+is bound by its Python work: unpacking the parameters, the checks, the plan-cache lookup,
+the launch arguments. This script measures that work without a GPU. CPU tensors are sent
+down the Triton backend's path (``dispatch.choose_backend`` answers ``TRITON``, the work
+lists take the GPU launch configs), with every kernel launch replaced by a stub that does
+nothing (the reduce stub zeroes the non-finite counts so the monitor sees a clean step).
+
+Counted: everything gradstats runs in Python per call, the plan key and cache lookup, the
+output allocations (CPU allocator), and the launchers' argument handling up to the launch.
+Not counted: Triton's own launch path (the JIT binder, its specialization key and cache
+lookup, about 6-12 us per launch, 4-5 launches per call; the C launcher and
+``cuLaunchKernelEx``, about 3-5 us each), the CUDA caching allocator (about 1-2 us more
+per allocation than the CPU one), and entering the device guard (``torch.cuda.device``)
+around the launches: CPU tensors take no guard. So a GPU call costs these figures plus
+roughly 40-90 us, whatever the tensor count. Plans are warm (built by the first call), as
+in training with ``zero_grad(set_to_none=False)``.
+
+Each figure is the median of ``--calls`` timed calls (``time.perf_counter``, garbage
+collector on, as in training), after warm-up calls. Results go to a new folder
+``benchmarks/results/cpu-<UTC date-time>/`` (or ``--out``) as ``host-overhead.md`` and
+``.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gradstats
+from benchmarks.timing import new_results_dir
+from benchmarks.workloads import gpt2_small_shapes, make_params, many_small_shapes
+from gradstats import dispatch, worklist
+from gradstats.backend import Backend
+from gradstats.launch_config import GPU_CONFIGS
+
+RESULTS_ROOT = Path("benchmarks/results")
+WORKLOADS = {
+    "gpt2-small fp32 (148 tensors)": gpt2_small_shapes,
+    "many-small fp32 (4,500 tensors)": many_small_shapes,
+}
+# Timed calls per workload (more for the fast one: its medians are shorter and noisier).
+DEFAULT_CALLS = {"gpt2-small fp32 (148 tensors)": 400, "many-small fp32 (4,500 tensors)": 60}
+WARMUP_CALLS = 3
+
+
+class _StubLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does
+    nothing, or calls ``effect(args)``."""
+
+    def __init__(self, effect=None):
+        self.effect = effect
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        if self.effect is not None:
+            self.effect(args)
+
+
+def _zero_nonfinite(args) -> None:
+    args[6].zero_()  # _reduce_chunks_kernel's nonfinite output: a clean step
+
+
+@contextlib.contextmanager
+def stubbed_gpu_path():
+    """CPU tensors take the Triton backend's host path, launches stubbed (see above)."""
+    from gradstats.kernels import apply, finalize, stats
+
+    stubs = {
+        (stats, "_stats_kernel"): _StubLaunch(),
+        (stats, "_reduce_chunks_kernel"): _StubLaunch(_zero_nonfinite),
+        (finalize, "_finalize_kernel"): _StubLaunch(),
+        (apply, "_update_kernel"): _StubLaunch(),
+        (dispatch, "choose_backend"): lambda device: Backend.TRITON,
+        (worklist, "launch_config"): lambda dtype, device: GPU_CONFIGS[dtype],
+    }
+    saved = {place: getattr(*place) for place in stubs}
+    try:
+        for (module, name), stub in stubs.items():
+            setattr(module, name, stub)
+        worklist.clear_plan_cache()
+        yield
+    finally:
+        for (module, name), original in saved.items():
+            setattr(module, name, original)
+        worklist.clear_plan_cache()
+
+
+def cases(params) -> dict[str, object]:
+    """What is timed, each a no-argument call."""
+    monitor = gradstats.GradMonitor(params, sinks=None)
+    return {
+        "fused_clip_grad_norm_, no clipping needed":
+            lambda: gradstats.fused_clip_grad_norm_(params, 1e9),
+        "fused_clip_grad_norm_, clipping":
+            lambda: gradstats.fused_clip_grad_norm_(params, 1e-3),
+        "grad_stats(histogram=False)":
+            lambda: gradstats.grad_stats(params, histogram=False),
+        "GradMonitor.step(max_norm=1.0)":
+            lambda: monitor.step(max_norm=1.0),
+    }
+
+
+def host_us(fn, calls: int) -> tuple[float, float]:
+    """Median and minimum microseconds per call."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples), min(samples)
+
+
+def measure(calls: int | None = None) -> list[dict]:
+    rows = []
+    with stubbed_gpu_path():
+        for workload, shapes in WORKLOADS.items():
+            params = make_params(shapes(), torch.float32, "cpu")
+            for case, fn in cases(params).items():
+                median, best = host_us(fn, calls or DEFAULT_CALLS[workload])
+                rows.append({"workload": workload, "tensors": len(params), "case": case,
+                             "median_us": round(median, 1), "min_us": round(best, 1)})
+                print(f"{workload:34s} {case:44s} {median:10.1f} us (min {best:.1f})",
+                      flush=True)
+            del params
+    return rows
+
+
+def write_results(rows: list[dict], out: Path, note: str) -> None:
+    import triton
+
+    out.mkdir(parents=True, exist_ok=False)
+    with open(out / "host-overhead.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "# Host time per call, GPU path, launches stubbed",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+        f"- command: `python -m benchmarks.host_overhead {shlex.join(sys.argv[1:])}`",
+        f"- machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}",
+        f"- torch {torch.__version__}, triton {triton.__version__}, "
+        f"gradstats at {Path(gradstats.__file__).parent}",
+        "- method: CPU tensors down the Triton backend's host path, kernel launches "
+        "stubbed; Triton's launch path, the CUDA allocator and the device guard are not "
+        "counted (see benchmarks/host_overhead.py)",
+    ]
+    if note:
+        lines.append(f"- note: {note}")
+    lines += ["", "| workload | call | median µs | min µs |", "|---|---|---:|---:|"]
+    lines += [f"| {r['workload']} | {r['case']} | {r['median_us']:.1f} | {r['min_us']:.1f} |"
+              for r in rows]
+    (out / "host-overhead.md").write_text("\n".join(lines) + "\n")
+    print(f"results in {out}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=None,
+                        help="timed calls per figure (default: 400 / 60 by workload)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser.add_argument("--note", default="", help="a line for the results file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # host work is single-threaded; keep intra-op pools quiet
+    rows = measure(args.calls)
+    write_results(rows, args.out or new_results_dir(RESULTS_ROOT, torch.device("cpu")),
+                  args.note)
+
+
+if __name__ == "__main__":
+    main()
