@@ -70,10 +70,13 @@ def check_norm_inputs(
     what: str,
     p: float | None = None,
     params: Sequence[torch.Tensor] | None = None,
+    dtypes: frozenset[torch.dtype] | None = None,
 ) -> None:
     """Norms need floating-point or complex tensors, and sparse ones a fused norm type
-    (``p > 0``): torch's composed norms have no sparse kernels. Say which tensor fails."""
-    dtypes = {t.dtype for t in tensors}  # the common case: one cheap pass, no method calls
+    (``p > 0``): torch's composed norms have no sparse kernels. Say which tensor fails.
+    ``dtypes``: the tensors' dtype set when the caller has it (from the call's route)."""
+    if dtypes is None:
+        dtypes = {t.dtype for t in tensors}  # the common case: one cheap pass
     if not all(dtype.is_floating_point or dtype.is_complex for dtype in dtypes):
         for index, tensor in enumerate(tensors):
             if not (tensor.is_floating_point() or tensor.is_complex()):
@@ -129,9 +132,14 @@ def check_clamp_inputs(
 def check_updatable(
     grads: list[torch.Tensor], names: list[str] | None,
     params: Sequence[torch.Tensor] | None = None,
+    all_contiguous: bool | None = None,
 ) -> None:
     """An expanded gradient (elements sharing memory) cannot be updated in place; torch
-    fails on it after updating the gradients before it, here before any."""
+    fails on it after updating the gradients before it, here before any. ``all_contiguous``:
+    True when the caller knows every gradient is contiguous (from the call's plan, whose key
+    fixes shapes and strides); None: read here."""
+    if all_contiguous:
+        return
     try:
         if all(map(torch.Tensor.is_contiguous, grads)):
             return  # the common case: one cheap call per tensor

@@ -74,8 +74,8 @@ def _check_foreach(foreach: bool | None) -> None:
         raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
 
 
-def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float) -> FusedResult:
-    return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm)
+def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float, route) -> FusedResult:
+    return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm, route=route)
 
 
 def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
@@ -131,9 +131,11 @@ def get_total_norm(
     tensors, names = named_items(tensors)
     if not tensors:
         return torch.tensor(0.0)
-    check_norm_inputs(tensors, names, "tensor", p)
-    result = _norms_pass(tensors, p, math.inf)
-    total = result.total_norm.to(norm_result_dtype(tensors))
+    route = ops.route(tensors)  # once per call: plan, device and dtype facts
+    dtypes = route and route.dtypes
+    check_norm_inputs(tensors, names, "tensor", p, dtypes=dtypes)
+    result = _norms_pass(tensors, p, math.inf, route)
+    total = result.total_norm.to(norm_result_dtype(tensors, dtypes))
     if error_if_nonfinite:
         _raise_if_nonfinite(result, total, p, names, "tensor")
     return total
@@ -175,15 +177,16 @@ def clip_grads_with_norm_(
         return
     # An integer gradient cannot take a fractional coefficient in place: torch fails on it
     # after scaling the others; here nothing is scaled.
-    check_norm_inputs(grads, names, "parameter", params=params)
-    check_updatable(grads, names, params)
+    route = ops.route(grads)  # once per call: plan, device and dtype facts
+    check_norm_inputs(grads, names, "parameter", params=params, dtypes=route and route.dtypes)
+    check_updatable(grads, names, params, route and route.all_contiguous)
     total_norm = torch.as_tensor(total_norm)
     check_total_norm(total_norm)
     # torch's formula, in total_norm's dtype and on its device, so results match torch.
     if max_norm == math.inf:
         return  # no clipping asked for (see the module docstring)
     clip_coef = torch.clamp(max_norm / (total_norm + reference.EPS), max=1.0)
-    ops.scale_(grads, clip_coef)
+    ops.scale_(grads, clip_coef, route)
 
 
 @_no_grad
@@ -226,14 +229,16 @@ def fused_clip_grad_norm_(
     grads, names = gradients(params, names)
     if not grads:
         return torch.tensor(0.0)
-    check_norm_inputs(grads, names, "parameter", p, params)
-    check_updatable(grads, names, params)
-    result = _norms_pass(grads, p, max_norm)
-    total = result.total_norm.to(norm_result_dtype(grads))
+    route = ops.route(grads)  # once per call: plan, device and dtype facts
+    dtypes = route and route.dtypes
+    check_norm_inputs(grads, names, "parameter", p, params, dtypes)
+    check_updatable(grads, names, params, route and route.all_contiguous)
+    result = _norms_pass(grads, p, max_norm, route)
+    total = result.total_norm.to(norm_result_dtype(grads, dtypes))
     if error_if_nonfinite:
         _raise_if_nonfinite(result, total, p, names, "parameter", params)
     if max_norm != math.inf:  # inf: no clipping asked for (see the module docstring)
-        ops.scale_(grads, result.clip_coef)
+        ops.scale_(grads, result.clip_coef, route)
     return total
 
 

@@ -3,35 +3,102 @@
 Each function takes tensors of one device (``scale_`` and ``clamp_`` take any mix) and
 sends every dtype group the kernels can read to its Triton launch, everything else to the
 reference twin, writing both into the same outputs.
+
+A call resolves its :class:`Route` once (:func:`route`: device, backend, cached plan, dtype
+set) and hands it to every step, so the plan key is built once per call and no step reads
+device or dtype from every tensor again.
+
+Every Triton launch for CUDA tensors runs under ``torch.cuda.device(<their device>)``
+(:func:`on_device`): Triton launches on the current device's current stream, so without the
+guard gradients on ``cuda:1`` while ``cuda:0`` is current would be read by a kernel on the
+wrong GPU (or fail without peer access), unordered with the backward that wrote them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import reference
 from .backend import Backend, choose_backend
 from .norms import NormKind, norm_kind
-from .worklist import plan_for, update_targets
+from .worklist import Plan, cached_plan, plan_for, plan_key, update_targets
 
 FP32_MAX = torch.finfo(torch.float32).max
+_DEVICE_OF = torch.Tensor.device.__get__  # the attributes, read at C speed under map()
+_DTYPE_OF = torch.Tensor.dtype.__get__
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which code runs for one list of tensors, resolved once per call.
+
+    ``backend`` is None when the tensors span several devices (each device then resolves
+    its own); ``plan`` is the cached Triton plan when the backend is Triton.
+    """
+
+    device: torch.device  # the first tensor's
+    backend: Backend | None
+    plan: Plan | None
+    dtypes: frozenset[torch.dtype]
+
+    @property
+    def all_contiguous(self) -> bool | None:
+        """True or False when the plan knows; None: not known without a pass."""
+        return None if self.plan is None else self.plan.all_contiguous
+
+
+def route(tensors: list[torch.Tensor]) -> Route:
+    """The route for non-empty ``tensors``. On the Triton backend a plan-cache hit answers
+    everything from one key pass; otherwise one pass reads devices and dtypes."""
+    device = tensors[0].device
+    backend = choose_backend(device)
+    key = None
+    if backend is Backend.TRITON:
+        key = plan_key(tensors, device)
+        plan = cached_plan(key)
+        if plan is not None:
+            return Route(device, backend, plan, plan.dtypes)
+    dtypes = frozenset(map(_DTYPE_OF, tensors))
+    if any(d != device for d in set(map(_DEVICE_OF, tensors))):
+        return Route(device, None, None, dtypes)
+    if backend is Backend.TRITON:
+        return Route(device, backend, plan_for(tensors, device, key), dtypes)
+    return Route(device, backend, None, dtypes)
+
+
+def on_device(device: torch.device):
+    """The guard every Triton launch runs under: the tensors' CUDA device is current, so
+    Triton launches on it, on its current stream. Nothing for other devices."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def accumulate_stats(
-    tensors: list[torch.Tensor], p: float, num_bins: int, min_exp: int
+    tensors: list[torch.Tensor], p: float, num_bins: int, min_exp: int,
+    tensors_route: Route | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-tensor power (float64), non-finite count (int64), histogram (int64, [n, num_bins])."""
+    """Per-tensor power (float64), non-finite count (int64), histogram (int64, [n, num_bins]).
+    ``tensors_route``: this call's :func:`route` of ``tensors``, when the caller has it."""
     kind = norm_kind(p)
     if kind == NormKind.COMPOSED:
         kind, p = NormKind.L2, 2.0  # the caller composes torch's norm; counts still fused
-    device = tensors[0].device
-    if choose_backend(device) is Backend.TORCH:
+    if tensors_route is None:
+        tensors_route = route(tensors)
+    device = tensors_route.device
+    if tensors_route.backend is Backend.TORCH:
         return reference.accumulate_stats(tensors, p, kind, num_bins, min_exp)
+    with on_device(device):
+        return _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, tensors_route.plan)
 
+
+def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
     from .kernels.stats import accumulate_stats_
 
-    plan = plan_for(tensors, device)
+    device = plan.device
     n = len(tensors)
     power = torch.empty(n, dtype=torch.float64, device=device)
     nonfinite = torch.empty(n, dtype=torch.int64, device=device)
@@ -69,17 +136,23 @@ def finalize(
     norms = torch.empty(power.shape, dtype=norms_dtype, device=power.device)
     total = torch.empty((), dtype=norms_dtype, device=power.device)
     clip_coef = torch.empty((), dtype=norms_dtype, device=power.device)
-    finalize_(power, kind, max_norm, norms, total, clip_coef)
+    with on_device(power.device):
+        finalize_(power, kind, max_norm, norms, total, clip_coef)
     return norms, total, clip_coef
 
 
-def _by_device(tensors: list[torch.Tensor]) -> list[tuple[torch.device, Backend, list]]:
-    """Tensors grouped by device, each with its backend, all resolved before any tensor is
-    modified, so a device no backend can serve fails with nothing half-updated."""
+def _by_device(
+    tensors: list[torch.Tensor], tensors_route: Route | None = None,
+) -> list[tuple[torch.device, Backend, list, Plan | None]]:
+    """Tensors grouped by device, each with its backend (and plan, when the route has it),
+    all resolved before any tensor is modified, so a device no backend can serve fails with
+    nothing half-updated."""
+    if tensors_route is not None and tensors_route.backend is not None:  # one device
+        return [(tensors_route.device, tensors_route.backend, tensors, tensors_route.plan)]
     groups: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault(tensor.device, []).append(tensor)
-    return [(device, choose_backend(device), group) for device, group in groups.items()]
+    return [(device, choose_backend(device), group, None) for device, group in groups.items()]
 
 
 def _each_view_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -96,9 +169,10 @@ def _each_view_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [tensors[i] for i in sorted(positions[0] + positions[1])]
 
 
-def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
+def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
+           tensors_route: Route | None = None) -> None:
     """``t *= clip_coef`` for every tensor; no memory traffic on Triton when it is >= 1."""
-    for device, backend, group in _by_device(tensors):
+    for device, backend, group, plan in _by_device(tensors, tensors_route):
         # A copy to the CPU must block: the CPU reads the coefficient right away.
         coef = clip_coef.to(device, non_blocking=device.type != "cpu")
         if backend is Backend.TORCH:
@@ -106,15 +180,16 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
             continue
         from .kernels.apply import scale_ as triton_scale_
 
-        plan = plan_for(group, device)
-        for work in plan.update_groups:
-            triton_scale_(work, coef)
+        plan = plan or plan_for(group, device)
+        with on_device(device):
+            for work in plan.update_groups:
+                triton_scale_(work, coef)
         reference.scale_([group[i] for i in plan.update_fallback], coef)
 
 
 def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton."""
-    for device, backend, group in _by_device(tensors):
+    for device, backend, group, _ in _by_device(tensors):
         if backend is Backend.TORCH:
             reference.clamp_(_each_view_once(group), lo, hi)
             continue
@@ -122,11 +197,12 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
 
         plan = plan_for(group, device)
         left_over = [group[i] for i in plan.update_fallback]
-        for work in plan.update_groups:
-            if work.dtype == torch.float64:
-                # Kernel scalars are fp32; clamping fp64 to a rounded bound would differ
-                # from torch, so fp64 gradients take the reference path.
-                left_over.extend(group[i] for i in work.positions)
-            else:
-                triton_clamp_(work, lo, hi)
+        with on_device(device):
+            for work in plan.update_groups:
+                if work.dtype == torch.float64:
+                    # Kernel scalars are fp32; clamping fp64 to a rounded bound would
+                    # differ from torch, so fp64 gradients take the reference path.
+                    left_over.extend(group[i] for i in work.positions)
+                else:
+                    triton_clamp_(work, lo, hi)
         reference.clamp_(left_over, lo, hi)

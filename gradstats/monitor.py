@@ -180,13 +180,16 @@ class GradMonitor:
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         grads, names = gradients(*self._watched.current())
-        check_norm_inputs(grads, names, "parameter", self.norm_type)
+        route = ops.route(grads) if grads else None  # once per step: plan, device, dtypes
+        dtypes = route and route.dtypes
+        check_norm_inputs(grads, names, "parameter", self.norm_type, dtypes=dtypes)
         if clip:
-            check_updatable(grads, names)
+            check_updatable(grads, names, all_contiguous=route and route.all_contiguous)
         with_hist = self.hist_every is not None and step % self.hist_every == 0
         logged = with_hist or step % self.log_every == 0
         stats = collect_stats(grads, names, self.norm_type, max_norm=max_norm,
-                              histogram=with_hist, num_bins=self.num_bins, min_exp=self.min_exp)
+                              histogram=with_hist, num_bins=self.num_bins, min_exp=self.min_exp,
+                              route=route)
         self.steps += 1
         # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
         # are skipped by the scaler and routinely hold Inf, so they raise no alarm.
@@ -198,9 +201,11 @@ class GradMonitor:
         if clip and max_norm == math.inf:  # nothing to clip, as in clip.py: the factor is 1
             stats.clip_coef.fill_(1.0)
         elif clip and grads:
-            ops.scale_(grads, stats.clip_coef)
+            ops.scale_(grads, stats.clip_coef, route)
         self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
-        return stats.total_norm.to(norm_result_dtype(grads)) if grads else stats.total_norm
+        if not grads:
+            return stats.total_norm
+        return stats.total_norm.to(norm_result_dtype(grads, dtypes))
 
     def _raise_if_nonfinite(self, step: int, stats: GradStats, overflow) -> None:
         # The one sync the user asked for: the decision needs the counts on the host.

@@ -4,7 +4,8 @@ Each op is a ``torch.library.custom_op`` so ``torch.compile`` sees it as one opa
 (the launchers read ``data_ptr()``, which cannot be traced), with a fake implementation
 beside it that only describes the outputs. A native CPU pass can later register under the
 same names. In eager mode the wrappers below call the implementation directly and skip the
-dispatcher's per-call overhead; under ``torch.compile`` they go through the op.
+dispatcher's per-call overhead, and take the call's :func:`route` (resolved once per call);
+under ``torch.compile`` they go through the op, which resolves its own.
 
 Contracts (``n`` tensors, all on one device for ``accumulate_stats``):
 
@@ -79,10 +80,18 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def accumulate_stats(tensors, norm_type, num_bins, min_exp):
+def route(tensors) -> dispatch.Route | None:
+    """This call's :class:`dispatch.Route` for non-empty ``tensors``, to hand to the ops
+    below; None under ``torch.compile`` (the ops resolve their own at run time)."""
+    if _compiling():
+        return None
+    return dispatch.route(tensors)
+
+
+def accumulate_stats(tensors, norm_type, num_bins, min_exp, tensors_route=None):
     if _compiling():
         return _accumulate_stats_op(tensors, norm_type, num_bins, min_exp)
-    return dispatch.accumulate_stats(tensors, norm_type, num_bins, min_exp)
+    return dispatch.accumulate_stats(tensors, norm_type, num_bins, min_exp, tensors_route)
 
 
 def finalize(power, norm_type, max_norm, norms_dtype):
@@ -91,10 +100,10 @@ def finalize(power, norm_type, max_norm, norms_dtype):
     return dispatch.finalize(power, norm_type, max_norm, norms_dtype)
 
 
-def scale_(tensors, clip_coef) -> None:
+def scale_(tensors, clip_coef, tensors_route=None) -> None:
     if _compiling():
         return _scale_op(tensors, clip_coef)
-    return dispatch.scale_(tensors, clip_coef)
+    return dispatch.scale_(tensors, clip_coef, tensors_route)
 
 
 def clamp_(tensors, lo, hi) -> None:

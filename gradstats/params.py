@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import itertools
+import operator
 import types
 import warnings
 from collections.abc import Iterable
@@ -47,6 +49,8 @@ def named_items(
                       stacklevel=stacklevel + 1)
     if items and isinstance(items[0], tuple):
         return _split_named(items)
+    if all(map(isinstance, items, itertools.repeat(torch.Tensor))):
+        return items, None  # the common case, checked at C speed; the loop finds the culprit
     for index, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             raise TypeError(f"parameters[{index}] is a {type(item).__name__}, not a Tensor")
@@ -87,16 +91,27 @@ def gradients(
     params: list[torch.Tensor], names: list[str] | None
 ) -> tuple[list[torch.Tensor], list[str] | None]:
     """The non-``None`` gradients, and the names of their parameters."""
-    if names is None:
-        return [p.grad for p in params if p.grad is not None], None
-    kept = [(p.grad, name) for p, name in zip(params, names) if p.grad is not None]
-    return [g for g, _ in kept], [name for _, name in kept]
+    if torch.compiler.is_compiling():  # dynamo traces neither attrgetter nor these maps
+        kept = [i for i, p in enumerate(params) if p.grad is not None]
+    else:
+        # One C-speed read of every .grad and one C-speed None test: this runs every step.
+        grads = list(map(_GRAD_OF, params))
+        if all(map(operator.is_not, grads, itertools.repeat(None))):
+            return grads, None if names is None else list(names)
+        kept = [i for i, grad in enumerate(grads) if grad is not None]
+    return [params[i].grad for i in kept], None if names is None else [names[i] for i in kept]
 
 
-def norm_result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+_GRAD_OF = operator.attrgetter("grad")
+
+
+def norm_result_dtype(tensors: list[torch.Tensor], dtypes=None) -> torch.dtype:
     """The dtype torch's ``get_total_norm`` returns: its per-tensor norms (real, in each
-    tensor's dtype) promoted together by ``torch.stack``."""
-    dtypes = {_REAL_OF_COMPLEX.get(t.dtype, t.dtype) for t in tensors}
+    tensor's dtype) promoted together by ``torch.stack``. ``dtypes``: the tensors' dtype
+    set, when the caller knows it (then ``tensors`` is not read)."""
+    if dtypes is None:
+        dtypes = {t.dtype for t in tensors}
+    dtypes = {_REAL_OF_COMPLEX.get(dtype, dtype) for dtype in dtypes}
     result = dtypes.pop()
     for dtype in dtypes:
         result = torch.promote_types(result, dtype)

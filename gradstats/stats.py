@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import dispatch, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .norms import NormKind, norm_kind, parse_norm_type
 from .params import ParametersLike, gradients, named_items
+from .worklist import int64_on
 
 
 @dataclass
@@ -72,13 +73,19 @@ class FusedResult:
 
 
 def fused_pass(
-    grads: list[torch.Tensor], p: float, *, num_bins: int, min_exp: int, max_norm: float
+    grads: list[torch.Tensor], p: float, *, num_bins: int, min_exp: int, max_norm: float,
+    route: dispatch.Route | None = None,
 ) -> FusedResult:
-    """Statistics of non-empty ``grads``; results on the first gradient's device."""
+    """Statistics of non-empty ``grads``; results on the first gradient's device.
+    ``route``: this call's ``ops.route(grads)``, when the caller has it."""
     first_device = grads[0].device
-    power, nonfinite, hist = _accumulate_on_each_device(grads, p, num_bins, min_exp)
-    norms_dtype = torch.float64 if any(g.dtype in (torch.float64, torch.complex128)
-                                       for g in grads) else torch.float32
+    if route is not None and route.backend is not None:  # one device, resolved already
+        power, nonfinite, hist = ops.accumulate_stats(grads, p, num_bins, min_exp, route)
+    else:
+        power, nonfinite, hist = _accumulate_on_each_device(grads, p, num_bins, min_exp)
+    dtypes = route.dtypes if route is not None else {g.dtype for g in grads}
+    norms_dtype = (torch.float64 if torch.float64 in dtypes or torch.complex128 in dtypes
+                   else torch.float32)
     if norm_kind(p) == NormKind.COMPOSED:
         per_tensor = [reference.composed_norm(g, p) for g in grads]
         norms = torch.stack([n.to(first_device, norms_dtype) for n in per_tensor])
@@ -106,7 +113,7 @@ def _accumulate_on_each_device(grads, p, num_bins, min_exp):
     )
     for positions in positions_by_device.values():
         parts = ops.accumulate_stats([grads[i] for i in positions], p, num_bins, min_exp)
-        index = _int64_on(positions, first_device)
+        index = int64_on(positions, first_device)
         for output, part in zip(outputs, parts):
             # A copy to the CPU must block: the CPU reads it right away.
             part = part.to(first_device, non_blocking=first_device.type != "cpu")
@@ -114,16 +121,9 @@ def _accumulate_on_each_device(grads, p, num_bins, min_exp):
     return outputs
 
 
-def _int64_on(values: list[int], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()  # pinned: the copy below does not wait for the GPU
-    return host.to(device, non_blocking=True)
-
-
 @functools.lru_cache(maxsize=16)
 def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return _int64_on(list(numels), device)
+    return int64_on(list(numels), device)
 
 
 @torch.no_grad()
@@ -169,15 +169,16 @@ def grad_stats(
         check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
     grads, names = gradients(params, param_names)
-    check_norm_inputs(grads, names, "parameter", p, params)
+    route = ops.route(grads) if grads else None
+    check_norm_inputs(grads, names, "parameter", p, params, route and route.dtypes)
     if max_norm is not None:
-        check_updatable(grads, names, params)
+        check_updatable(grads, names, params, route and route.all_contiguous)
     stats = collect_stats(grads, names, p, max_norm=max_norm_value, histogram=histogram,
-                          num_bins=num_bins, min_exp=min_exp)
+                          num_bins=num_bins, min_exp=min_exp, route=route)
     if max_norm_value == math.inf:  # nothing to clip, as in clip.py: the factor applied is 1
         stats.clip_coef.fill_(1.0)
     elif grads:
-        ops.scale_(grads, stats.clip_coef)
+        ops.scale_(grads, stats.clip_coef, route)
     if max_norm is None:
         stats.clip_coef = None
     return stats
@@ -192,19 +193,26 @@ def collect_stats(
     histogram: bool,
     num_bins: int,
     min_exp: int,
+    route: dispatch.Route | None = None,
 ) -> GradStats:
     """``grad_stats`` on checked inputs, without touching the gradients: ``clip_coef`` is
-    the coefficient clipping to ``max_norm`` (``inf``: none) would apply."""
+    the coefficient clipping to ``max_norm`` (``inf``: none) would apply. ``route``: this
+    call's ``ops.route(grads)``, when the caller has it."""
     if not grads:
         return _empty_stats(p, num_bins, min_exp, histogram, names, clipped=True)
     bins = num_bins if histogram else 0
-    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm)
+    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm,
+                        route=route)
+    if route is not None and route.plan is not None:
+        numel = route.plan.numel.clone()  # the plan's key fixes every shape
+    else:
+        numel = _numel_tensor(tuple(g.numel() for g in grads), grads[0].device).clone()
     return GradStats(
         norms=result.norms,
         total_norm=result.total_norm,
         nonfinite=result.nonfinite,
         hist=result.hist if histogram else None,
-        numel=_numel_tensor(tuple(g.numel() for g in grads), grads[0].device).clone(),
+        numel=numel,
         names=names,
         clip_coef=result.clip_coef,
         norm_type=p,

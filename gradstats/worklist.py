@@ -79,23 +79,28 @@ class Plan:
     # rest one at a time, after them, so overlapping elements see every update in turn.
     update_groups: tuple[WorkList, ...]
     update_fallback: tuple[int, ...]
+    # Facts of the whole list that the key (dtypes, shapes, strides) fixes, so a call that
+    # finds its plan reads them here instead of from every tensor again.
+    dtypes: frozenset[torch.dtype]
+    all_contiguous: bool
+    numel: torch.Tensor  # device int64: every tensor's element count, in the caller's order
 
 
 _plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
 
 
-def plan_for(tensors: list[torch.Tensor], device: torch.device) -> Plan:
+def plan_for(tensors: list[torch.Tensor], device: torch.device, key: tuple | None = None) -> Plan:
     """The cached plan for ``tensors`` (all on ``device``), built on first use.
 
-    The key is every tensor's address, shape, strides and dtype, so a gradient that was
-    reallocated, resized or re-laid-out gets a new plan rather than a stale pointer.
+    The key (:func:`plan_key`, or ``key`` when the caller built it already) is every
+    tensor's address, shape, strides, dtype and device index, so a gradient that was
+    reallocated, resized, re-laid-out or moved gets a new plan rather than a stale pointer.
     """
-    key = _plan_key(tensors, device)
-    plan = _plans.get(key)
+    key = plan_key(tensors, device) if key is None else key
+    plan = cached_plan(key)
     if plan is not None:
-        _plans.move_to_end(key)
         return plan
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and _capturing(device):
         raise RuntimeError(
             "gradstats: no cached work list for these gradients during CUDA-graph capture. "
             "Run the same call once before capturing, and keep the gradients' storage "
@@ -108,7 +113,24 @@ def plan_for(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     return plan
 
 
-def _plan_key(tensors: list[torch.Tensor], device: torch.device) -> tuple:
+def cached_plan(key: tuple) -> Plan | None:
+    """The plan cached under ``key``, or None; a hit becomes the most recently used."""
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+    return plan
+
+
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):  # the gradients' device's stream, not the current one's
+        return torch.cuda.is_current_stream_capturing()
+
+
+def plan_key(tensors: list[torch.Tensor], device: torch.device) -> tuple:
+    """What a plan depends on, read from every tensor: ``device`` (the first tensor's) and
+    each tensor's address, shape, strides, dtype and device index. The indices make a hit
+    prove every tensor is still on ``device`` without a ``.device`` read per tensor (an
+    address freed on one GPU can come back on another)."""
     try:
         # Unbound C methods under map(): the cheapest per-tensor reads Python offers, since
         # this runs every step for every gradient. Shape and strides, not just size and
@@ -116,10 +138,16 @@ def _plan_key(tensors: list[torch.Tensor], device: torch.device) -> tuple:
         addresses = tuple(map(torch.Tensor.data_ptr, tensors))
         strides = tuple(map(torch.Tensor.stride, tensors))
     except RuntimeError:  # a sparse gradient has neither; it takes the reference path anyway
-        addresses = tuple(t.data_ptr() if t.layout is torch.strided else -1 for t in tensors)
+        addresses = tuple(t.data_ptr() if t.layout is torch.strided else t.layout
+                          for t in tensors)
         strides = tuple(t.stride() if t.layout is torch.strided else None for t in tensors)
-    shapes = tuple(t.shape for t in tensors)
-    return device, addresses, shapes, strides, tuple(t.dtype for t in tensors)
+    shapes = tuple(map(torch.Tensor.size, tensors))
+    dtypes = tuple(map(_DTYPE_OF, tensors))
+    device_indices = tuple(map(torch.Tensor.get_device, tensors))
+    return device, addresses, shapes, strides, dtypes, device_indices
+
+
+_DTYPE_OF = torch.Tensor.dtype.__get__  # the attribute, read at C speed under map()
 
 
 def clear_plan_cache() -> None:
@@ -138,10 +166,13 @@ def _build_plan(tensors: list[torch.Tensor], device: torch.device) -> Plan:
         _build_work_list([tensors[i] for i in slots], slots, dtype, device)
         for dtype, slots in by_dtype.items()
     )
+    facts = dict(dtypes=frozenset(t.dtype for t in tensors),
+                 all_contiguous=_all_contiguous(tensors),
+                 numel=int64_on([t.numel() for t in tensors], device))
     parallel, one_by_one = update_targets(tensors)
     if len(parallel) == len(tensors) and not fallback:
         return Plan(device=device, groups=groups, fallback=(), update_groups=groups,
-                    update_fallback=())
+                    update_fallback=(), **facts)
     in_parallel = set(parallel)
     update_groups = tuple(
         _build_work_list([tensors[i] for i in kept], kept, dtype, device)
@@ -150,7 +181,22 @@ def _build_plan(tensors: list[torch.Tensor], device: torch.device) -> Plan:
     )
     update_fallback = sorted(set(one_by_one) | (set(fallback) & in_parallel))
     return Plan(device=device, groups=groups, fallback=tuple(fallback),
-                update_groups=update_groups, update_fallback=tuple(update_fallback))
+                update_groups=update_groups, update_fallback=tuple(update_fallback), **facts)
+
+
+def _all_contiguous(tensors: list[torch.Tensor]) -> bool:
+    try:
+        return all(map(torch.Tensor.is_contiguous, tensors))
+    except RuntimeError:  # sparse tensors have no is_contiguous
+        return False
+
+
+def int64_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, copied without a host-device sync."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()  # pinned: the copy does not wait for the GPU
+    return host.to(device, non_blocking=True)
 
 
 def update_targets(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
