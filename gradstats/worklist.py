@@ -86,15 +86,34 @@ class Plan:
     numel: torch.Tensor  # device int64: every tensor's element count, in the caller's order
 
 
-_plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
+class PlanKey:
+    """What a plan depends on (:func:`plan_key`), hashed once: the key holds five entries
+    per tensor, and a cache hit would otherwise hash them on every dict operation."""
+
+    __slots__ = ("parts", "_hash")
+
+    def __init__(self, parts: tuple):
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, PlanKey) and self._hash == other._hash
+                and self.parts == other.parts)
 
 
-def plan_for(tensors: list[torch.Tensor], device: torch.device, key: tuple | None = None) -> Plan:
+_plans: collections.OrderedDict[PlanKey, Plan] = collections.OrderedDict()
+
+
+def plan_for(tensors: list[torch.Tensor], device: torch.device,
+             key: PlanKey | None = None) -> Plan:
     """The cached plan for ``tensors`` (all on ``device``), built on first use.
 
-    The key (:func:`plan_key`, or ``key`` when the caller built it already) is every
-    tensor's address, shape, strides, dtype and device index, so a gradient that was
-    reallocated, resized, re-laid-out or moved gets a new plan rather than a stale pointer.
+    The key (:func:`plan_key`, or ``key`` when the caller built it already) fixes every
+    tensor's memory, dtype and device, so a gradient that was reallocated, resized,
+    re-laid-out or moved gets a new plan rather than a stale pointer.
     """
     key = plan_key(tensors, device) if key is None else key
     plan = cached_plan(key)
@@ -113,10 +132,11 @@ def plan_for(tensors: list[torch.Tensor], device: torch.device, key: tuple | Non
     return plan
 
 
-def cached_plan(key: tuple) -> Plan | None:
+def cached_plan(key: PlanKey) -> Plan | None:
     """The plan cached under ``key``, or None; a hit becomes the most recently used."""
     plan = _plans.get(key)
-    if plan is not None:
+    # The usual hit is the most recent plan already; moving it would compare keys again.
+    if plan is not None and next(reversed(_plans.values())) is not plan:
         _plans.move_to_end(key)
     return plan
 
@@ -126,25 +146,33 @@ def _capturing(device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
-def plan_key(tensors: list[torch.Tensor], device: torch.device) -> tuple:
+def plan_key(tensors: list[torch.Tensor], device: torch.device) -> PlanKey:
     """What a plan depends on, read from every tensor: ``device`` (the first tensor's) and
-    each tensor's address, shape, strides, dtype and device index. The indices make a hit
-    prove every tensor is still on ``device`` without a ``.device`` read per tensor (an
-    address freed on one GPU can come back on another)."""
+    each tensor's address, dtype and device index, and its element count when every tensor
+    is contiguous (address, count and dtype then fix its memory, which is all a plan reads),
+    its shape and strides otherwise (a gapped view can share address and size with a dense
+    one). The device indices make a hit prove every tensor is still on ``device`` without a
+    ``.device`` read per tensor (an address freed on one GPU can come back on another).
+
+    Unbound C methods under ``map()``: the cheapest per-tensor reads Python offers, since
+    this runs every step for every gradient; ints and dtypes also leave the garbage
+    collector nothing to track, where a shape and a strides tuple per tensor did.
+    """
     try:
-        # Unbound C methods under map(): the cheapest per-tensor reads Python offers, since
-        # this runs every step for every gradient. Shape and strides, not just size and
-        # contiguity: a gapped view can share address and size with a dense one.
         addresses = tuple(map(torch.Tensor.data_ptr, tensors))
-        strides = tuple(map(torch.Tensor.stride, tensors))
+        contiguous = all(map(torch.Tensor.is_contiguous, tensors))
     except RuntimeError:  # a sparse gradient has neither; it takes the reference path anyway
         addresses = tuple(t.data_ptr() if t.layout is torch.strided else t.layout
                           for t in tensors)
-        strides = tuple(t.stride() if t.layout is torch.strided else None for t in tensors)
-    shapes = tuple(map(torch.Tensor.size, tensors))
+        contiguous = False
+    if contiguous:
+        memory = tuple(map(torch.Tensor.numel, tensors))
+    else:
+        memory = (tuple(map(torch.Tensor.size, tensors)),
+                  tuple(t.stride() if t.layout is torch.strided else None for t in tensors))
     dtypes = tuple(map(_DTYPE_OF, tensors))
     device_indices = tuple(map(torch.Tensor.get_device, tensors))
-    return device, addresses, shapes, strides, dtypes, device_indices
+    return PlanKey((device, contiguous, addresses, memory, dtypes, device_indices))
 
 
 _DTYPE_OF = torch.Tensor.dtype.__get__  # the attribute, read at C speed under map()
