@@ -1,0 +1,26 @@
+"""benchmarks/host_overhead.py: the stubbed GPU path runs gradstats' Triton host path on
+CPU tensors without launching anything, and puts everything back afterwards."""
+import pytest
+import torch
+from helpers import make_params
+
+import gradstats
+from gradstats import dispatch, worklist
+
+host_overhead = pytest.importorskip("benchmarks.host_overhead")
+
+
+def test_stubbed_gpu_path_takes_the_triton_route_and_restores_it(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "auto")
+    choose_backend = dispatch.choose_backend
+    params = make_params([10, 300], torch.float32, torch.device("cpu"))
+    with host_overhead.stubbed_gpu_path():
+        for call in host_overhead.cases(params).values():
+            median, best = host_overhead.host_us(call, calls=2)
+            assert 0 < best <= median
+        assert len(worklist._plans) == 1  # one plan: the Triton path, every call a hit
+        assert worklist._plans[next(iter(worklist._plans))].groups[0].config.chunk == 16384
+    assert dispatch.choose_backend is choose_backend and not worklist._plans
+    grads = [p.grad.clone() for p in params]
+    gradstats.fused_clip_grad_norm_(params, 1e-3)  # real launches again (reference path)
+    assert all(not torch.equal(p.grad, g) for p, g in zip(params, grads))
