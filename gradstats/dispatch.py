@@ -184,7 +184,8 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
         with on_device(device):
             for work in plan.update_groups:
                 triton_scale_(work, coef)
-        reference.scale_([group[i] for i in plan.update_fallback], coef)
+        if plan.update_fallback:
+            reference.scale_([group[i] for i in plan.update_fallback], coef)
 
 
 def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
@@ -205,4 +206,5 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
                     left_over.extend(group[i] for i in work.positions)
                 else:
                     triton_clamp_(work, lo, hi)
-        reference.clamp_(left_over, lo, hi)
+        if left_over:
+            reference.clamp_(left_over, lo, hi)

@@ -17,6 +17,7 @@ Device metadata of one work list, a single int64 tensor (one copy to the device)
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,30 +42,32 @@ class WorkList:
     aligned: bool
     meta: torch.Tensor  # device int64, layout in the module docstring
 
+    # Views of ``meta``, made on first use and kept: a view costs about a microsecond of
+    # host time, and every launch passes several.
     def _part(self, start: int, length: int) -> torch.Tensor:
         return self.meta[start:start + length]
 
-    @property
+    @functools.cached_property
     def ptrs(self) -> torch.Tensor:
         return self._part(0, self.n_tensors)
 
-    @property
+    @functools.cached_property
     def numels(self) -> torch.Tensor:
         return self._part(self.n_tensors, self.n_tensors)
 
-    @property
+    @functools.cached_property
     def slots(self) -> torch.Tensor:
         return self._part(2 * self.n_tensors, self.n_tensors)
 
-    @property
+    @functools.cached_property
     def first_work(self) -> torch.Tensor:
         return self._part(3 * self.n_tensors, self.n_tensors + 1)
 
-    @property
+    @functools.cached_property
     def work_tensor(self) -> torch.Tensor:
         return self._part(4 * self.n_tensors + 1, self.n_work)
 
-    @property
+    @functools.cached_property
     def work_chunk(self) -> torch.Tensor:
         return self._part(4 * self.n_tensors + 1 + self.n_work, self.n_work)
 
