@@ -158,6 +158,7 @@ def test_lbfgs_with_skip_is_refused_before_anything_changes(mode):
     monitor.close()
 
 
+@pytest.mark.filterwarnings("ignore::gradstats.NonFiniteGradientWarning")
 def test_skip_refuses_a_second_closure_evaluation_of_an_unknown_optimizer():
     class TwiceSGD(torch.optim.SGD):
         def step(self, closure):
