@@ -10,6 +10,10 @@ Device metadata of one work list, a single int64 tensor (one copy to the device)
 
     [ ptrs (n) | numels (n) | slots (n) | first_work (n + 1) | work_tensor (W) | work_chunk (W) ]
 
+each part padded with zeros to an even length (``META_PART_ALIGNMENT``), so every part
+starts 16 bytes into an allocation that is itself 16-byte aligned, whatever ``n`` and ``W``
+are: Triton specializes pointer arguments on 16-byte divisibility, and parts whose
+alignment followed the parity of ``n`` and ``W`` would compile a new kernel per parity.
 ``slots[j]`` is tensor ``j``'s row in the caller's outputs; work item ``w`` reads chunk
 ``work_chunk[w]`` of tensor ``work_tensor[w]``; tensor ``j`` owns work items
 ``first_work[j] .. first_work[j + 1] - 1``, so its per-chunk partials sit side by side.
@@ -30,6 +34,14 @@ from .launch_config import LaunchConfig, launch_config
 PLAN_CACHE_SIZE = 16
 # 16-byte aligned base pointers let the kernels use 128-bit loads.
 LOAD_ALIGNMENT_BYTES = 16
+# Each part of ``meta`` is padded to a multiple of this many int64s (16 bytes): the same
+# divisibility Triton specializes pointer arguments on.
+META_PART_ALIGNMENT = 2
+
+
+def _padded(length: int) -> int:
+    """``length`` int64s rounded up to a whole number of aligned meta slots."""
+    return -(-length // META_PART_ALIGNMENT) * META_PART_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -53,23 +65,27 @@ class WorkList:
 
     @functools.cached_property
     def numels(self) -> torch.Tensor:
-        return self._part(self.n_tensors, self.n_tensors)
+        return self._part(_padded(self.n_tensors), self.n_tensors)
 
     @functools.cached_property
     def slots(self) -> torch.Tensor:
-        return self._part(2 * self.n_tensors, self.n_tensors)
+        return self._part(2 * _padded(self.n_tensors), self.n_tensors)
 
     @functools.cached_property
     def first_work(self) -> torch.Tensor:
-        return self._part(3 * self.n_tensors, self.n_tensors + 1)
+        return self._part(3 * _padded(self.n_tensors), self.n_tensors + 1)
 
     @functools.cached_property
     def work_tensor(self) -> torch.Tensor:
-        return self._part(4 * self.n_tensors + 1, self.n_work)
+        return self._part(self._work_start, self.n_work)
 
     @functools.cached_property
     def work_chunk(self) -> torch.Tensor:
-        return self._part(4 * self.n_tensors + 1 + self.n_work, self.n_work)
+        return self._part(self._work_start + _padded(self.n_work), self.n_work)
+
+    @property
+    def _work_start(self) -> int:
+        return 3 * _padded(self.n_tensors) + _padded(self.n_tensors + 1)
 
 
 @dataclass(frozen=True)
@@ -322,14 +338,19 @@ def _build_work_list(
     n_work = int(first_work[-1])
     work_tensor = torch.repeat_interleave(torch.arange(len(tensors)), chunks_per_tensor)
     work_chunk = torch.arange(n_work) - first_work[work_tensor]
-    host_meta = torch.cat([
+    parts = [
         torch.tensor(ptrs, dtype=torch.int64),
         numels,
         torch.tensor(slots, dtype=torch.int64),
         first_work,
         work_tensor,
         work_chunk,
-    ])
+    ]
+    host_meta = torch.zeros(sum(_padded(len(part)) for part in parts), dtype=torch.int64)
+    start = 0
+    for part in parts:
+        host_meta[start:start + len(part)] = part
+        start += _padded(len(part))
     if device.type == "cuda":
         # Pinned memory makes the copy asynchronous: no host-device sync, even on a miss.
         # (The caching host allocator keeps the buffer until the copy is done.)
