@@ -33,7 +33,9 @@ def _root(power, NORM_KIND: tl.constexpr):
         return power
 
 
-@triton.jit
+# ``n`` (the tensor count) is not specialized: Triton would otherwise compile one kernel for
+# n == 1, one for n % 16 == 0 and one for the rest, and a loop bound gains nothing from it.
+@triton.jit(do_not_specialize=["n"])
 def _finalize_kernel(
     power_ptr, n, norms_ptr, total_ptr, coef_ptr,
     max_norm_hi, max_norm_lo, NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,

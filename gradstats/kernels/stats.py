@@ -37,6 +37,10 @@ FP64_LAYOUT = (52, 1023, 1024)
 _SUBNORMAL_SHIFT: tl.constexpr = tl.constexpr(64)
 _SUBNORMAL_SCALE: tl.constexpr = tl.constexpr(2.0**64)
 REDUCE_BLOCK = 1024
+# The histogram constexprs passed when the histogram is off: the kernels ignore them, and
+# fixed values keep every call without a histogram (clip_grad_norm_'s min_exp=0, a
+# grad_stats(histogram=False) with the user's min_exp) on one compiled kernel.
+_NO_HISTOGRAM = dict(NUM_BINS=1, HIST_BINS=2, MIN_EXP=0)
 
 
 @triton.jit
@@ -208,7 +212,14 @@ def accumulate_stats_(
     is_fp64 = work.dtype == torch.float64
     exp_shift, exp_bias, nonfinite_exp = FP64_LAYOUT if is_fp64 else FP32_LAYOUT
     histogram = num_bins > 0
-    hist_bins = triton.next_power_of_2(max(num_bins, 2))  # tl.histogram needs a power of 2
+    if histogram:
+        hist_bins = triton.next_power_of_2(max(num_bins, 2))  # tl.histogram needs a power of 2
+        hist_args = dict(NUM_BINS=num_bins, HIST_BINS=hist_bins, MIN_EXP=min_exp)
+        # Non-finite values (all exponent bits set) were clamped into this column.
+        nonfinite_column = min(max(nonfinite_exp - min_exp + 1, 1), max(num_bins - 1, 1))
+    else:
+        hist_args = _NO_HISTOGRAM
+        nonfinite_column = 1
     acc_dtype = tl.float64 if is_fp64 else tl.float32
     device = work.meta.device
     partial_power = torch.empty(work.n_work, dtype=torch.float64 if is_fp64 else torch.float32,
@@ -220,17 +231,14 @@ def accumulate_stats_(
             partial_power, partial_nonfinite, hist, p,
             DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=acc_dtype, NORM_KIND=int(norm_kind),
             CHUNK=work.config.chunk, BLOCK=work.config.block, ALIGNED=work.aligned,
-            HISTOGRAM=histogram, NUM_BINS=max(num_bins, 1), HIST_BINS=hist_bins,
-            MIN_EXP=min_exp, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
-            EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias,
+            HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
+            EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
             num_warps=work.config.num_warps,
         )
-    # Non-finite values (all exponent bits set) were clamped into this column.
-    nonfinite_column = min(max(nonfinite_exp - min_exp + 1, 1), max(num_bins - 1, 1))
     _reduce_chunks_kernel[(work.n_tensors,)](
         work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
         power, nonfinite, hist,
         NORM_KIND=int(norm_kind), BLOCK=REDUCE_BLOCK, HISTOGRAM=histogram,
-        NUM_BINS=max(num_bins, 1), HIST_BINS=hist_bins, NONFINITE_COLUMN=nonfinite_column,
-        num_warps=4,
+        NUM_BINS=hist_args["NUM_BINS"], HIST_BINS=hist_args["HIST_BINS"],
+        NONFINITE_COLUMN=nonfinite_column, num_warps=4,
     )
