@@ -109,7 +109,8 @@ def test_parity_lists_cover_every_parity_of_tensor_and_work_counts(small_chunks)
     lambda ps: gradstats.fused_clip_grad_norm_(ps, 1e-3),
     lambda ps: gradstats.grad_stats(ps, max_norm=1e-3, histogram=False),
     lambda ps: gradstats.grad_stats(ps, histogram=False, num_bins=16, min_exp=-150),
-], ids=["clip_grad_norm_", "fused_clip_grad_norm_", "grad_stats-no-hist", "grad_stats-no-hist-bins"])
+], ids=["clip_grad_norm_", "fused_clip_grad_norm_", "grad_stats-no-hist",
+        "grad_stats-no-hist-bins"])
 def test_one_call_site_compiles_each_kernel_once_whatever_n_and_w(triton_device, small_chunks,
                                                                   launches, call):
     for params in _parity_lists(triton_device):
