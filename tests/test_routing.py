@@ -153,6 +153,10 @@ def test_clip_grad_norm_matches_torch(call, calls):
             total = call(torch.nn.utils.clip_grad_norm_, params)
     assert calls["clip_grad_norm_"] == 1
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+    _assert_grads_close(params, expected_params)
+
+
+def _assert_grads_close(params, expected_params):
     for got, want in zip(_grads(params), _grads(expected_params)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
@@ -167,8 +171,7 @@ def test_get_total_norm_and_clip_grads_with_norm_match_torch(calls):
         torch.nn.utils.clip_grads_with_norm_((p for p in params), max_norm=2.0, total_norm=norm)
     assert (calls["get_total_norm"], calls["clip_grads_with_norm_"]) == (1, 1)
     torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0)
-    for got, want in zip(_grads(params), _grads(expected_params)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    _assert_grads_close(params, expected_params)
 
 
 def test_clip_grad_value_matches_torch_bit_for_bit(calls):
