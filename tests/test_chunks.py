@@ -20,7 +20,8 @@ from helpers import (
 )
 
 import gradstats
-from gradstats.kernels.chunks import vector_width
+from gradstats import launch_config as config
+from gradstats.kernels.chunks import launch_vector_width, vector_width
 
 # Around the tiny test block (64) and chunk (256); 1 to 17 covers every length modulo the
 # widest vector (8 bf16/fp16 elements) twice.
@@ -149,3 +150,17 @@ def test_nonfinite_count_exact_at_the_edges_of_finite(backend_device, small_chun
     finite = [as_float64(g)[np.isfinite(as_float64(g))] for g in grads]
     expected_hist = np.stack([np_histogram(a, 64, -40) for a in finite])
     np.testing.assert_array_equal(stats.hist.cpu().numpy(), expected_hist)
+
+
+def test_every_launch_config_suits_the_kernels():
+    configs = [(dtype, config.GPU_CONFIGS[dtype]) for dtype in config.GPU_CONFIGS]
+    configs += [(dtype, config.INTERPRETER_CONFIG) for dtype in FLOAT_DTYPES]
+    for dtype, launch in configs:
+        assert launch_vector_width(dtype, launch.chunk, launch.block) == vector_width(dtype)
+
+
+@pytest.mark.parametrize("chunk,block", [(256, 8), (100, 64), (64, 128)])
+def test_launch_sizes_the_kernels_cannot_use_are_refused(chunk, block):
+    # bf16: 8 elements a vector, so a block needs 16 (head and remainder share one).
+    with pytest.raises(ValueError, match="multiples"):
+        launch_vector_width(torch.bfloat16, chunk, block)

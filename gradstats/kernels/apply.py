@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..worklist import WorkList
-from .chunks import _edges, _vector_end, _work_item, vector_width
+from .chunks import _vector_end, _work_item, launch_vector_width
 from .stats import _TRITON_DTYPES, ENABLE_FP_FUSION
 
 _SCALE: tl.constexpr = tl.constexpr(0)
@@ -54,11 +54,19 @@ def _update_kernel(
         vector_end = _vector_end(body_length, VEC)
         full = (body_length // BLOCK) * BLOCK
         # The parts of chunks.py: scalar accesses only for the < 16 bytes at either end.
-        if (head > 0) | (vector_end < body_length):
-            offsets, in_edges = _edges(lanes, head, vector_end, length, VEC)
-            x = tl.load(chunk + offsets, mask=in_edges)
-            tl.store(chunk + offsets, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE),
-                     mask=in_edges)
+        # Head and remainder each at contiguous addresses: one gathered access for both
+        # (as the statistics kernel reads them) keeps a 64-bit address per element live
+        # from the load to the store, 20 to 45 registers more on Triton 3.9.
+        if head > 0:
+            in_head = lanes < head
+            x = tl.load(chunk + lanes, mask=in_head)
+            tl.store(chunk + lanes, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE), mask=in_head)
+        if vector_end < body_length:
+            offsets = vector_end + lanes
+            in_remainder = offsets < body_length
+            x = tl.load(body + offsets, mask=in_remainder)
+            tl.store(body + offsets, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE),
+                     mask=in_remainder)
         for offset in range(0, full, BLOCK):
             x = tl.load(body + offset + lanes)
             tl.store(body + offset + lanes, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE))
@@ -80,7 +88,8 @@ def _launch(work: WorkList, op, clip_coef: torch.Tensor | None, lo: float, hi: f
     _update_kernel[(work.n_work,)](
         work.ptrs, work.numels, work.work_tensor, work.work_chunk, clip_coef, lo, hi,
         OP=op, DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=_acc_dtype(work.dtype),
-        CHUNK=work.config.chunk, BLOCK=work.config.block, VEC=vector_width(work.dtype),
+        CHUNK=work.config.chunk, BLOCK=work.config.block,
+        VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
         num_warps=work.config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
     )
 

@@ -13,9 +13,10 @@ everything that can be read with 128-bit loads is, whatever the tensor's address
 - tail: the whole vectors after the full blocks. Its mask ends on a vector boundary, which
   the compiler can prove (the bound is a multiple of VEC), so it keeps 128-bit (predicated)
   loads.
-- remainder: the < 16 bytes after the last whole vector. Read, with the head, by one masked
-  access of scalar loads (``_edges``): a separate one for each would keep more registers
-  live (a remainder merged into the tail's values cost 40 to 70 registers more).
+- remainder: the < 16 bytes after the last whole vector. Scalar loads. The statistics
+  kernel reads it with the head in one gathered access (``_edges``): merged into the
+  tail's values instead, it kept 40 to 70 more registers live, and a separate access would
+  inline the per-element statistics (histogram included) once more.
 
 Alignment is decided per work item from the tensor's address, on the device, so one
 unaligned gradient costs only its own head; the rest of its group keeps wide loads and the
@@ -32,8 +33,20 @@ VECTOR_BYTES = 16
 
 
 def vector_width(dtype: torch.dtype) -> int:
-    """Elements of ``dtype`` in one 128-bit load: the kernels' ``VEC``."""
+    """Elements of ``dtype`` in one 128-bit load."""
     return VECTOR_BYTES // dtype.itemsize
+
+
+def launch_vector_width(dtype: torch.dtype, chunk: int, block: int) -> int:
+    """The kernels' ``VEC`` for ``dtype``, once the launch sizes are checked against what
+    the kernels rely on: chunks a whole number of blocks, so every chunk of a tensor is as
+    far from a 16-byte boundary as its first element, and blocks of at least two vectors
+    (the head and the remainder share one block)."""
+    width = vector_width(dtype)
+    if chunk % block or block % (2 * width):
+        raise ValueError(f"gradstats: chunk {chunk} and block {block} must be multiples of "
+                         f"block and of {2 * width} {dtype} elements respectively")
+    return width
 
 
 @triton.jit

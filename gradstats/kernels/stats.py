@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..norms import NormKind
 from ..worklist import WorkList
-from .chunks import _edges, _vector_end, _work_item, vector_width
+from .chunks import _edges, _vector_end, _work_item, launch_vector_width
 
 _INF: tl.constexpr = tl.constexpr(NormKind.INF.value)
 _L1: tl.constexpr = tl.constexpr(NormKind.L1.value)
@@ -248,7 +248,8 @@ def accumulate_stats_(
             work.ptrs, work.numels, work.slots, work.work_tensor, work.work_chunk,
             partial_power, partial_nonfinite, hist, p,
             DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=acc_dtype, NORM_KIND=int(norm_kind),
-            CHUNK=work.config.chunk, BLOCK=work.config.block, VEC=vector_width(work.dtype),
+            CHUNK=work.config.chunk, BLOCK=work.config.block,
+            VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
             HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
             EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
             num_warps=work.config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
