@@ -32,8 +32,6 @@ from .launch_config import LaunchConfig, launch_config
 # Plans kept at once: a training job needs one per device and parameter set, a monitor
 # with clipping a few more; old entries are dropped first.
 PLAN_CACHE_SIZE = 16
-# 16-byte aligned base pointers let the kernels use 128-bit loads.
-LOAD_ALIGNMENT_BYTES = 16
 # Each part of ``meta`` is padded to a multiple of this many int64s (16 bytes): the same
 # divisibility Triton specializes pointer arguments on.
 META_PART_ALIGNMENT = 2
@@ -51,7 +49,6 @@ class WorkList:
     config: LaunchConfig
     n_tensors: int
     n_work: int
-    aligned: bool
     meta: torch.Tensor  # device int64, layout in the module docstring
 
     # Views of ``meta``, made on first use and kept: a view costs about a microsecond of
@@ -362,6 +359,5 @@ def _build_work_list(
         config=config,
         n_tensors=len(tensors),
         n_work=n_work,
-        aligned=all(p % LOAD_ALIGNMENT_BYTES == 0 for p in ptrs),
         meta=meta,
     )

@@ -168,3 +168,22 @@ def test_every_meta_slice_is_16_byte_aligned(small_chunks, n_tensors, extra_work
         n_tensors + extra_work]
     assert parts["work_tensor"].tolist() == list(range(n_tensors)) + [n_tensors - 1] * extra_work
     assert parts["work_chunk"].tolist() == [0] * n_tensors + [1] * extra_work
+
+
+def test_unaligned_gradients_share_the_kernels_of_aligned_ones(triton_device, small_chunks,
+                                                               launches):
+    # The kernels decide alignment per work item (kernels/chunks.py), so a view off a
+    # 16-byte boundary, alone or among aligned gradients, compiles nothing new.
+    flat = torch.randn(2000, device=triton_device)
+    aligned = make_grads([300, 100], torch.float32, triton_device)
+    counts = []
+    for grads in (aligned, [aligned[0], flat[1:301]], [flat[3:303], flat[400:500]]):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        gradstats.clip_grad_norm_(params, 1e-3)
+        gradstats.grad_stats(params)
+        counts.append({part: {name: len(v) for name, v in _by_kernel(launches, part).items()}
+                       for part in ("constexprs", "runtime")})
+    assert counts[0]["constexprs"]["_stats_kernel"] == 2  # histogram on and off
+    assert counts[1] == counts[2] == counts[0]

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..norms import NormKind
-from .stats import _nan_max
+from .stats import ENABLE_FP_FUSION, _nan_max
 
 _INF: tl.constexpr = tl.constexpr(NormKind.INF.value)
 _L2: tl.constexpr = tl.constexpr(NormKind.L2.value)
@@ -88,4 +88,5 @@ def finalize_(
     _finalize_kernel[(1,)](
         power, power.numel(), norms, total, clip_coef, *_split_fp64(max_norm),
         NORM_KIND=int(norm_kind), BLOCK=FINALIZE_BLOCK, num_warps=4,
+        enable_fp_fusion=ENABLE_FP_FUSION,
     )

@@ -9,11 +9,11 @@
 ``_reduce_chunks_kernel``: one program per tensor; sums its chunk partials in a fixed
   order (in float64) and fixes the two histogram columns the main loop left approximate.
 
-Per element the main loop does only the arithmetic each output needs: the power, an
-integer compare on the magnitude bits for non-finite values, and the bin index from the
-exponent bits. Zeros, padding lanes and non-finite values are not masked out of the
-histogram; they land in known columns that the reduce kernel corrects once per tensor
-from counts it already has (column 0 := numel - non-finite - all other columns).
+Per element the main loop does only the arithmetic each output needs: the power, a
+carry test on the exponent bits for non-finite values (``_nonfinite_flag``), and the bin
+index from the exponent bits. Zeros, padding lanes and non-finite values are not masked
+out of the histogram; they land in known columns that the reduce kernel corrects once per
+tensor from counts it already has (column 0 := numel - non-finite - all other columns).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..norms import NormKind
 from ..worklist import WorkList
+from .chunks import _edges, _vector_end, _work_item, launch_vector_width
 
 _INF: tl.constexpr = tl.constexpr(NormKind.INF.value)
 _L1: tl.constexpr = tl.constexpr(NormKind.L1.value)
@@ -37,6 +38,9 @@ FP64_LAYOUT = (52, 1023, 1024)
 _SUBNORMAL_SHIFT: tl.constexpr = tl.constexpr(64)
 _SUBNORMAL_SCALE: tl.constexpr = tl.constexpr(2.0**64)
 REDUCE_BLOCK = 1024
+# Passed to every launch: fused multiply-adds (one rounding, one instruction per element for
+# the 2-norm), whatever Triton's default, which 3.10 changes (3.9 warns about it).
+ENABLE_FP_FUSION = True
 # The histogram constexprs passed when the histogram is off: the kernels ignore them, and
 # fixed values keep every call without a histogram (clip_grad_norm_'s min_exp=0, a
 # grad_stats(histogram=False) with the user's min_exp) on one compiled kernel.
@@ -47,6 +51,24 @@ _NO_HISTOGRAM = dict(NUM_BINS=1, HIST_BINS=2, MIN_EXP=0)
 def _nan_max(a, b):
     # tl.max and the default tl.maximum drop NaN; torch's inf-norm propagates it.
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nonfinite_flag(xf):
+    """1 where ``xf`` (fp32 or fp64) is NaN or +-Inf, else 0, as int32.
+
+    Read from the word holding the sign and exponent (the high one of an fp64): with the
+    sign cleared, adding one to the exponent field carries into bit 31 exactly when the
+    field is all ones. That is three integer instructions per element, the last one
+    (shift and add) landing in the count: a float compare gives a predicate instead, and
+    ptxas adds a predicate to the count with a select plus a register move per element.
+    """
+    if xf.dtype == tl.float64:
+        word = (xf.to(tl.uint64, bitcast=True) >> 32).to(tl.uint32)
+        return (((word & 0x7FFFFFFF) + 0x100000) >> 31).to(tl.int32)
+    else:
+        word = xf.to(tl.uint32, bitcast=True)
+        return (((word & 0x7FFFFFFF) + 0x800000) >> 31).to(tl.int32)
 
 
 @triton.jit
@@ -66,6 +88,7 @@ def _accumulate_block(
         power += xf * xf
     else:
         power += tl.exp2(tl.log2(ax) * p)  # |x|^p; 0 -> exp2(-inf) = 0
+    nonfinite += _nonfinite_flag(xf)
     if ACC_DTYPE == tl.float64:
         bits = ax.to(tl.int64, bitcast=True)
     elif x.dtype == tl.bfloat16:
@@ -76,8 +99,6 @@ def _accumulate_block(
     else:
         bits = ax.to(tl.int32, bitcast=True)
     biased = bits >> EXP_SHIFT
-    # All exponent bits set: Inf or NaN.
-    nonfinite += (biased == 2 * EXP_BIAS + 1).to(tl.int32)
     if HISTOGRAM:
         if EXACT_SUBNORMALS:
             scaled = (ax * _SUBNORMAL_SCALE).to(bits.dtype, bitcast=True)
@@ -92,49 +113,43 @@ def _accumulate_block(
 
 
 @triton.jit
-def _work_item(ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr,
-               DTYPE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
-    """This program's work item: (tensor index, pointer to its chunk, chunk length)."""
-    work = tl.program_id(0)
-    tensor = tl.load(work_tensor_ptr + work)
-    base = tl.load(ptrs_ptr + tensor).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-    # int64 offsets: tensors may exceed 2^31 elements.
-    start = tl.load(work_chunk_ptr + work) * CHUNK
-    length = tl.minimum(tl.load(numels_ptr + tensor) - start, CHUNK)
-    return tensor, base + start, length
-
-
-@triton.jit
 def _stats_kernel(
     ptrs_ptr, numels_ptr, slots_ptr, work_tensor_ptr, work_chunk_ptr,
     partial_power_ptr, partial_nonfinite_ptr, hist_ptr, p,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, NORM_KIND: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
     HISTOGRAM: tl.constexpr, NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr,
     MIN_EXP: tl.constexpr, EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr,
     EXACT_SUBNORMALS: tl.constexpr,
 ):
     work = tl.program_id(0)  # also this program's slot for its partials
-    tensor, chunk_base, length = _work_item(
-        ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr, DTYPE, CHUNK, ALIGNED)
-    full = (length // BLOCK) * BLOCK
+    tensor, chunk, body, length, head = _work_item(
+        ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr, DTYPE, CHUNK, VEC)
     lanes = tl.arange(0, BLOCK)
 
     power = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
     hist = tl.zeros([HIST_BINS], dtype=tl.int32)
-    # Full blocks without a mask, so loads stay wide; then one masked tail.
-    for offset in range(0, full, BLOCK):
-        x = tl.load(chunk_base + offset + lanes)
+    body_length = length - head
+    vector_end = _vector_end(body_length, VEC)
+    full = (body_length // BLOCK) * BLOCK
+    # Masked-off lanes read 0: no power, not non-finite, histogram column 0 (fixed later).
+    if (head > 0) | (vector_end < body_length):  # elements off the 16-byte grid: scalar loads
+        offsets, in_edges = _edges(lanes, head, vector_end, length, VEC)
+        x = tl.load(chunk + offsets, mask=in_edges, other=0.0)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
             NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
-    if full < length:
+    # The rest with 128-bit loads (chunks.py): full blocks without a mask, then the tail's
+    # whole vectors.
+    for offset in range(0, full, BLOCK):
+        x = tl.load(body + offset + lanes)
+        power, nonfinite, hist = _accumulate_block(
+            x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+    if full < vector_end:
         offsets = full + lanes
-        # Padding lanes read 0: no power, not non-finite, histogram column 0 (fixed later).
-        x = tl.load(chunk_base + offsets, mask=offsets < length, other=0.0)
+        x = tl.load(body + offsets, mask=offsets < vector_end, other=0.0)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
             NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
@@ -147,7 +162,10 @@ def _stats_kernel(
     if HISTOGRAM:
         columns = tl.arange(0, HIST_BINS)
         row = hist_ptr + tl.load(slots_ptr + tensor) * NUM_BINS
-        tl.atomic_add(row + columns, hist.to(tl.int64), mask=(columns < NUM_BINS) & (hist != 0))
+        # Relaxed: the counts are only read by the reduce kernel, after this launch ends,
+        # and the old value returned is unused, so no ordering is needed (red, not atom).
+        tl.atomic_add(row + columns, hist.to(tl.int64), mask=(columns < NUM_BINS) & (hist != 0),
+                      sem="relaxed")
 
 
 @triton.jit
@@ -230,15 +248,16 @@ def accumulate_stats_(
             work.ptrs, work.numels, work.slots, work.work_tensor, work.work_chunk,
             partial_power, partial_nonfinite, hist, p,
             DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=acc_dtype, NORM_KIND=int(norm_kind),
-            CHUNK=work.config.chunk, BLOCK=work.config.block, ALIGNED=work.aligned,
+            CHUNK=work.config.chunk, BLOCK=work.config.block,
+            VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
             HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
             EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
-            num_warps=work.config.num_warps,
+            num_warps=work.config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     _reduce_chunks_kernel[(work.n_tensors,)](
         work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
         power, nonfinite, hist,
         NORM_KIND=int(norm_kind), BLOCK=REDUCE_BLOCK, HISTOGRAM=histogram,
         NUM_BINS=hist_args["NUM_BINS"], HIST_BINS=hist_args["HIST_BINS"],
-        NONFINITE_COLUMN=nonfinite_column, num_warps=4,
+        NONFINITE_COLUMN=nonfinite_column, num_warps=4, enable_fp_fusion=ENABLE_FP_FUSION,
     )
