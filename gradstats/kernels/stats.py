@@ -55,6 +55,7 @@ def _accumulate_block(
     ACC_DTYPE: tl.constexpr, NORM_KIND: tl.constexpr, HISTOGRAM: tl.constexpr,
     NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr, MIN_EXP: tl.constexpr,
     EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr, EXACT_SUBNORMALS: tl.constexpr,
+    COUNTER_SETS: tl.constexpr,
 ):
     xf = x.to(ACC_DTYPE)
     ax = tl.abs(xf)
@@ -79,16 +80,84 @@ def _accumulate_block(
     # All exponent bits set: Inf or NaN.
     nonfinite += (biased == 2 * EXP_BIAS + 1).to(tl.int32)
     if HISTOGRAM:
+        # column k >= 1 holds floor(log2|x|) == MIN_EXP + k - 1; clamp out-of-range values
+        # ourselves (tl.histogram drops or wraps them depending on version and backend).
         if EXACT_SUBNORMALS:
             scaled = (ax * _SUBNORMAL_SCALE).to(bits.dtype, bitcast=True)
             biased = tl.where(biased == 0, (scaled >> EXP_SHIFT) - _SUBNORMAL_SHIFT, biased)
-        # column k >= 1 holds floor(log2|x|) == MIN_EXP + k - 1; clamp out-of-range values
-        # ourselves (tl.histogram drops or wraps them depending on version and backend).
-        column = biased - (EXP_BIAS + MIN_EXP - 1)
-        column = tl.minimum(tl.maximum(column, 1), NUM_BINS - 1)
-        column = tl.where(bits == 0, 0, column)
-        hist += tl.histogram(column.to(tl.int32), HIST_BINS)
+            column = biased - (EXP_BIAS + MIN_EXP - 1)
+            column = tl.minimum(tl.maximum(column, 1), NUM_BINS - 1)
+            column = tl.where(bits == 0, 0, column)
+        else:
+            # A zero's column, -(EXP_BIAS + MIN_EXP - 1), is <= 0 here, and the bits of
+            # min(|x|, smallest subnormal) are 0 for a zero and 1 otherwise: the lower clamp
+            # sends zeros to column 0 and the rest to columns >= 1 without a compare and
+            # select (one float min, which keeps subnormals: no flush-to-zero).
+            tiniest = tl.full([], 1, bits.dtype).to(ax.dtype, bitcast=True)
+            nonzero = tl.minimum(ax, tiniest).to(bits.dtype, bitcast=True)
+            column = tl.maximum(biased - (EXP_BIAS + MIN_EXP - 1), nonzero)
+            column = tl.minimum(column, NUM_BINS - 1)
+        column = column.to(tl.int32)
+        if COUNTER_SETS > 0:
+            # hist is this thread's set of counters in shared memory (_counters_open).
+            _counter_increment(hist + column * (COUNTER_SETS * 4))
+        else:
+            hist += tl.histogram(column, HIST_BINS)
     return power, nonfinite, hist
+
+
+# Shared-memory counters for the histogram on GPUs (COUNTER_SETS > 0). tl.histogram's
+# lowering depends on the triton version: 3.6 ballots log2(bins) times per element and
+# pops counts per lane (51 SASS/element for 64 fp32 bins, above the issue budget at
+# memory speed); 3.9 adds every element atomically into one histogram shared by the
+# whole block, so lanes that share a bin serialise. Here every thread adds into its own
+# set of counters (sets = threads when the bins allow), laid out [bin][set] so a warp's
+# 32 lanes always hit 32 different banks: one shared atomic per element, no collisions
+# within a warp, the same code on every version. The sets are summed once per program.
+# PTX through inline asm, which the interpreter cannot run: it uses tl.histogram.
+_COUNTER_WORDS: tl.constexpr = tl.constexpr(8192)  # 32 KB of static shared memory
+_COUNTERS_ASM: tl.constexpr = tl.constexpr(
+    ".shared .align 16 .b32 gradstats_hist_counters[8192];\n\t"
+    "mov.u32 $0, gradstats_hist_counters;")
+
+
+@triton.jit
+def _shared_asm(asm: tl.constexpr, address, pure: tl.constexpr = False):
+    return tl.inline_asm_elementwise(asm, "=r,r", [address], dtype=tl.int32, is_pure=pure,
+                                     pack=1)
+
+
+@triton.jit
+def _counter_increment(address):
+    _shared_asm("red.shared.add.u32 [$1], 1;\n\tmov.u32 $0, 0;", address)
+
+
+@triton.jit
+def _barrier():
+    _shared_asm("bar.sync 0;\n\tmov.u32 $0, $1;", tl.program_id(0))
+
+
+@triton.jit
+def _counters_open(HIST_BINS: tl.constexpr, COUNTER_SETS: tl.constexpr):
+    """Zero the counters; return this thread's set (the address of its bin 0)."""
+    tl.static_assert(HIST_BINS * COUNTER_SETS <= _COUNTER_WORDS)
+    base = _shared_asm(_COUNTERS_ASM, tl.program_id(0))
+    words = tl.arange(0, HIST_BINS * COUNTER_SETS)
+    _shared_asm("st.shared.u32 [$1], 0;\n\tmov.u32 $0, 0;", base + words * 4)
+    _barrier()
+    thread = _shared_asm("mov.u32 $0, %tid.x;", tl.program_id(0), pure=True)
+    return base + (thread % COUNTER_SETS) * 4
+
+
+@triton.jit
+def _counters_close(counters, HIST_BINS: tl.constexpr, COUNTER_SETS: tl.constexpr):
+    """Sum the sets: the block's histogram."""
+    _barrier()
+    thread = _shared_asm("mov.u32 $0, %tid.x;", tl.program_id(0), pure=True)
+    base = counters - (thread % COUNTER_SETS) * 4
+    words = (tl.arange(0, HIST_BINS)[:, None] * COUNTER_SETS
+             + tl.arange(0, COUNTER_SETS)[None, :])
+    return tl.sum(_shared_asm("ld.shared.u32 $0, [$1];", base + words * 4), 1)
 
 
 @triton.jit
@@ -114,7 +183,7 @@ def _stats_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     HISTOGRAM: tl.constexpr, NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr,
     MIN_EXP: tl.constexpr, EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr,
-    EXACT_SUBNORMALS: tl.constexpr,
+    EXACT_SUBNORMALS: tl.constexpr, COUNTER_SETS: tl.constexpr,
 ):
     work = tl.program_id(0)  # also this program's slot for its partials
     tensor, chunk_base, length = _work_item(
@@ -124,20 +193,25 @@ def _stats_kernel(
 
     power = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
-    hist = tl.zeros([HIST_BINS], dtype=tl.int32)
+    if COUNTER_SETS > 0:
+        hist = _counters_open(HIST_BINS, COUNTER_SETS)
+    else:
+        hist = tl.zeros([HIST_BINS], dtype=tl.int32)
     # Full blocks without a mask, so loads stay wide; then one masked tail.
     for offset in range(0, full, BLOCK):
         x = tl.load(chunk_base + offset + lanes)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
-            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS,
+            COUNTER_SETS)
     if full < length:
         offsets = full + lanes
         # Padding lanes read 0: no power, not non-finite, histogram column 0 (fixed later).
         x = tl.load(chunk_base + offsets, mask=offsets < length, other=0.0)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
-            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS,
+            COUNTER_SETS)
 
     if NORM_KIND == _INF:
         tl.store(partial_power_ptr + work, tl.reduce(power, 0, _nan_max))
@@ -145,6 +219,8 @@ def _stats_kernel(
         tl.store(partial_power_ptr + work, tl.sum(power, 0))
     tl.store(partial_nonfinite_ptr + work, tl.sum(nonfinite, 0))
     if HISTOGRAM:
+        if COUNTER_SETS > 0:
+            hist = _counters_close(hist, HIST_BINS, COUNTER_SETS)
         columns = tl.arange(0, HIST_BINS)
         row = hist_ptr + tl.load(slots_ptr + tensor) * NUM_BINS
         tl.atomic_add(row + columns, hist.to(tl.int64), mask=(columns < NUM_BINS) & (hist != 0))
@@ -200,6 +276,20 @@ _TRITON_DTYPES = {
 }
 
 
+def _shared_counter_sets(work: WorkList, hist_bins: int) -> int:
+    """How many sets of shared-memory histogram counters each program keeps; 0 selects
+    tl.histogram (the interpreter, which cannot run the PTX, and bin counts too large).
+
+    One set per thread where the counters fit, else threads share sets round-robin. Every
+    element of a block must belong to exactly one thread (no replicated lanes), hence
+    ``block >= threads``.
+    """
+    threads = 32 * work.config.num_warps
+    if work.meta.device.type != "cuda" or work.config.block < threads:
+        return 0
+    return min(threads, _COUNTER_WORDS.value // hist_bins)
+
+
 def accumulate_stats_(
     work: WorkList, p: float, norm_kind: NormKind, num_bins: int, min_exp: int,
     power: torch.Tensor, nonfinite: torch.Tensor, hist: torch.Tensor,
@@ -222,6 +312,7 @@ def accumulate_stats_(
         nonfinite_column = 1
     acc_dtype = tl.float64 if is_fp64 else tl.float32
     device = work.meta.device
+    counter_sets = _shared_counter_sets(work, hist_args["HIST_BINS"]) if histogram else 0
     partial_power = torch.empty(work.n_work, dtype=torch.float64 if is_fp64 else torch.float32,
                                 device=device)
     partial_nonfinite = torch.empty(work.n_work, dtype=torch.int32, device=device)
@@ -233,7 +324,7 @@ def accumulate_stats_(
             CHUNK=work.config.chunk, BLOCK=work.config.block, ALIGNED=work.aligned,
             HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
             EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
-            num_warps=work.config.num_warps,
+            COUNTER_SETS=counter_sets, num_warps=work.config.num_warps,
         )
     _reduce_chunks_kernel[(work.n_tensors,)](
         work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
