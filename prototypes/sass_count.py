@@ -87,18 +87,23 @@ def counter_sets(variant, hist_bins, threads):
     return min(threads, 8192 // hist_bins)
 
 
-def compile_stats(dtype, num_bins, cc, min_exp=-40, variant="counters"):
+def compile_stats(dtype, num_bins, cc, min_exp=None, variant="counters"):
+    if min_exp is None:
+        min_exp = int(os.environ.get("MIN_EXP", "-40"))
     cfg = GPU_CONFIGS[dtype]
-    tdt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}[dtype]
-    ce = dict(DTYPE=tdt, ACC_DTYPE=tl.float32, NORM_KIND=2, CHUNK=cfg.chunk, BLOCK=cfg.block,
+    tdt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+           torch.float64: tl.float64}[dtype]
+    is64 = dtype == torch.float64
+    ce = dict(DTYPE=tdt, ACC_DTYPE=tl.float64 if is64 else tl.float32, NORM_KIND=2, CHUNK=cfg.chunk, BLOCK=cfg.block,
               ALIGNED=True, HISTOGRAM=True, NUM_BINS=num_bins,
               HIST_BINS=triton.next_power_of_2(max(num_bins, 2)), MIN_EXP=min_exp,
-              EXP_SHIFT=23, EXP_BIAS=127, EXACT_SUBNORMALS=min_exp < -126)
+              EXP_SHIFT=52 if is64 else 23, EXP_BIAS=1023 if is64 else 127,
+              EXACT_SUBNORMALS=min_exp < (-1022 if is64 else -126))
     ce["COUNTER_SETS"] = counter_sets(variant, ce["HIST_BINS"], 32 * cfg.num_warps)
     fn = K._stats_kernel
     ce = {k: v for k, v in ce.items() if k in fn.arg_names}
     sig = {n: ("constexpr" if n in ce else "*i64") for n in fn.arg_names}
-    sig.update(partial_power_ptr="*fp32", partial_nonfinite_ptr="*i32", p="fp32")
+    sig.update(partial_power_ptr="*fp64" if is64 else "*fp32", partial_nonfinite_ptr="*i32", p="fp32")
     aligned = ("ptrs_ptr", "slots_ptr", "partial_power_ptr", "partial_nonfinite_ptr", "hist_ptr")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     k = triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", cc, 32),
@@ -138,7 +143,8 @@ if __name__ == "__main__":
     dtypes = [torch.float32, torch.bfloat16]
     bins = [int(b) for b in os.environ.get("BINS", "64").split(",")]
     if os.environ.get("DTYPES"):
-        dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d]
+        dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                   "fp64": torch.float64}[d]
                   for d in os.environ["DTYPES"].split(",")]
     for v in variants:
         for dt in dtypes:
