@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch_config import LaunchConfig
 from ..norms import NormKind
 from ..worklist import WorkList
 
@@ -276,7 +277,7 @@ _TRITON_DTYPES = {
 }
 
 
-def _shared_counter_sets(work: WorkList, hist_bins: int) -> int:
+def _shared_counter_sets(device: torch.device, config: LaunchConfig, hist_bins: int) -> int:
     """How many sets of shared-memory histogram counters each program keeps; 0 selects
     tl.histogram (the interpreter, which cannot run the PTX, and bin counts too large).
 
@@ -284,8 +285,8 @@ def _shared_counter_sets(work: WorkList, hist_bins: int) -> int:
     element of a block must belong to exactly one thread (no replicated lanes), hence
     ``block >= threads``.
     """
-    threads = 32 * work.config.num_warps
-    if work.meta.device.type != "cuda" or work.config.block < threads:
+    threads = 32 * config.num_warps
+    if device.type != "cuda" or config.block < threads:
         return 0
     return min(threads, _COUNTER_WORDS.value // hist_bins)
 
@@ -312,7 +313,8 @@ def accumulate_stats_(
         nonfinite_column = 1
     acc_dtype = tl.float64 if is_fp64 else tl.float32
     device = work.meta.device
-    counter_sets = _shared_counter_sets(work, hist_args["HIST_BINS"]) if histogram else 0
+    counter_sets = (_shared_counter_sets(device, work.config, hist_args["HIST_BINS"])
+                    if histogram else 0)
     partial_power = torch.empty(work.n_work, dtype=torch.float64 if is_fp64 else torch.float32,
                                 device=device)
     partial_nonfinite = torch.empty(work.n_work, dtype=torch.int32, device=device)
