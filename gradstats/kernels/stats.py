@@ -111,11 +111,12 @@ def _accumulate_block(
 # lowering depends on the triton version: 3.6 ballots log2(bins) times per element and
 # pops counts per lane (51 SASS/element for 64 fp32 bins, above the issue budget at
 # memory speed); 3.9 adds every element atomically into one histogram shared by the
-# whole block, so lanes that share a bin serialise. Here every thread adds into its own
-# set of counters (sets = threads when the bins allow), laid out [bin][set] so a warp's
-# 32 lanes always hit 32 different banks: one shared atomic per element, no collisions
-# within a warp, the same code on every version. The sets are summed once per program.
-# PTX through inline asm, which the interpreter cannot run: it uses tl.histogram.
+# whole block, so the lanes of a warp that share a bin serialise. Here each lane of a
+# warp adds into its own set of counters (the warps share them: atomics keep that exact),
+# laid out [bin][set] so a warp's 32 lanes always hit 32 different words in 32 different
+# banks: one shared atomic per element, no collision within an instruction, the same
+# code on every version. The sets are summed once per program. This is PTX through
+# inline asm, which the interpreter cannot run: there, tl.histogram counts (same columns).
 _COUNTER_WORDS: tl.constexpr = tl.constexpr(8192)  # 32 KB of static shared memory
 _COUNTERS_ASM: tl.constexpr = tl.constexpr(
     ".shared .align 16 .b32 gradstats_hist_counters[8192];\n\t"
@@ -281,14 +282,14 @@ def _shared_counter_sets(device: torch.device, config: LaunchConfig, hist_bins: 
     """How many sets of shared-memory histogram counters each program keeps; 0 selects
     tl.histogram (the interpreter, which cannot run the PTX, and bin counts too large).
 
-    One set per thread where the counters fit, else threads share sets round-robin. Every
-    element of a block must belong to exactly one thread (no replicated lanes), hence
-    ``block >= threads``.
+    One set per lane of a warp where the counters fit (up to 256 bins), else lanes share
+    sets round-robin (4 lanes per set at 1024 bins). More sets would not remove a
+    collision, only add words to zero and sum per program. Every element of a block must
+    belong to exactly one thread (no replicated lanes), hence ``block >= threads``.
     """
-    threads = 32 * config.num_warps
-    if device.type != "cuda" or config.block < threads:
+    if device.type != "cuda" or config.block < 32 * config.num_warps:
         return 0
-    return min(threads, _COUNTER_WORDS.value // hist_bins)
+    return min(32, _COUNTER_WORDS.value // hist_bins)
 
 
 def accumulate_stats_(
