@@ -5,7 +5,9 @@
   when ``HISTOGRAM``, the log2-magnitude histogram, and writes one partial power and one
   partial count into the item's own slot (no float atomics: results are bit-identical run
   to run). Histogram counts are integers, so they go straight to the tensor's row with
-  integer atomics, which are exact in any order.
+  integer atomics, which are exact in any order. On GPUs a program counts its histogram
+  in shared-memory counters, one set per lane of a warp (see ``_counters_open``); in the
+  interpreter with tl.histogram.
 ``_reduce_chunks_kernel``: one program per tensor; sums its chunk partials in a fixed
   order (in float64) and fixes the two histogram columns the main loop left approximate.
 
