@@ -5,7 +5,9 @@
   when ``HISTOGRAM``, the log2-magnitude histogram, and writes one partial power and one
   partial count into the item's own slot (no float atomics: results are bit-identical run
   to run). Histogram counts are integers, so they go straight to the tensor's row with
-  integer atomics, which are exact in any order.
+  integer atomics, which are exact in any order. On GPUs a program counts its histogram
+  in shared-memory counters, one set per lane of a warp (see ``_counters_open``); in the
+  interpreter with tl.histogram.
 ``_reduce_chunks_kernel``: one program per tensor; sums its chunk partials in a fixed
   order (in float64) and fixes the two histogram columns the main loop left approximate.
 
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch_config import LaunchConfig
 from ..norms import NormKind
 from ..worklist import WorkList
 from .chunks import _edges, _vector_end, _work_item, launch_vector_width
@@ -77,6 +80,7 @@ def _accumulate_block(
     ACC_DTYPE: tl.constexpr, NORM_KIND: tl.constexpr, HISTOGRAM: tl.constexpr,
     NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr, MIN_EXP: tl.constexpr,
     EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr, EXACT_SUBNORMALS: tl.constexpr,
+    COUNTER_SETS: tl.constexpr,
 ):
     xf = x.to(ACC_DTYPE)
     ax = tl.abs(xf)
@@ -100,16 +104,85 @@ def _accumulate_block(
         bits = ax.to(tl.int32, bitcast=True)
     biased = bits >> EXP_SHIFT
     if HISTOGRAM:
+        # column k >= 1 holds floor(log2|x|) == MIN_EXP + k - 1; clamp out-of-range values
+        # ourselves (tl.histogram drops or wraps them depending on version and backend).
         if EXACT_SUBNORMALS:
             scaled = (ax * _SUBNORMAL_SCALE).to(bits.dtype, bitcast=True)
             biased = tl.where(biased == 0, (scaled >> EXP_SHIFT) - _SUBNORMAL_SHIFT, biased)
-        # column k >= 1 holds floor(log2|x|) == MIN_EXP + k - 1; clamp out-of-range values
-        # ourselves (tl.histogram drops or wraps them depending on version and backend).
-        column = biased - (EXP_BIAS + MIN_EXP - 1)
-        column = tl.minimum(tl.maximum(column, 1), NUM_BINS - 1)
-        column = tl.where(bits == 0, 0, column)
-        hist += tl.histogram(column.to(tl.int32), HIST_BINS)
+            column = biased - (EXP_BIAS + MIN_EXP - 1)
+            column = tl.minimum(tl.maximum(column, 1), NUM_BINS - 1)
+            column = tl.where(bits == 0, 0, column)
+        else:
+            # A zero's column, -(EXP_BIAS + MIN_EXP - 1), is <= 0 here, and the bits of
+            # min(|x|, smallest subnormal) are 0 for a zero and 1 otherwise: the lower clamp
+            # sends zeros to column 0 and the rest to columns >= 1 without a compare and
+            # select (one float min, which keeps subnormals: no flush-to-zero).
+            tiniest = tl.full([], 1, bits.dtype).to(ax.dtype, bitcast=True)
+            nonzero = tl.minimum(ax, tiniest).to(bits.dtype, bitcast=True)
+            column = tl.maximum(biased - (EXP_BIAS + MIN_EXP - 1), nonzero)
+            column = tl.minimum(column, NUM_BINS - 1)
+        column = column.to(tl.int32)
+        if COUNTER_SETS > 0:
+            # hist is this thread's set of counters in shared memory (_counters_open).
+            _counter_increment(hist + column * (COUNTER_SETS * 4))
+        else:
+            hist += tl.histogram(column, HIST_BINS)
     return power, nonfinite, hist
+
+
+# Shared-memory counters for the histogram on GPUs (COUNTER_SETS > 0). tl.histogram's
+# lowering depends on the triton version: 3.6 ballots log2(bins) times per element and
+# pops counts per lane (51 SASS/element for 64 fp32 bins, above the issue budget at
+# memory speed); 3.9 adds every element atomically into one histogram shared by the
+# whole block, so the lanes of a warp that share a bin serialise. Here each lane of a
+# warp adds into its own set of counters (the warps share them: atomics keep that exact),
+# laid out [bin][set] so a warp's 32 lanes always hit 32 different words in 32 different
+# banks: one shared atomic per element, no collision within an instruction, the same
+# code on every version. The sets are summed once per program. This is PTX through
+# inline asm, which the interpreter cannot run: there, tl.histogram counts (same columns).
+_COUNTER_WORDS: tl.constexpr = tl.constexpr(8192)  # 32 KB of static shared memory
+_COUNTERS_ASM: tl.constexpr = tl.constexpr(
+    ".shared .align 16 .b32 gradstats_hist_counters[8192];\n\t"
+    "mov.u32 $0, gradstats_hist_counters;")
+
+
+@triton.jit
+def _shared_asm(asm: tl.constexpr, address, pure: tl.constexpr = False):
+    return tl.inline_asm_elementwise(asm, "=r,r", [address], dtype=tl.int32, is_pure=pure,
+                                     pack=1)
+
+
+@triton.jit
+def _counter_increment(address):
+    _shared_asm("red.shared.add.u32 [$1], 1;\n\tmov.u32 $0, 0;", address)
+
+
+@triton.jit
+def _barrier():
+    _shared_asm("bar.sync 0;\n\tmov.u32 $0, $1;", tl.program_id(0))
+
+
+@triton.jit
+def _counters_open(HIST_BINS: tl.constexpr, COUNTER_SETS: tl.constexpr):
+    """Zero the counters; return this thread's set (the address of its bin 0)."""
+    tl.static_assert(HIST_BINS * COUNTER_SETS <= _COUNTER_WORDS)
+    base = _shared_asm(_COUNTERS_ASM, tl.program_id(0))
+    words = tl.arange(0, HIST_BINS * COUNTER_SETS)
+    _shared_asm("st.shared.u32 [$1], 0;\n\tmov.u32 $0, 0;", base + words * 4)
+    _barrier()
+    thread = _shared_asm("mov.u32 $0, %tid.x;", tl.program_id(0), pure=True)
+    return base + (thread % COUNTER_SETS) * 4
+
+
+@triton.jit
+def _counters_close(counters, HIST_BINS: tl.constexpr, COUNTER_SETS: tl.constexpr):
+    """Sum the sets: the block's histogram."""
+    _barrier()
+    thread = _shared_asm("mov.u32 $0, %tid.x;", tl.program_id(0), pure=True)
+    base = counters - (thread % COUNTER_SETS) * 4
+    words = (tl.arange(0, HIST_BINS)[:, None] * COUNTER_SETS
+             + tl.arange(0, COUNTER_SETS)[None, :])
+    return tl.sum(_shared_asm("ld.shared.u32 $0, [$1];", base + words * 4), 1)
 
 
 @triton.jit
@@ -120,7 +193,7 @@ def _stats_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
     HISTOGRAM: tl.constexpr, NUM_BINS: tl.constexpr, HIST_BINS: tl.constexpr,
     MIN_EXP: tl.constexpr, EXP_SHIFT: tl.constexpr, EXP_BIAS: tl.constexpr,
-    EXACT_SUBNORMALS: tl.constexpr,
+    EXACT_SUBNORMALS: tl.constexpr, COUNTER_SETS: tl.constexpr,
 ):
     work = tl.program_id(0)  # also this program's slot for its partials
     tensor, chunk, body, length, head = _work_item(
@@ -129,7 +202,10 @@ def _stats_kernel(
 
     power = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
-    hist = tl.zeros([HIST_BINS], dtype=tl.int32)
+    if COUNTER_SETS > 0:
+        hist = _counters_open(HIST_BINS, COUNTER_SETS)
+    else:
+        hist = tl.zeros([HIST_BINS], dtype=tl.int32)
     body_length = length - head
     vector_end = _vector_end(body_length, VEC)
     full = (body_length // BLOCK) * BLOCK
@@ -139,20 +215,23 @@ def _stats_kernel(
         x = tl.load(chunk + offsets, mask=in_edges, other=0.0)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
-            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS,
+            COUNTER_SETS)
     # The rest with 128-bit loads (chunks.py): full blocks without a mask, then the tail's
     # whole vectors.
     for offset in range(0, full, BLOCK):
         x = tl.load(body + offset + lanes)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
-            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS,
+            COUNTER_SETS)
     if full < vector_end:
         offsets = full + lanes
         x = tl.load(body + offsets, mask=offsets < vector_end, other=0.0)
         power, nonfinite, hist = _accumulate_block(
             x, power, nonfinite, hist, p, ACC_DTYPE, NORM_KIND, HISTOGRAM,
-            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS)
+            NUM_BINS, HIST_BINS, MIN_EXP, EXP_SHIFT, EXP_BIAS, EXACT_SUBNORMALS,
+            COUNTER_SETS)
 
     if NORM_KIND == _INF:
         tl.store(partial_power_ptr + work, tl.reduce(power, 0, _nan_max))
@@ -160,6 +239,8 @@ def _stats_kernel(
         tl.store(partial_power_ptr + work, tl.sum(power, 0))
     tl.store(partial_nonfinite_ptr + work, tl.sum(nonfinite, 0))
     if HISTOGRAM:
+        if COUNTER_SETS > 0:
+            hist = _counters_close(hist, HIST_BINS, COUNTER_SETS)
         columns = tl.arange(0, HIST_BINS)
         row = hist_ptr + tl.load(slots_ptr + tensor) * NUM_BINS
         # Relaxed: the counts are only read by the reduce kernel, after this launch ends,
@@ -218,6 +299,20 @@ _TRITON_DTYPES = {
 }
 
 
+def _shared_counter_sets(device: torch.device, config: LaunchConfig, hist_bins: int) -> int:
+    """How many sets of shared-memory histogram counters each program keeps; 0 selects
+    tl.histogram (the interpreter, which cannot run the PTX, and bin counts too large).
+
+    One set per lane of a warp where the counters fit (up to 256 bins), else lanes share
+    sets round-robin (4 lanes per set at 1024 bins). More sets would not remove a
+    collision, only add words to zero and sum per program. Every element of a block must
+    belong to exactly one thread (no replicated lanes), hence ``block >= threads``.
+    """
+    if device.type != "cuda" or config.block < 32 * config.num_warps:
+        return 0
+    return min(32, _COUNTER_WORDS.value // hist_bins)
+
+
 def accumulate_stats_(
     work: WorkList, p: float, norm_kind: NormKind, num_bins: int, min_exp: int,
     power: torch.Tensor, nonfinite: torch.Tensor, hist: torch.Tensor,
@@ -240,6 +335,8 @@ def accumulate_stats_(
         nonfinite_column = 1
     acc_dtype = tl.float64 if is_fp64 else tl.float32
     device = work.meta.device
+    counter_sets = (_shared_counter_sets(device, work.config, hist_args["HIST_BINS"])
+                    if histogram else 0)
     partial_power = torch.empty(work.n_work, dtype=torch.float64 if is_fp64 else torch.float32,
                                 device=device)
     partial_nonfinite = torch.empty(work.n_work, dtype=torch.int32, device=device)
@@ -252,7 +349,8 @@ def accumulate_stats_(
             VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
             HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
             EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
-            num_warps=work.config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
+            COUNTER_SETS=counter_sets, num_warps=work.config.num_warps,
+            enable_fp_fusion=ENABLE_FP_FUSION,
         )
     _reduce_chunks_kernel[(work.n_tensors,)](
         work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
