@@ -13,6 +13,7 @@ from .clip import (
     fused_clip_grad_norm_,
     get_total_norm,
 )
+from .device_cache import release_captured_plans
 from .logs import read_jsonl, records_to_rows
 from .monitor import GradMonitor
 from .nonfinite import NonFiniteGradientWarning
@@ -36,5 +37,6 @@ __all__ = [
     "grad_stats",
     "read_jsonl",
     "records_to_rows",
+    "release_captured_plans",
     "route_torch_clipping",
 ]

@@ -12,6 +12,9 @@ Every Triton launch for CUDA tensors runs under ``torch.cuda.device(<their devic
 (:func:`on_device`): Triton launches on the current device's current stream, so without the
 guard gradients on ``cuda:1`` while ``cuda:0`` is current would be read by a kernel on the
 wrong GPU (or fail without peer access), unordered with the backward that wrote them.
+
+Every Triton launch is announced first to :func:`capture.note_launch` with the signature of
+the compiled kernel it needs, so a kernel never compiles inside CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import capture, reference
 from .backend import Backend, choose_backend
 from .norms import NormKind, norm_kind
-from .worklist import Plan, cached_plan, plan_for, plan_key, update_targets
+from .worklist import Plan, WorkList, cached_plan, plan_for, plan_key, update_targets
 
 FP32_MAX = torch.finfo(torch.float32).max
 _DEVICE_OF = torch.Tensor.device.__get__  # the attributes, read at C speed under map()
@@ -110,6 +113,10 @@ def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
             # do not rely on, and float32 ones would lose float64's precision.
             fallback.extend(group.positions)
         else:
+            # The histogram options select constexprs only when the histogram is on.
+            capture.note_launch(
+                ("stats", device, *_kernel_options(group), kind, num_bins,
+                 num_bins and min_exp), device)
             accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist)
     for position in fallback:
         one_power, one_nonfinite, one_hist = reference.accumulate_stats(
@@ -118,6 +125,15 @@ def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
         nonfinite[position] = one_nonfinite[0]
         hist[position] = one_hist[0]
     return power, nonfinite, hist
+
+
+def _kernel_options(work: WorkList) -> tuple:
+    """What of a work list selects the compiled kernel (for :func:`capture.note_launch`):
+    dtype, launch config, alignment, and whether the main kernel launches at all. The
+    config's fields rather than the config: a dataclass hashes in Python, per launch."""
+    config = work.config
+    return (work.dtype, config.chunk, config.block, config.num_warps, work.aligned,
+            work.n_work > 0)
 
 
 def finalize(
@@ -136,6 +152,7 @@ def finalize(
     norms = torch.empty(power.shape, dtype=norms_dtype, device=power.device)
     total = torch.empty((), dtype=norms_dtype, device=power.device)
     clip_coef = torch.empty((), dtype=norms_dtype, device=power.device)
+    capture.note_launch(("finalize", power.device, kind, norms_dtype), power.device)
     with on_device(power.device):
         finalize_(power, kind, max_norm, norms, total, clip_coef)
     return norms, total, clip_coef
@@ -152,6 +169,10 @@ def _by_device(
     groups: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault(tensor.device, []).append(tensor)
+    # One device's stream captures, the others' kernels would run at once, out of order.
+    if len(groups) > 1 and any(map(capture.capturing, groups)):
+        raise capture.capture_error("tensors on several devices",
+                                    "Capture one call per device, each on that device's tensors.")
     return [(device, choose_backend(device), group, None) for device, group in groups.items()]
 
 
@@ -183,6 +204,8 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
         plan = plan or plan_for(group, device)
         with on_device(device):
             for work in plan.update_groups:
+                capture.note_launch(("scale", device, *_kernel_options(work), coef.dtype),
+                                    device)
                 triton_scale_(work, coef)
         if plan.update_fallback:
             reference.scale_([group[i] for i in plan.update_fallback], coef)
@@ -205,6 +228,7 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
                     # differ from torch, so fp64 gradients take the reference path.
                     left_over.extend(group[i] for i in work.positions)
                 else:
+                    capture.note_launch(("clamp", device, *_kernel_options(work)), device)
                     triton_clamp_(work, lo, hi)
         if left_over:
             reference.clamp_(left_over, lo, hi)

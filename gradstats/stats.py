@@ -6,14 +6,14 @@ per-tensor powers -> ``finalize`` (norms, total norm, clip coefficient) -> optio
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from . import dispatch, ops, reference
+from . import capture, dispatch, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
+from .device_cache import DeviceCache
 from .norms import NormKind, norm_kind, parse_norm_type
 from .params import ParametersLike, gradients, named_items
 from .worklist import int64_on
@@ -103,6 +103,10 @@ def _accumulate_on_each_device(grads, p, num_bins, min_exp):
         positions_by_device.setdefault(grad.device, []).append(position)
     if len(positions_by_device) == 1:
         return ops.accumulate_stats(grads, p, num_bins, min_exp)
+    if any(map(capture.capturing, positions_by_device)):
+        raise capture.capture_error(
+            "gradients on several devices (this path copies index tensors from the host on "
+            "every call)", "Capture one call per device, each on that device's gradients.")
     # Several devices (rare): per-device partials, gathered in order on the first device.
     first_device = grads[0].device
     n = len(grads)
@@ -121,9 +125,19 @@ def _accumulate_on_each_device(grads, p, num_bins, min_exp):
     return outputs
 
 
-@functools.lru_cache(maxsize=16)
+# Element counts for calls without a plan (the reference backend, several devices), by
+# (counts, device); those a CUDA graph captured are pinned rather than evicted.
+_numel_tensors = DeviceCache(16)
+
+
 def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return int64_on(list(numels), device)
+    numel = _numel_tensors.get((numels, device))
+    if numel is not None:
+        return numel
+    if capture.capturing(device):
+        raise capture.capture_error("no cached element-count tensor for these gradients")
+    numel = int64_on(list(numels), device)
+    return _numel_tensors.add((numels, device), numel, device, [numel])
 
 
 @torch.no_grad()

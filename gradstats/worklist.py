@@ -20,17 +20,19 @@ alignment followed the parity of ``n`` and ``W`` would compile a new kernel per 
 """
 from __future__ import annotations
 
-import collections
 import functools
 from dataclasses import dataclass
 
 import torch
 
+from . import capture
 from .backend import triton_can_read
+from .device_cache import DeviceCache
 from .launch_config import LaunchConfig, launch_config
 
 # Plans kept at once: a training job needs one per device and parameter set, a monitor
-# with clipping a few more; old entries are dropped first.
+# with clipping a few more; old entries are dropped first (except those a CUDA graph
+# captured, which are kept: see device_cache).
 PLAN_CACHE_SIZE = 16
 # Each part of ``meta`` is padded to a multiple of this many int64s (16 bytes): the same
 # divisibility Triton specializes pointer arguments on.
@@ -120,7 +122,8 @@ class PlanKey:
                 and self.parts == other.parts)
 
 
-_plans: collections.OrderedDict[PlanKey, Plan] = collections.OrderedDict()
+# Plans by key; those a CUDA graph captured are pinned rather than evicted (device_cache).
+_plans = DeviceCache(PLAN_CACHE_SIZE)
 
 
 def plan_for(tensors: list[torch.Tensor], device: torch.device,
@@ -135,31 +138,22 @@ def plan_for(tensors: list[torch.Tensor], device: torch.device,
     plan = cached_plan(key)
     if plan is not None:
         return plan
-    if device.type == "cuda" and _capturing(device):
-        raise RuntimeError(
-            "gradstats: no cached work list for these gradients during CUDA-graph capture. "
-            "Run the same call once before capturing, and keep the gradients' storage "
-            "between steps (optimizer.zero_grad(set_to_none=False))."
-        )
+    if capture.capturing(device):
+        raise capture.capture_error("no cached work list for these gradients")
     plan = _build_plan(tensors, device)
-    _plans[key] = plan
-    if len(_plans) > PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
-    return plan
+    return _plans.add(key, plan, device, _device_tensors(plan))
 
 
 def cached_plan(key: PlanKey) -> Plan | None:
-    """The plan cached under ``key``, or None; a hit becomes the most recently used."""
-    plan = _plans.get(key)
-    # The usual hit is the most recent plan already; moving it would compare keys again.
-    if plan is not None and next(reversed(_plans.values())) is not plan:
-        _plans.move_to_end(key)
-    return plan
+    """The plan cached under ``key``, or None. A hit is a use of the plan on the current
+    stream (pinned if that stream is capturing a graph) and becomes the most recent."""
+    return _plans.get(key)
 
 
-def _capturing(device: torch.device) -> bool:
-    with torch.cuda.device(device):  # the gradients' device's stream, not the current one's
-        return torch.cuda.is_current_stream_capturing()
+def _device_tensors(plan: Plan) -> list[torch.Tensor]:
+    """Every device tensor a plan holds (the update groups may share the statistics' lists)."""
+    metas = {id(work.meta): work.meta for work in plan.groups + plan.update_groups}
+    return [*metas.values(), plan.numel]
 
 
 def plan_key(tensors: list[torch.Tensor], device: torch.device) -> PlanKey:
@@ -195,6 +189,7 @@ _DTYPE_OF = torch.Tensor.dtype.__get__  # the attribute, read at C speed under m
 
 
 def clear_plan_cache() -> None:
+    """Forget every plan, pinned ones included (for tests and benchmarks)."""
     _plans.clear()
 
 

@@ -76,6 +76,89 @@ def test_capture_without_warm_up_is_a_clear_error():
             gradstats.fused_clip_grad_norm_(params, 1.0)
 
 
+def _warm_up_and_capture(call):
+    """``call()`` once on a side stream (as torch.cuda.graphs recommends), then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out, side
+
+
+def _scribble_over_freed_memory(streams):
+    """Allocate freed blocks back on ``streams`` and fill them with -1, so a kernel reading
+    freed metadata would chase pointer -1 rather than stale but valid pointers."""
+    junk = []
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            for numel in (8, 64, 128, 256, 1024, 4096):
+                junk += [torch.full((numel,), -1, dtype=torch.int64, device="cuda")
+                         for _ in range(64)]
+    torch.cuda.synchronize()
+    return junk
+
+
+def test_captured_clip_replays_after_its_plan_fell_out_of_the_lru():
+    """The captured plan is pinned: more than PLAN_CACHE_SIZE other plans later (their
+    memory freed and scribbled over), replays still clip exactly like torch."""
+    gradstats.worklist.clear_plan_cache()
+    params = make_params([1000, 33, 70000], torch.float32, "cuda")
+    static_grads = [p.grad for p in params]
+    graph, total, side = _warm_up_and_capture(
+        lambda: gradstats.fused_clip_grad_norm_(params, 1.0))
+    for stream in (torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            for size in range(1, gradstats.worklist.PLAN_CACHE_SIZE + 6):
+                gradstats.get_total_norm([torch.randn(size, device="cuda") for _ in range(3)])
+    junk = _scribble_over_freed_memory([torch.cuda.current_stream(), side])
+    for scale in (10.0, 1e-4):  # clipping needed, then not needed
+        for g in static_grads:
+            g.copy_(torch.randn_like(g) * scale)
+        twins = clone_params(params)
+        graph.replay()
+        expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+        for param, twin in zip(params, twins):
+            torch.testing.assert_close(param.grad, twin.grad, rtol=1e-5, atol=1e-8)
+    del graph, junk
+    torch.cuda.synchronize()
+    assert gradstats.release_captured_plans() >= 1
+    twins = clone_params(params)  # rebuilt eagerly after the release, as any miss
+    torch.testing.assert_close(gradstats.fused_clip_grad_norm_(params, 1.0),
+                               torch.nn.utils.clip_grad_norm_(twins, 1.0), rtol=1e-5, atol=0)
+
+
+def test_capture_of_a_kernel_not_compiled_yet_is_a_clear_error():
+    params = make_params([100], torch.float32, "cuda")
+    gradstats.get_total_norm([p.grad for p in params])  # warm-up: the plan, no histogram
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="first launch of a Triton kernel specialization"):
+        with torch.cuda.graph(graph):
+            gradstats.grad_stats(params, num_bins=37, min_exp=-21)  # a histogram never built
+
+
+def test_plan_built_on_a_busy_stream_is_safe_on_another():
+    """The plan's metadata copy waits behind a long kernel on the stream that built it; a
+    first use on another stream must wait for it rather than read unfilled memory."""
+    grads = [torch.randn(n, device="cuda") for n in (1000, 33, 70000)]
+    expected = torch.nn.utils.get_total_norm(grads)
+    torch.cuda.synchronize()
+    gradstats.worklist.clear_plan_cache()
+    busy, other = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(busy):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time ahead of the copy
+        gradstats.worklist.plan_for(grads, grads[0].device)
+    with torch.cuda.stream(other):
+        total = gradstats.get_total_norm(grads)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(total, expected)
+
+
 def test_no_host_sync_on_the_hot_path():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
     model(torch.randn(4, 64, device="cuda")).sum().backward()
