@@ -129,11 +129,11 @@ def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
 
 def _kernel_options(work: WorkList) -> tuple:
     """What of a work list selects the compiled kernel (for :func:`capture.note_launch`):
-    dtype, launch config, alignment, and whether the main kernel launches at all. The
-    config's fields rather than the config: a dataclass hashes in Python, per launch."""
+    dtype, launch config, and whether the main kernel launches at all (pointer alignment
+    is decided inside the kernels, per chunk, so it selects nothing). The config's fields
+    rather than the config: a dataclass hashes in Python, per launch."""
     config = work.config
-    return (work.dtype, config.chunk, config.block, config.num_warps, work.aligned,
-            work.n_work > 0)
+    return (work.dtype, config.chunk, config.block, config.num_warps, work.n_work > 0)
 
 
 def finalize(
