@@ -122,6 +122,11 @@ class PlanKey:
         return (isinstance(other, PlanKey) and self._hash == other._hash
                 and self.parts == other.parts)
 
+    @property
+    def all_contiguous(self) -> bool:
+        """Every tensor dense and contiguous (the key then holds element counts)."""
+        return self.parts[1]
+
 
 _plans: collections.OrderedDict[PlanKey, Plan] = collections.OrderedDict()
 
