@@ -78,6 +78,8 @@ class _KnownLists:
         self._chances = 0
 
     def key_of(self, tensors: list[torch.Tensor], device: torch.device) -> PlanKey | None:
+        if not self._lists:  # nothing remembered (backed off): not even the ids are read
+            return None
         ids = tuple(map(id, tensors))
         known = self._lists.get(ids)
         if known is None or known.device != device:
