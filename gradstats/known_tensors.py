@@ -60,8 +60,9 @@ class _KnownList:
         self.recognised = False
 
     def forget(self, _ref=None) -> None:
-        """Called when one of the tensors dies (or on eviction): dropping the other weak
-        references means their callbacks never run, and breaks the entry's cycle."""
+        """The callback of every weak reference: the first tensor to die forgets the list.
+        Dropping the other references means their callbacks never run, and breaks the
+        cycle entry -> references -> callback -> entry."""
         if self.refs is None:
             return
         self.refs = None
@@ -84,7 +85,7 @@ class _KnownLists:
         known = self._lists.get(ids)
         if known is None or known.device != device:
             return None
-        # Both reads before the comparisons: a sparse tensor would raise in either.
+        # The same objects; their memory may still have moved (see the module docstring).
         if (tuple(map(torch.Tensor.data_ptr, tensors)) != known.addresses
                 or tuple(map(torch.Tensor.numel, tensors)) != known.numels):
             return None
