@@ -17,7 +17,10 @@ lookup, about 6-12 us per launch, 4-5 launches per call; the C launcher and
 per allocation than the CPU one), and entering the device guard (``torch.cuda.device``)
 around the launches: CPU tensors take no guard. So a GPU call costs these figures plus
 roughly 40-90 us, whatever the tensor count. Plans are warm (built by the first call), as
-in training with ``zero_grad(set_to_none=False)``.
+in training with ``zero_grad(set_to_none=False)``: the same gradient tensors every call,
+which ``gradstats.known_tensors`` recognises. The "not recognised" case times the path of
+new gradient objects at the same addresses (``set_to_none=True`` with a steady allocator):
+the full plan key, then a plan-cache hit.
 
 Each figure is the median of ``--calls`` timed calls (``time.perf_counter``, garbage
 collector on, as in training), after warm-up calls. Results go to a new folder
@@ -42,7 +45,7 @@ import torch
 import gradstats
 from benchmarks.timing import new_results_dir
 from benchmarks.workloads import gpt2_small_shapes, make_params, many_small_shapes
-from gradstats import dispatch, worklist
+from gradstats import dispatch, known_tensors, worklist
 from gradstats.backend import Backend
 from gradstats.launch_config import GPU_CONFIGS
 
@@ -100,6 +103,23 @@ def stubbed_gpu_path():
         worklist.clear_plan_cache()
 
 
+@contextlib.contextmanager
+def lists_not_recognised():
+    """Every list takes the full plan key, as new gradient objects would."""
+    saved = known_tensors.remembered_key, known_tensors.remember
+    known_tensors.remembered_key = lambda tensors, device: None
+    known_tensors.remember = lambda tensors, device, key: None
+    try:
+        yield
+    finally:
+        known_tensors.remembered_key, known_tensors.remember = saved
+
+
+def _clip_not_recognised(params) -> None:
+    with lists_not_recognised():
+        gradstats.fused_clip_grad_norm_(params, 1e-3)
+
+
 def cases(params) -> dict[str, object]:
     """What is timed, each a no-argument call."""
     monitor = gradstats.GradMonitor(params, sinks=None)
@@ -108,6 +128,8 @@ def cases(params) -> dict[str, object]:
             lambda: gradstats.fused_clip_grad_norm_(params, 1e9),
         "fused_clip_grad_norm_, clipping":
             lambda: gradstats.fused_clip_grad_norm_(params, 1e-3),
+        "fused_clip_grad_norm_, clipping, gradients not recognised":
+            lambda: _clip_not_recognised(params),
         "grad_stats(histogram=False)":
             lambda: gradstats.grad_stats(params, histogram=False),
         "GradMonitor.step(max_norm=1.0)":

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import capture, reference
+from . import capture, known_tensors, reference
 from .backend import Backend, choose_backend
 from .norms import NormKind, norm_kind
 from .worklist import Plan, WorkList, cached_plan, plan_for, plan_key, update_targets
@@ -54,21 +54,30 @@ class Route:
 
 
 def route(tensors: list[torch.Tensor]) -> Route:
-    """The route for non-empty ``tensors``. On the Triton backend a plan-cache hit answers
-    everything from one key pass; otherwise one pass reads devices and dtypes."""
+    """The route for non-empty ``tensors``. On the Triton backend a list of tensors seen
+    before (:mod:`known_tensors`) finds its plan key from three reads per tensor, any other
+    list from one key pass; a plan-cache hit then answers everything. Otherwise one pass
+    reads devices and dtypes."""
     device = tensors[0].device
     backend = choose_backend(device)
     key = None
     if backend is Backend.TRITON:
-        key = plan_key(tensors, device)
+        key = known_tensors.remembered_key(tensors, device)
+        recognised = key is not None
+        if not recognised:
+            key = plan_key(tensors, device)
         plan = cached_plan(key)
         if plan is not None:
+            if not recognised:
+                known_tensors.remember(tensors, device, key)
             return Route(device, backend, plan, plan.dtypes)
     dtypes = frozenset(map(_DTYPE_OF, tensors))
     if any(d != device for d in set(map(_DEVICE_OF, tensors))):
         return Route(device, None, None, dtypes)
     if backend is Backend.TRITON:
-        return Route(device, backend, plan_for(tensors, device, key), dtypes)
+        plan = plan_for(tensors, device, key)
+        known_tensors.remember(tensors, device, key)
+        return Route(device, backend, plan, dtypes)
     return Route(device, backend, None, dtypes)
 
 

@@ -30,7 +30,8 @@ from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
 from .params import ParametersLike, gradients, norm_result_dtype
-from .record_queue import RecordQueue, named_counts
+from .record import nonzero_named
+from .record_queue import RecordQueue
 from .sinks import open_sinks
 from .sinks.fanout import SinkFanout
 from .stats import GradStats, collect_stats
@@ -137,7 +138,8 @@ class GradMonitor:
                         ", ".join(map(str, self.paths)))
         # The queue reaches back through a weak reference, so the exit-time finalizer
         # below keeps the sinks alive but not the monitor.
-        self._queue = RecordQueue(self._sinks.write, weakref.WeakMethod(self._on_landed))
+        self._queue = RecordQueue(self._sinks.write if self._sinks.sinks else None,
+                                  weakref.WeakMethod(self._on_landed))
         # At most one; held in a list the finalizer shares, so a monitor dropped without
         # close() takes its hooks off the optimizer too.
         self._held_hooks: list[OptimizerHooks] = []
@@ -214,7 +216,7 @@ class GradMonitor:
         # This step and the ones before reach the sinks before the error.
         self._queue.push(step, stats, logged=True, clipped=False, overflow=None)
         self._queue.drain(wait=True)
-        found = named_counts(stats.names, stats.nonfinite.tolist())
+        found = nonzero_named(stats.names, stats.nonfinite.cpu())
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
                            f"{describe(found)}; nothing was clipped or modified")
 

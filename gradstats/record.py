@@ -7,7 +7,9 @@ total-norm formula restricted to the module), its counts are sums.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,38 +162,84 @@ def _json_float(value: float | None):
 
 
 def build_record(step: int, stats) -> StepRecord:
-    """A record from a ``GradStats`` whose tensors are on the host (CPU)."""
+    """A record from a ``GradStats`` whose tensors are on the host (CPU).
+
+    Per-parameter values become dicts in C-speed passes; per-module figures are summed
+    by tensor ops over a module layout cached per list of names (it changes only when
+    the model does), so the Python work per parameter is a ``zip`` or two."""
     names, norm_type, hist = stats.names, stats.norm_type, stats.hist
+    layout = module_layout(tuple(names))
     norm_values = stats.norms.double().tolist()
-    counts = stats.nonfinite.tolist()
-    modules = [module_of(name) for name in names]
-    norms_by_module: dict[str, list[float]] = {}
-    nonfinite_by_module: dict[str, int] = {}
-    for module, norm, count in zip(modules, norm_values, counts):
-        norms_by_module.setdefault(module, []).append(norm)
-        nonfinite_by_module[module] = nonfinite_by_module.get(module, 0) + count
+    nonfinite_by_module = torch.zeros(len(layout.modules), dtype=torch.int64).index_add_(
+        0, layout.index, stats.nonfinite)
     record = StepRecord(
         step=step,
         total_norm=float(stats.total_norm),
         clip_coef=None if stats.clip_coef is None else float(stats.clip_coef),
         norm_type=norm_type,
         norms=dict(zip(names, norm_values)),
-        nonfinite={name: c for name, c in zip(names, counts) if c},
-        module_norms={m: combine_norms(v, norm_type) for m, v in norms_by_module.items()},
-        module_nonfinite={m: c for m, c in nonfinite_by_module.items() if c},
+        nonfinite=nonzero_named(names, stats.nonfinite),
+        module_norms=dict(zip(layout.modules, _module_norms(stats.norms, layout, norm_type))),
+        module_nonfinite=nonzero_named(layout.modules, nonfinite_by_module),
     )
     if hist is not None:
         record.hist = dict(zip(names, hist.tolist()))
-        module_ids = {m: i for i, m in enumerate(norms_by_module)}
-        index = torch.tensor([module_ids[m] for m in modules], dtype=torch.int64)
         # Integer sums: exact and independent of order.
-        summed = torch.zeros(len(module_ids), hist.shape[1], dtype=torch.int64)
-        summed.index_add_(0, index, hist)
-        record.module_hist = dict(zip(module_ids, summed.tolist()))
+        summed = torch.zeros(len(layout.modules), hist.shape[1], dtype=torch.int64)
+        summed.index_add_(0, layout.index, hist)
+        record.module_hist = dict(zip(layout.modules, summed.tolist()))
         exponents = range(stats.min_exp, stats.min_exp + hist.shape[1])
         record.bin_edges = [0.0] + [_power_of_two(e) for e in exponents]
         record.min_exp = stats.min_exp
     return record
+
+
+def nonzero_named(names: Sequence[str], counts: torch.Tensor) -> dict[str, int]:
+    """``{name: count}`` for the non-zero entries of the host tensor ``counts``: only
+    those are read one by one (usually none)."""
+    positions = torch.nonzero(counts).flatten().tolist()
+    if not positions:
+        return {}
+    values = counts.tolist()
+    return {names[i]: values[i] for i in positions}
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """Which module owns each parameter: ``modules`` in first-seen order, and
+    ``index[i]``, parameter ``i``'s module's position in it."""
+
+    modules: list[str]
+    index: torch.Tensor  # int64, one entry per parameter
+
+
+# Keyed by the names themselves: a monitor's names change only with its model, so the
+# few layouts in use (one per monitored model) stay cached.
+@functools.lru_cache(maxsize=8)
+def module_layout(names: tuple[str, ...]) -> ModuleLayout:
+    positions: dict[str, int] = {}
+    index = [positions.setdefault(module_of(name), len(positions)) for name in names]
+    return ModuleLayout(list(positions), torch.tensor(index, dtype=torch.int64))
+
+
+def _module_norms(norms: torch.Tensor, layout: ModuleLayout, p: float) -> list[float]:
+    """Each module's ``combine_norms`` of its parameters' norms. The 1-, 2- and inf-norms
+    as float64 tensor sums (NaN propagates, overflow gives inf, as there); other orders
+    through ``combine_norms`` itself."""
+    norms = norms.double()
+    count = len(layout.modules)
+    if p == math.inf:
+        # A module's maximum (NaN propagates); include_self=False keeps the zeros it
+        # starts from out of it.
+        return torch.zeros(count, dtype=torch.float64).scatter_reduce_(
+            0, layout.index, norms, "amax", include_self=False).tolist()
+    if p in (1.0, 2.0):
+        summed = torch.zeros(count, dtype=torch.float64).index_add_(0, layout.index, norms ** p)
+        return (summed if p == 1.0 else summed.sqrt_()).tolist()
+    by_module: list[list[float]] = [[] for _ in range(count)]
+    for position, norm in zip(layout.index.tolist(), norms.tolist()):
+        by_module[position].append(norm)
+    return [combine_norms(values, p) for values in by_module]
 
 
 def _power_of_two(exponent: int) -> float:

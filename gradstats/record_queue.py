@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .record import build_record
+from .record import build_record, nonzero_named
 from .stats import GradStats
 
 # Host copies allowed in flight before push() waits for the oldest: bounds pinned memory
@@ -40,9 +40,9 @@ class RecordQueue:
     counts go to ``on_landed(step, {name: count})``, in step order.
 
     ``on_landed`` is a weak method: the exit-time flush keeps the queue (and the sinks)
-    alive, not the monitor."""
+    alive, not the monitor. ``write`` None: no sink, so no record is built at all."""
 
-    def __init__(self, write: Callable, on_landed: weakref.WeakMethod):
+    def __init__(self, write: Callable | None, on_landed: weakref.WeakMethod):
         self.write = write
         self.on_landed = on_landed
         self.in_flight: collections.deque[InFlight] = collections.deque()
@@ -51,6 +51,7 @@ class RecordQueue:
              overflow: torch.Tensor | None) -> None:
         if len(self.in_flight) >= MAX_IN_FLIGHT:
             self._land(self.in_flight.popleft(), wait=True)
+        logged = logged and self.write is not None  # no sink: copy only the counts
         host = _to_host(stats, logged, clipped)
         host_overflow = _host_copy(overflow)  # queued before the fence, so it covers this too
         ready, wait = copy_fence(stats.nonfinite.device)
@@ -63,17 +64,13 @@ class RecordQueue:
     def _land(self, item: InFlight, wait: bool) -> None:
         if wait:
             item.wait()
-        if item.logged:
+        if item.logged and self.write is not None:
             self.write(build_record(item.step, item.host))
         on_landed = self.on_landed()
         if on_landed is not None:  # None: the monitor is gone and this is the exit flush
             overflowed = item.overflow is not None and bool(item.overflow)
-            counts = [] if overflowed else item.host.nonfinite.tolist()
-            on_landed(item.step, named_counts(item.host.names, counts))
-
-
-def named_counts(names: list[str], counts: list[int]) -> dict[str, int]:
-    return {name: count for name, count in zip(names, counts) if count}
+            found = {} if overflowed else nonzero_named(item.host.names, item.host.nonfinite)
+            on_landed(item.step, found)
 
 
 def _to_host(stats: GradStats, logged: bool, clipped: bool) -> GradStats:

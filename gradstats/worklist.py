@@ -121,6 +121,11 @@ class PlanKey:
         return (isinstance(other, PlanKey) and self._hash == other._hash
                 and self.parts == other.parts)
 
+    @property
+    def all_contiguous(self) -> bool:
+        """Every tensor dense and contiguous (the key then holds element counts)."""
+        return self.parts[1]
+
 
 # Plans by key; those a CUDA graph captured are pinned rather than evicted (device_cache).
 _plans = DeviceCache(PLAN_CACHE_SIZE)

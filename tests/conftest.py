@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from gradstats import known_tensors, worklist  # noqa: E402
 from gradstats import launch_config as config  # noqa: E402
-from gradstats import worklist  # noqa: E402
 from gradstats.backend import interpreter_enabled, triton_importable  # noqa: E402
 
 
@@ -60,6 +60,13 @@ def small_chunks(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _no_known_tensor_lists():
+    """Each test starts with no remembered lists and no arming back-off: the lists of
+    earlier tests die unrecognised, which would otherwise switch arming off."""
+    known_tensors.forget_all()
 
 
 @pytest.fixture(params=["land-at-once", "land-late"])

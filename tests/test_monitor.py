@@ -542,3 +542,18 @@ def test_sparse_gradients_with_a_composed_norm_type_name_the_parameter():
     monitor = gradstats.GradMonitor(embedding, norm_type=0, sinks=None)
     with pytest.raises(ValueError, match="sparse gradients need norm_type > 0.*'weight'"):
         monitor.step()
+
+
+def test_without_sinks_no_record_is_built_and_alarms_still_name_the_parameter(monkeypatch):
+    from gradstats import record_queue
+
+    def no_records(*args):
+        raise AssertionError("a record was built for no sink")
+    monkeypatch.setattr(record_queue, "build_record", no_records)
+    model = tiny_model()
+    backward(model, 0)
+    poison(model, "1.1.weight", math.inf)
+    with gradstats.GradMonitor(model, sinks=None, hist_every=1) as monitor:
+        with pytest.warns(gradstats.NonFiniteGradientWarning) as caught:
+            monitor.step()
+    assert caught[0].message.found == {"1.1.weight": 1}
