@@ -132,6 +132,12 @@ def ptx_header(ptx: str) -> dict[str, str]:
             "ptx_target": target.group(1).rstrip(",") if target else "?"}
 
 
+def cubin_elf_abi(cubin: bytes) -> int:
+    """The cubin's ELF ABI version (``e_ident[EI_ABIVERSION]``): 7 up to CUDA 12, 8 for the
+    cubin format CUDA 13 introduced, which only a CUDA 13 driver loads."""
+    return cubin[8]
+
+
 def cubin_facts(cubin: bytes) -> tuple[ResourceUsage, str]:
     """Resource usage and SASS text of one cubin (written to a temporary file for the tool)."""
     with tempfile.TemporaryDirectory() as folder:

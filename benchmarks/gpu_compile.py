@@ -157,6 +157,7 @@ def describe(spec) -> dict:
     usage, sass = cubin_facts.cubin_facts(spec.asm["cubin"])
     record.update(registers=usage.registers, stack_bytes=usage.stack_bytes,
                   local_bytes=usage.local_bytes, shared_bytes=usage.shared_bytes,
+                  cubin_elf_abi=cubin_facts.cubin_elf_abi(spec.asm["cubin"]),
                   **cubin_facts.ptx_header(spec.asm["ptx"]))
     loop = cubin_facts.hot_loop(sass)
     if loop is not None:

@@ -100,11 +100,12 @@ def table(result: dict) -> list[str]:
         per_element = loop["instructions_per_element"]
         verdict = "" if row.target is None else ("pass" if per_element <= row.target else "FAIL")
         loads = ", ".join(f"{n} x {op}" for op, n in sorted(loop["loads"].items()))
-        lines.append(
-            f"| {row.label} | {per_element:.1f} | {'' if row.target is None else f'<= {row.target}'} "
-            f"| {verdict} | {spec['registers']} | {ctas_per_sm(spec['registers'], spec['num_warps'] * 32)} "
-            f"| {spec['stack_bytes'] + spec['local_bytes']} | {'yes' if loop['all_loads_128_bit'] else 'no'} "
-            f"| {loads} | {loop['instructions']} |")
+        cells = [row.label, f"{per_element:.1f}",
+                 "" if row.target is None else f"<= {row.target}", verdict,
+                 spec["registers"], ctas_per_sm(spec["registers"], spec["num_warps"] * 32),
+                 spec["stack_bytes"] + spec["local_bytes"],
+                 "yes" if loop["all_loads_128_bit"] else "no", loads, loop["instructions"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 
@@ -114,9 +115,11 @@ def report(result: dict, command: str) -> str:
         f"# Hot-loop instructions per element, sm_{result['cc']}, triton {result['triton']}",
         "",
         f"- target: sm_{result['cc']} (PTX `.target {spec.get('ptx_target', '?')}`, "
-        f"PTX ISA {spec.get('ptx_isa', '?')}), compiled without a GPU through a fake driver",
-        f"- assembler: triton's bundled `{result['ptxas']['binary']}` (CUDA {result['ptxas']['cuda']}); "
-        f"SASS read with cuobjdump (CUDA {result['cuobjdump_cuda']})",
+        f"PTX ISA {spec.get('ptx_isa', '?')}, cubin ELF ABI {spec.get('cubin_elf_abi', '?')}), "
+        "compiled without a GPU through a fake driver",
+        f"- assembler: triton's bundled `{result['ptxas']['binary']}` "
+        f"(CUDA {result['ptxas']['cuda']}); SASS read with cuobjdump "
+        f"(CUDA {result['cuobjdump_cuda']})",
         f"- python: {platform.python_version()}; date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`",

@@ -99,7 +99,8 @@ def scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         return (make_params(torch.float32) + make_params(torch.bfloat16, aligned=False)
                 + make_params(torch.float64) + make_params(torch.float16))
 
-    yield "fused_clip_grad_norm_ mixed dtypes", lambda: gradstats.fused_clip_grad_norm_(mixed(), 1e-3)
+    yield ("fused_clip_grad_norm_ mixed dtypes",
+           lambda: gradstats.fused_clip_grad_norm_(mixed(), 1e-3))
     yield "grad_stats mixed dtypes", lambda: gradstats.grad_stats(mixed(), max_norm=1.0)
     yield "clip_grad_value_ mixed dtypes", lambda: gradstats.clip_grad_value_(mixed(), 0.1)
 
@@ -124,4 +125,5 @@ def hot_loop_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     for name, dtype in DTYPES.items():
         yield (f"fused_clip_grad_norm_ {name}",
                lambda d=dtype: gradstats.fused_clip_grad_norm_(make_params(d), 1e-3))
-        yield f"clip_grad_value_ {name}", lambda d=dtype: gradstats.clip_grad_value_(make_params(d), 0.1)
+        yield (f"clip_grad_value_ {name}",
+               lambda d=dtype: gradstats.clip_grad_value_(make_params(d), 0.1))
