@@ -38,7 +38,7 @@ ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}  # by the DTYPE con
 
 def toolchain_available() -> str | None:
     """None when triton's NVIDIA backend and its bundled ptxas and cuobjdump are present,
-    else why not. Imports triton (not in interpreter mode-sensitive ways)."""
+    else why not. Safe to call with the interpreter on: nothing here compiles."""
     try:
         from triton import knobs
         from triton.backends.nvidia.compiler import get_ptxas
@@ -226,13 +226,19 @@ def compile_in_subprocesses(targets=TARGETS, scenario_set: str = "all",
                 cwd=REPO_ROOT, env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True))
         results = {}
-        for cc, (out, process) in processes.items():
-            output, _ = process.communicate(timeout=timeout)
-            if process.returncode != 0:
-                raise RuntimeError(f"compiling for sm_{cc} failed (exit {process.returncode}):\n"
-                                   + output[-4000:])
-            with open(out) as file:
-                results[cc] = json.load(file)
+        try:
+            for cc, (out, process) in processes.items():
+                output, _ = process.communicate(timeout=timeout)
+                if process.returncode != 0:
+                    raise RuntimeError(f"compiling for sm_{cc} failed "
+                                       f"(exit {process.returncode}):\n" + output[-4000:])
+                with open(out) as file:
+                    results[cc] = json.load(file)
+        finally:
+            for _, process in processes.values():
+                if process.poll() is None:  # only after a failure or timeout
+                    process.kill()
+                    process.wait()
     return results
 
 

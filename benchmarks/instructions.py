@@ -24,13 +24,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import gradstats
 from benchmarks import gpu_compile
 from gradstats.norms import NormKind
 
 RESULTS_ROOT = Path("benchmarks/results")
-NORM_KINDS = {str(kind.value): kind.name for kind in NormKind if kind is not NormKind.COMPOSED}
-DEFAULT_NUM_BINS = str(inspect.signature(gradstats.grad_stats).parameters["num_bins"].default)
+_GRAD_STATS_DEFAULTS = inspect.signature(gradstats.grad_stats).parameters
+DEFAULT_NUM_BINS = str(_GRAD_STATS_DEFAULTS["num_bins"].default)
+DEFAULT_MIN_EXP = str(_GRAD_STATS_DEFAULTS["min_exp"].default)
 # Most SASS instructions per element in the hot loop: (norm, dtype, histogram) -> target.
 TARGETS = {
     ("L2", "fp32", False): 8, ("L2", "bf16", False): 10,
@@ -56,15 +59,16 @@ def rows() -> list[Row]:
     table = []
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         for histogram in (False, True):
-            table.append(Row(
-                f"stats {dtype} L2, histogram {DEFAULT_NUM_BINS + ' bins' if histogram else 'off'}",
-                "_stats_kernel",
-                {"DTYPE": dtype, "NORM_KIND": "2", "ALIGNED": "True", "HISTOGRAM": str(histogram),
-                 "NUM_BINS": DEFAULT_NUM_BINS if histogram else "1"},
-                TARGETS.get(("L2", dtype, histogram))))
-    for kind in ("0", "1", "3"):
-        table.append(Row(f"stats fp32 {NORM_KINDS[kind]}, histogram off", "_stats_kernel",
-                         {"DTYPE": "fp32", "NORM_KIND": kind, "ALIGNED": "True",
+            match = {"DTYPE": dtype, "NORM_KIND": str(NormKind.L2.value), "ALIGNED": "True",
+                     "HISTOGRAM": str(histogram)}
+            if histogram:
+                match.update(NUM_BINS=DEFAULT_NUM_BINS, MIN_EXP=DEFAULT_MIN_EXP)
+            shown = f"{DEFAULT_NUM_BINS} bins" if histogram else "off"
+            table.append(Row(f"stats {dtype} L2, histogram {shown}", "_stats_kernel", match,
+                             TARGETS.get(("L2", dtype, histogram))))
+    for kind in (NormKind.INF, NormKind.L1, NormKind.LP):
+        table.append(Row(f"stats fp32 {kind.name}, histogram off", "_stats_kernel",
+                         {"DTYPE": "fp32", "NORM_KIND": str(kind.value), "ALIGNED": "True",
                           "HISTOGRAM": "False"}))
     for op, name in update_ops.items():
         for dtype in ("fp32", "bf16"):
@@ -120,7 +124,7 @@ def report(result: dict, command: str) -> str:
         f"- assembler: triton's bundled `{result['ptxas']['binary']}` "
         f"(CUDA {result['ptxas']['cuda']}); SASS read with cuobjdump "
         f"(CUDA {result['cuobjdump_cuda']})",
-        f"- python: {platform.python_version()}; date: "
+        f"- python: {platform.python_version()}; torch: {torch.__version__}; date: "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`",
         "",
