@@ -15,8 +15,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from triton import knobs
-
 # "/*0a40*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;"
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
@@ -26,6 +24,8 @@ _LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 def cuobjdump(*args: str) -> str:
     """The bundled cuobjdump's output (it reads any SASS version triton emits)."""
+    from triton import knobs
+
     result = subprocess.run([knobs.nvidia.cuobjdump.path, *args], capture_output=True,
                             text=True, check=True)
     return result.stdout
