@@ -351,7 +351,11 @@ def test_accelerate_clip_grad_norm_runs_gradstats(calls):
     expected = TORCH["clip_grad_norm_"](expected_params, 0.1)
     with gradstats.route_torch_clipping():
         total = accelerator.clip_grad_norm_(model.parameters(), 0.1)
-    assert calls["clip_grad_norm_"] == 1
+    # accelerate < 1.16 calls clip_grad_norm_; later ones get_total_norm per device mesh,
+    # then clip_grads_with_norm_ (their DTensor-aware clip): both routes reach gradstats.
+    whole = calls["clip_grad_norm_"] == 1
+    in_two_steps = calls["get_total_norm"] >= 1 and calls["clip_grads_with_norm_"] == 1
+    assert whole != in_two_steps, calls
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
     for got, want in zip(_grads(model.parameters()), _grads(expected_params)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
