@@ -2,7 +2,10 @@
 
 ``GRADSTATS_BACKEND`` (read on every call, so tests can switch it):
 
-- ``auto`` (default): Triton kernels for CUDA tensors, the PyTorch reference elsewhere.
+- ``auto`` (default): Triton kernels for CUDA tensors, the native C++ pass
+  (``gradstats._C``) for CPU tensors when it is built, the PyTorch reference elsewhere.
+- ``native``: the native C++ pass for CPU tensors; an error when it is not built or for
+  other devices.
 - ``triton``: Triton for CUDA tensors, and for CPU tensors too when ``TRITON_INTERPRET=1``
   (the Triton interpreter; this is how the kernels are tested without a GPU).
 - ``torch``: the PyTorch reference everywhere.
@@ -19,6 +22,8 @@ import os
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 
+from . import native
+
 BACKEND_ENV = "GRADSTATS_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -26,6 +31,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class Backend(enum.Enum):
     TRITON = "triton"
     TORCH = "torch"
+    NATIVE = "native"  # CPU statistics in C++; the rest of its calls use the reference
 
 
 def interpreter_enabled() -> bool:
@@ -43,8 +49,9 @@ def triton_importable() -> bool:
 
 def requested_backend() -> str:
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'torch', got {choice!r}")
+    if choice not in ("auto", "triton", "torch", "native"):
+        raise ValueError(
+            f"{BACKEND_ENV} must be 'auto', 'triton', 'torch' or 'native', got {choice!r}")
     return choice
 
 
@@ -53,6 +60,8 @@ def choose_backend(device: torch.device) -> Backend:
     choice = requested_backend()
     if choice == "torch":
         return Backend.TORCH
+    if choice == "native":
+        return _native_or_error(device)
     if device.type == "cuda":
         if triton_importable() and not interpreter_enabled():
             return Backend.TRITON
@@ -72,7 +81,41 @@ def choose_backend(device: torch.device) -> Backend:
         return Backend.TRITON
     if choice == "triton":
         raise RuntimeError(f"{BACKEND_ENV}=triton cannot serve {device.type} tensors")
+    if device.type == "cpu" and native.available():
+        return Backend.NATIVE
     return Backend.TORCH
+
+
+def _native_or_error(device: torch.device) -> Backend:
+    if device.type != "cpu":
+        raise RuntimeError(f"{BACKEND_ENV}=native serves CPU tensors only, not {device.type}")
+    if not native.available():
+        raise RuntimeError(f"{BACKEND_ENV}=native was requested, but "
+                           f"{native.unavailable_reason()}")
+    return Backend.NATIVE
+
+
+def backend_info() -> dict[str, str]:
+    """Which backend serves each device kind under the current ``GRADSTATS_BACKEND``, and
+    why, e.g. ``{"cpu": "native C++ (gradstats._C)", "cuda": "Triton kernels"}``."""
+    return {kind: _describe(torch.device(kind)) for kind in ("cpu", "cuda")}
+
+
+def _describe(device: torch.device) -> str:
+    try:
+        backend = choose_backend(device)
+    except RuntimeError as error:
+        return f"none ({error})"
+    if backend is Backend.NATIVE:
+        return "native C++ (gradstats._C)"
+    if backend is Backend.TRITON:
+        return "Triton interpreter" if device.type == "cpu" else "Triton kernels"
+    if requested_backend() == "torch":
+        return f"PyTorch reference ({BACKEND_ENV}=torch)"
+    if device.type == "cpu":
+        return f"PyTorch reference ({native.unavailable_reason()})"
+    return ("PyTorch reference (TRITON_INTERPRET=1 is set)" if triton_importable()
+            else "PyTorch reference (triton is not installed)")
 
 
 def triton_can_read(tensor: torch.Tensor) -> bool:

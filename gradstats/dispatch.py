@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import capture, known_tensors, reference
-from .backend import Backend, choose_backend
+from . import capture, known_tensors, native, reference
+from .backend import TRITON_DTYPES, Backend, choose_backend
 from .norms import NormKind, norm_kind
 from .worklist import Plan, WorkList, cached_plan, plan_for, plan_key, update_targets
 
@@ -103,6 +103,8 @@ def accumulate_stats(
     device = tensors_route.device
     if tensors_route.backend is Backend.TORCH:
         return reference.accumulate_stats(tensors, p, kind, num_bins, min_exp)
+    if tensors_route.backend is Backend.NATIVE:
+        return _accumulate_on_native(tensors, p, kind, num_bins, min_exp)
     with on_device(device):
         return _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, tensors_route.plan)
 
@@ -136,6 +138,33 @@ def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
     return power, nonfinite, hist
 
 
+def _accumulate_on_native(tensors, p, kind, num_bins, min_exp):
+    """The C++ pass over every contiguous tensor of a dtype it reads; the reference over
+    the rest (sparse, complex, other dtypes, strided: the chunks of a permuted tensor would
+    not be the reference's, so its float32 sums would round differently)."""
+    readable = [i for i, t in enumerate(tensors)
+                if t.dtype in TRITON_DTYPES and t.layout is torch.strided and t.is_contiguous()]
+    if len(readable) == len(tensors):
+        return native.cpu_stats([t.detach() for t in tensors], p, kind, num_bins, min_exp)
+    n = len(tensors)
+    power = torch.empty(n, dtype=torch.float64)
+    nonfinite = torch.empty(n, dtype=torch.int64)
+    hist = torch.empty(n, num_bins, dtype=torch.int64)
+    if readable:  # an empty list would give the dispatcher no tensor to pick a kernel by
+        parts = native.cpu_stats([tensors[i].detach() for i in readable], p, kind, num_bins,
+                                 min_exp)
+        index = torch.tensor(readable, dtype=torch.int64)
+        for output, part in zip((power, nonfinite, hist), parts):
+            output.index_copy_(0, index, part)
+    for position in sorted(set(range(n)).difference(readable)):
+        one_power, one_nonfinite, one_hist = reference.accumulate_stats(
+            [tensors[position]], p, kind, num_bins, min_exp)
+        power[position] = one_power[0]
+        nonfinite[position] = one_nonfinite[0]
+        hist[position] = one_hist[0]
+    return power, nonfinite, hist
+
+
 def _kernel_options(work: WorkList) -> tuple:
     """What of a work list selects the compiled kernel (for :func:`capture.note_launch`):
     dtype, launch config, and whether the main kernel launches at all (pointer alignment
@@ -152,7 +181,7 @@ def finalize(
     kind = norm_kind(p)
     # General p needs a float64 power root, and a finite max_norm beyond fp32's range does
     # not survive the trip into the kernel: torch does those (a few tiny launches).
-    if (choose_backend(power.device) is Backend.TORCH or kind == NormKind.LP
+    if (choose_backend(power.device) is not Backend.TRITON or kind == NormKind.LP
             or FP32_MAX < abs(max_norm) < math.inf):
         return reference.finalize(power, p, kind, max_norm, norms_dtype)
 
@@ -205,7 +234,7 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
     for device, backend, group, plan in _by_device(tensors, tensors_route):
         # A copy to the CPU must block: the CPU reads the coefficient right away.
         coef = clip_coef.to(device, non_blocking=device.type != "cpu")
-        if backend is Backend.TORCH:
+        if backend is not Backend.TRITON:
             reference.scale_(_each_view_once(group), coef)
             continue
         from .kernels.apply import scale_ as triton_scale_
@@ -223,7 +252,7 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
 def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton."""
     for device, backend, group, _ in _by_device(tensors):
-        if backend is Backend.TORCH:
+        if backend is not Backend.TRITON:
             reference.clamp_(_each_view_once(group), lo, hi)
             continue
         from .kernels.apply import clamp_ as triton_clamp_

@@ -13,13 +13,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from gradstats import known_tensors, worklist  # noqa: E402
+from gradstats import known_tensors, native, worklist  # noqa: E402
 from gradstats import launch_config as config  # noqa: E402
 from gradstats.backend import interpreter_enabled, triton_importable  # noqa: E402
 
 
 def _backend_devices():
     pairs = [pytest.param(("torch", "cpu"), id="torch-cpu")]
+    if native.available():
+        pairs.append(pytest.param(("native", "cpu"), id="native-cpu"))
     if triton_importable() and interpreter_enabled():
         pairs.append(pytest.param(("triton", "cpu"), id="triton-interpreter"))
     if torch.cuda.is_available():

@@ -7,7 +7,7 @@ import torch
 from helpers import make_params, with_grads
 
 import gradstats
-from gradstats import worklist
+from gradstats import native, worklist
 from gradstats.backend import Backend, choose_backend
 
 
@@ -87,7 +87,8 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("GRADSTATS_BACKEND", "torch")
     assert choose_backend(torch.device("cpu")) is Backend.TORCH
     monkeypatch.setenv("GRADSTATS_BACKEND", "auto")
-    assert choose_backend(torch.device("cpu")) is Backend.TORCH
+    cpu_backend = Backend.NATIVE if native.available() else Backend.TORCH
+    assert choose_backend(torch.device("cpu")) is cpu_backend
     monkeypatch.setenv("GRADSTATS_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="GRADSTATS_BACKEND"):
         choose_backend(torch.device("cpu"))
