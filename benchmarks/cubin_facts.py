@@ -5,6 +5,9 @@ The hot loop is found in the SASS (``cuobjdump -sass``): a loop is the range fro
 target back to a branch that jumps up to it; the hot loop is the one that loads the most
 bytes from global memory (the kernels' full-block loops; the masked tail is not a loop).
 Instructions per element = the loop's instructions / the elements its loads bring in.
+Besides the loads and stores, the loop's opcode families show the histogram's cost: shared
+atomics (``ATOMS``), warp votes (``VOTE``) and barriers (``BAR``) per iteration. Outside
+every loop, the predicated (masked) global loads show how the tail is read.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # "/*0a40*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;"
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`?\(?(\.L_x_\d+)\)?|^\s*(0x[0-9a-f]+)")
 _LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
@@ -29,6 +33,13 @@ def cuobjdump(*args: str) -> str:
     result = subprocess.run([knobs.nvidia.cuobjdump.path, *args], capture_output=True,
                             text=True, check=True)
     return result.stdout
+
+
+class Instruction(NamedTuple):
+    address: int
+    opcode: str  # with its modifiers: "LDG.E.128"
+    operands: str
+    predicated: bool  # under a guard predicate ("@P0"): a masked access
 
 
 @dataclass
@@ -61,6 +72,10 @@ class HotLoop:
     def all_loads_128_bit(self) -> bool:
         return bool(self.loads) and all(load_bytes(op) == 16 for op in self.loads)
 
+    @property
+    def all_stores_128_bit(self) -> bool:
+        return bool(self.stores) and all(load_bytes(op) == 16 for op in self.stores)
+
 
 def load_bytes(opcode: str) -> int:
     """Bytes one thread moves with a global load/store opcode (LDG.E.128 -> 16, LDG.E -> 4)."""
@@ -77,7 +92,7 @@ def resource_usage(cubin_path: str) -> ResourceUsage:
                          int(fields["SHARED"]))
 
 
-def _parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+def _parse_sass(text: str) -> tuple[list[Instruction], dict[str, int]]:
     instructions, labels, pending = [], {}, []
     for line in text.splitlines():
         label = _LABEL.match(line)
@@ -89,15 +104,20 @@ def _parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
             address = int(match.group(1), 16)
             labels.update((name, address) for name in pending)
             pending = []
-            instructions.append((address, match.group(2), match.group(3)))
+            instructions.append(Instruction(address, match.group(3), match.group(4),
+                                            match.group(2) is not None))
     return instructions, labels
 
 
-def loops(sass: str) -> list[list[tuple[int, str, str]]]:
+def loops(sass: str) -> list[list[Instruction]]:
     """Every backward-branch range in the SASS, as its instructions."""
     instructions, labels = _parse_sass(sass)
+    return _loops(instructions, labels)
+
+
+def _loops(instructions: list[Instruction], labels: dict[str, int]) -> list[list[Instruction]]:
     found = []
-    for address, opcode, operands in instructions:
+    for address, opcode, operands, _ in instructions:
         if not opcode.startswith("BRA"):
             continue
         target = _BRANCH_TARGET.search(operands.strip())
@@ -105,7 +125,7 @@ def loops(sass: str) -> list[list[tuple[int, str, str]]]:
             continue
         start = labels.get(target.group(1)) if target.group(1) else int(target.group(2), 16)
         if start is not None and start < address:
-            found.append([i for i in instructions if start <= i[0] <= address])
+            found.append([i for i in instructions if start <= i.address <= address])
     return found
 
 
@@ -113,15 +133,26 @@ def hot_loop(sass: str) -> HotLoop | None:
     """The loop that loads the most bytes from global memory; None if no loop loads."""
     best = None
     for body in loops(sass):
-        loads = collections.Counter(op for _, op, _ in body if op.startswith("LDG"))
+        loads = collections.Counter(i.opcode for i in body if i.opcode.startswith("LDG"))
         nbytes = sum(load_bytes(op) * count for op, count in loads.items())
         if nbytes and (best is None or nbytes > best.bytes_loaded):
             best = HotLoop(
                 instructions=len(body), loads=dict(loads),
-                stores=dict(collections.Counter(op for _, op, _ in body if op.startswith("STG"))),
+                stores=dict(collections.Counter(i.opcode for i in body
+                                                if i.opcode.startswith("STG"))),
                 bytes_loaded=nbytes,
-                opcodes=dict(collections.Counter(op.split(".")[0] for _, op, _ in body)))
+                opcodes=dict(collections.Counter(i.opcode.split(".")[0] for i in body)))
     return best
+
+
+def masked_loads_outside_loops(sass: str) -> dict[str, int]:
+    """Predicated global loads outside every loop, by opcode: the kernels' masked tail and
+    edges (``LDG.E.128`` under a predicate: a tail read in whole vectors)."""
+    instructions, labels = _parse_sass(sass)
+    in_loops = {i.address for body in _loops(instructions, labels) for i in body}
+    return dict(collections.Counter(
+        i.opcode for i in instructions
+        if i.predicated and i.opcode.startswith("LDG") and i.address not in in_loops))
 
 
 def ptx_header(ptx: str) -> dict[str, str]:

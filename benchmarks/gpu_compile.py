@@ -7,7 +7,8 @@ runs gradstats' public API (:mod:`benchmarks.launch_scenarios`) on CPU tensors w
 Triton backend and the GPU launch configs forced, through a fake CUDA driver
 (:mod:`benchmarks.fake_cuda`): each launch compiles the exact specialization a GPU launch
 would, and nothing runs. It prints (or writes) JSON: per specialization its constexprs,
-compile error if any, registers, local memory, and the hot loop's loads and instructions.
+compile error if any, registers, local memory, the hot loop's loads and instructions, and the
+masked loads outside it.
 
 The compile needs a process of its own: the Triton interpreter (``TRITON_INTERPRET=1``,
 set by the test suite) is chosen when triton is imported. :func:`compile_in_subprocesses`
@@ -108,15 +109,18 @@ def _replace_everywhere(original, replacement, undo: list) -> None:
 
 
 @contextlib.contextmanager
-def gpu_route():
+def gpu_route(shared_counters: bool = True):
     """CPU tensors take the Triton backend with the launch configs of a CUDA device.
 
     gradstats sends CPU tensors to Triton only in the interpreter, with the interpreter's
-    launch config; a GPU launch differs in both, so both decisions are redirected.
+    launch config and tl.histogram; a GPU launch differs in all three, so each decision is
+    redirected. ``shared_counters=False`` keeps tl.histogram (the formulation the
+    shared-memory counters replaced on GPUs), for comparison.
     """
     import torch
 
     from gradstats import backend, launch_config, worklist
+    from gradstats.kernels import stats
 
     for path in _kernel_sources():  # loaded now, so their bindings are redirected too
         if path.stem != "__init__":
@@ -130,8 +134,16 @@ def gpu_route():
     def triton_everywhere(device):
         return backend.Backend.TRITON
 
+    original_counter_sets = stats._shared_counter_sets
+
+    def gpu_counter_sets(device, config, hist_bins):
+        if not shared_counters:
+            return 0
+        return original_counter_sets(torch.device("cuda"), config, hist_bins)
+
     _replace_everywhere(backend.choose_backend, triton_everywhere, undo)
     _replace_everywhere(original_config, gpu_config, undo)
+    _replace_everywhere(original_counter_sets, gpu_counter_sets, undo)
     worklist.clear_plan_cache()
     try:
         yield
@@ -150,7 +162,8 @@ def describe(spec) -> dict:
     from benchmarks import cubin_facts
 
     record = {"kernel": spec.kernel, "constexprs": spec.constexprs,
-              "aligned_args": spec.aligned_args, "num_warps": spec.num_warps,
+              "signature": spec.signature, "aligned_args": spec.aligned_args,
+              "num_warps": spec.num_warps,
               "seconds": round(spec.seconds, 2), "error": spec.error}
     if not spec.ok:
         return record
@@ -167,13 +180,16 @@ def describe(spec) -> dict:
             "opcodes": loop.opcodes, "all_loads_128_bit": loop.all_loads_128_bit,
             "elements": loop.elements(element_bytes) if element_bytes else None,
             "instructions_per_element": (round(loop.instructions_per_element(element_bytes), 2)
-                                         if element_bytes else None)}
+                                         if element_bytes else None),
+            "all_stores_128_bit": loop.all_stores_128_bit}
+    record["masked_loads_outside_loops"] = cubin_facts.masked_loads_outside_loops(sass)
     return record
 
 
-def compile_target(cc: int, scenario_set: str = "all") -> dict:
+def compile_target(cc: int, scenario_set: str = "all", shared_counters: bool = True) -> dict:
     """Run the scenarios for ``sm_<cc>`` in this process (no interpreter) and describe every
-    specialization they compiled."""
+    specialization they compiled, and which scenario compiled it first (a scenario that
+    only reuses kernels compiled before it compiles nothing)."""
     import triton
     from triton import knobs
     from triton.backends.nvidia.compiler import get_ptxas
@@ -183,15 +199,18 @@ def compile_target(cc: int, scenario_set: str = "all") -> dict:
 
     chosen = (launch_scenarios.scenarios() if scenario_set == "all"
               else launch_scenarios.hot_loop_scenarios())
-    python_errors = []
+    python_errors, compiled_by = [], {}
     start = time.perf_counter()
-    with warnings.catch_warnings(), compile_only(cc) as recorder, gpu_route():
+    with (warnings.catch_warnings(), compile_only(cc) as recorder,
+          gpu_route(shared_counters)):
         warnings.simplefilter("ignore")  # garbage outputs (nothing ran) trip NaN alarms
         for name, call in chosen:
+            compiled_before = len(recorder.compiled)
             try:
                 call()
             except Exception:  # noqa: BLE001 - reported; the other scenarios still run
                 python_errors.append({"scenario": name, "error": traceback.format_exc()[-2000:]})
+            compiled_by[name] = list(range(compiled_before, len(recorder.compiled)))
     compile_seconds = time.perf_counter() - start
     ptxas = get_ptxas(cc)
     return {
@@ -201,12 +220,15 @@ def compile_target(cc: int, scenario_set: str = "all") -> dict:
         "launch_targets": launch_targets(),
         "launches": recorder.launches, "launch_errors": recorder.launch_errors,
         "python_errors": python_errors, "compile_seconds": round(compile_seconds, 1),
+        "shared_counters": shared_counters,
+        "compiled_by": compiled_by,  # scenario -> indices into "specializations"
         "specializations": [describe(spec) for spec in recorder.compiled],
     }
 
 
 def compile_in_subprocesses(targets=TARGETS, scenario_set: str = "all",
-                            cache_dir: str | None = None, timeout: float = 1800) -> dict[int, dict]:
+                            cache_dir: str | None = None, timeout: float = 1800,
+                            shared_counters: bool = True) -> dict[int, dict]:
     """:func:`compile_target` for each target, one process each, run side by side.
 
     ``cache_dir``: triton's kernel cache; by default a fresh one per call, so every
@@ -222,7 +244,8 @@ def compile_in_subprocesses(targets=TARGETS, scenario_set: str = "all",
             out = os.path.join(scratch, f"sm{cc}.json")
             processes[cc] = (out, subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.gpu_compile", "--cc", str(cc),
-                 "--scenarios", scenario_set, "--out", out],
+                 "--scenarios", scenario_set, "--out", out]
+                + ([] if shared_counters else ["--tl-histogram"]),
                 cwd=REPO_ROOT, env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True))
         results = {}
@@ -247,10 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cc", type=int, required=True, help="compute capability, e.g. 90")
     parser.add_argument("--scenarios", choices=("all", "hot-loops"), default="all")
     parser.add_argument("--out", help="write the JSON here instead of stdout")
+    parser.add_argument("--tl-histogram", action="store_true",
+                        help="count the histogram with tl.histogram, not shared counters")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
-    result = json.dumps(compile_target(args.cc, args.scenarios), indent=1)
+    result = json.dumps(compile_target(args.cc, args.scenarios, not args.tl_histogram),
+                        indent=1)
     if args.out:
         Path(args.out).write_text(result)
     else:

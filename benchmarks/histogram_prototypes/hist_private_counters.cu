@@ -1,4 +1,5 @@
-// Data point for benchmarks/results/stats-sass.md, not built by the project:
+// A measured data point behind benchmarks/results/stats-sass.md, not built or used by the
+// library:
 //   nvcc -O3 -arch=sm_90a -cubin -Xptxas -v -o hist.cubin hist_private_counters.cu
 //   cuobjdump -sass hist.cubin
 // Data point only: stats + 64-bin log2 histogram with per-thread private shared counters,
