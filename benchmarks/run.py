@@ -28,6 +28,7 @@ from benchmarks.baselines import python_loop_stats, python_loop_stats_with_histo
 from benchmarks.timing import host_us_per_call, median_ms, new_results_dir, paired_ms
 from benchmarks.workloads import WORKLOADS, make_params
 from gradstats import worklist
+from gradstats.backend import backend_info
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_DEFAULT_WORKLOADS = ["gpt2-small", "resnet50", "many-small"]
@@ -150,7 +151,7 @@ def environment(device: torch.device, module: str = "benchmarks.run") -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"python -m {module} " + shlex.join(sys.argv[1:]),
-        "backend": "triton" if device.type == "cuda" else "torch reference (no GPU)",
+        "backend": backend_info()[device.type],
     }
 
 

@@ -49,6 +49,19 @@ constexpr int LANES = 16;
 // and one copy would chain every increment on the last one through memory.
 constexpr int HIST_COPIES = 4;
 
+// The per-element code is compiled once per x86-64 vector width and picked at load time
+// (function multiversioning): a build for the baseline CPU still runs AVX2/AVX-512 loops
+// where the CPU has them. Everything below the cloned function is forced inline into it,
+// so each clone gets its own vector code. No FMA in any target list and no contraction
+// (-std=c++20 sets -ffp-contract=off), and the lanes fix the summation order, so every
+// clone gives the same bits.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define GRADSTATS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GRADSTATS_VECTOR_CLONES
+#endif
+#define GRADSTATS_INLINE __attribute__((always_inline)) inline
+
 // Must match gradstats.norms.NormKind.
 enum NormKind : int64_t { INF = 0, L1 = 1, L2 = 2, LP = 3 };
 
@@ -77,28 +90,28 @@ struct Widen;
 template <>
 struct Widen<float> {
   using Acc = float;
-  static float to_acc(float x) { return x; }
+  GRADSTATS_INLINE static float to_acc(float x) { return x; }
 };
 template <>
 struct Widen<double> {
   using Acc = double;
-  static double to_acc(double x) { return x; }
+  GRADSTATS_INLINE static double to_acc(double x) { return x; }
 };
 template <>
 struct Widen<c10::BFloat16> {
   using Acc = float;
-  static float to_acc(c10::BFloat16 x) {
+  GRADSTATS_INLINE static float to_acc(c10::BFloat16 x) {
     return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16);
   }
 };
 template <>
 struct Widen<c10::Half> {
   using Acc = float;
-  static float to_acc(c10::Half x) { return static_cast<float>(x); }
+  GRADSTATS_INLINE static float to_acc(c10::Half x) { return static_cast<float>(x); }
 };
 
 template <typename Acc>
-typename Layout<Acc>::Bits magnitude_bits(Acc x) {
+GRADSTATS_INLINE typename Layout<Acc>::Bits magnitude_bits(Acc x) {
   using L = Layout<Acc>;
   return std::bit_cast<typename L::Bits>(x) &
          ~(typename L::Bits{1} << (sizeof(typename L::Bits) * 8 - 1));
@@ -108,7 +121,7 @@ typename Layout<Acc>::Bits magnitude_bits(Acc x) {
 // carries into the top bit exactly when the field is all ones. Integer-only, so the lanes
 // below vectorise (a float compare would need a mask-to-integer step per lane).
 template <typename Acc>
-typename Layout<Acc>::Bits nonfinite_flag(Acc x) {
+GRADSTATS_INLINE typename Layout<Acc>::Bits nonfinite_flag(Acc x) {
   using L = Layout<Acc>;
   using Bits = typename L::Bits;
   constexpr int kTop = sizeof(Bits) * 8 - 1;
@@ -123,17 +136,17 @@ struct ChunkResult {
 
 // max that keeps a NaN once it has seen one (torch's inf-norm propagates NaN).
 template <typename Acc>
-Acc nan_max(Acc running, Acc a) {
+GRADSTATS_INLINE Acc nan_max(Acc running, Acc a) {
   return (a > running || a != a) ? a : running;
 }
 
 template <typename T, int64_t Kind>
-ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p) {
+GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p) {
   using Acc = typename Widen<T>::Acc;
   using Bits = typename Layout<Acc>::Bits;
   Acc lanes[LANES] = {};
   Bits nonfinite_lanes[LANES] = {};  // a chunk's count fits any width
-  auto step = [&](int lane, Acc v) {
+  auto step = [&](int lane, Acc v) __attribute__((always_inline)) {
     Acc a = std::abs(v);
     if constexpr (Kind == INF) {
       lanes[lane] = nan_max(lanes[lane], a);
@@ -174,7 +187,7 @@ constexpr int SUBNORMAL_SHIFT = 64;
 // column k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1]; NaN and
 // Inf go to the extra column num_bins, which is never read.
 template <typename T>
-void chunk_histogram(const T* x, int64_t n, int64_t num_bins, int64_t min_exp,
+GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins, int64_t min_exp,
                      uint32_t* counts) {
   using Acc = typename Widen<T>::Acc;
   using L = Layout<Acc>;
@@ -213,7 +226,7 @@ struct WorkItem {
 };
 
 template <typename T>
-ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p) {
+GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p) {
   using Acc = typename Widen<T>::Acc;
   switch (kind) {
     case INF: return chunk_power<T, INF>(x, n, static_cast<Acc>(p));
@@ -225,7 +238,7 @@ ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p) {
 
 // Statistics of one work item: its power into its slot, counts added to the tensor's row.
 template <typename T>
-void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind, double p,
+GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind, double p,
                 int64_t num_bins, int64_t min_exp, double* partial_power,
                 int64_t* nonfinite, int64_t* hist_row, std::vector<uint32_t>& counts) {
   const T* x = static_cast<const T*>(tensor.const_data_ptr()) + item.start;
@@ -239,6 +252,48 @@ void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind, do
     int64_t count = 0;
     for (int copy = 0; copy < HIST_COPIES; ++copy) count += counts[copy * (num_bins + 1) + column];
     if (count) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(count);
+  }
+}
+
+// What every work item of one call reads and writes.
+struct Pass {
+  at::TensorList grads;
+  const std::vector<WorkItem>& items;
+  int64_t norm_kind;
+  double p;
+  int64_t num_bins;
+  int64_t min_exp;
+  double* partial_power;  // one slot per work item
+  int64_t* nonfinite;     // one per tensor
+  int64_t* hist;          // [tensors, num_bins]
+};
+
+// Work items [begin, end) of one parallel_for task.
+GRADSTATS_VECTOR_CLONES
+void run_items(const Pass& pass, int64_t begin, int64_t end) {
+  std::vector<uint32_t> counts(HIST_COPIES * (pass.num_bins + 1));
+  for (int64_t k = begin; k < end; ++k) {
+    const WorkItem& item = pass.items[k];
+    const at::Tensor& g = pass.grads[item.tensor];
+    int64_t* row = pass.hist + item.tensor * pass.num_bins;
+    int64_t* count = pass.nonfinite + item.tensor;
+    double* slot = pass.partial_power + k;
+    const int64_t kind = pass.norm_kind, num_bins = pass.num_bins, min_exp = pass.min_exp;
+    switch (g.scalar_type()) {
+      case at::kFloat:
+        item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row, counts);
+        break;
+      case at::kDouble:
+        item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row, counts);
+        break;
+      case at::kBFloat16:
+        item_stats<c10::BFloat16>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+                                  counts);
+        break;
+      default:
+        item_stats<c10::Half>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+                              counts);
+    }
   }
 }
 
@@ -273,31 +328,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   first_item[n] = static_cast<int64_t>(items.size());
 
   std::vector<double> partial_power(items.size());
-  int64_t* nonfinite_out = nonfinite.data_ptr<int64_t>();
-  int64_t* hist_out = hist.data_ptr<int64_t>();
+  const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, partial_power.data(),
+                  nonfinite.data_ptr<int64_t>(), hist.data_ptr<int64_t>()};
   at::parallel_for(0, static_cast<int64_t>(items.size()), GRAIN_ITEMS,
-                   [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> counts(HIST_COPIES * (num_bins + 1));
-    for (int64_t k = begin; k < end; ++k) {
-      const WorkItem& item = items[k];
-      const at::Tensor& g = grads[item.tensor];
-      int64_t* row = hist_out + item.tensor * num_bins;
-      int64_t* count = nonfinite_out + item.tensor;
-      switch (g.scalar_type()) {
-        case at::kFloat:
-          item_stats<float>(g, item, norm_kind, p, num_bins, min_exp, &partial_power[k], count, row, counts);
-          break;
-        case at::kDouble:
-          item_stats<double>(g, item, norm_kind, p, num_bins, min_exp, &partial_power[k], count, row, counts);
-          break;
-        case at::kBFloat16:
-          item_stats<c10::BFloat16>(g, item, norm_kind, p, num_bins, min_exp, &partial_power[k], count, row, counts);
-          break;
-        default:
-          item_stats<c10::Half>(g, item, norm_kind, p, num_bins, min_exp, &partial_power[k], count, row, counts);
-      }
-    }
-  });
+                   [&](int64_t begin, int64_t end) { run_items(pass, begin, end); });
 
   // Chunk partials summed per tensor in index order (the max for the inf-norm, NaN first).
   double* power_out = power.data_ptr<double>();

@@ -156,3 +156,14 @@ def test_grad_stats_mixes_native_and_reference_tensors(monkeypatch):
     torch.testing.assert_close(stats.norms, expected.norms, rtol=1e-6, atol=0.0)
     assert torch.equal(stats.nonfinite, expected.nonfinite)
     assert torch.equal(stats.hist, expected.hist)
+
+
+def test_native_requested_but_not_built_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "gradstats._C not built: test")
+    monkeypatch.setenv("GRADSTATS_BACKEND", "auto")
+    assert backend.choose_backend(torch.device("cpu")) is backend.Backend.TORCH
+    assert backend.backend_info()["cpu"] == "PyTorch reference (gradstats._C not built: test)"
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="not built: test"):
+        gradstats.grad_stats(with_grads([torch.ones(3)]))
