@@ -117,63 +117,102 @@ GRADSTATS_INLINE typename Layout<Acc>::Bits magnitude_bits(Acc x) {
          ~(typename L::Bits{1} << (sizeof(typename L::Bits) * 8 - 1));
 }
 
-// 1 for NaN and +-Inf, else 0: with the sign cleared, adding one to the exponent field
-// carries into the top bit exactly when the field is all ones. Integer-only, so the lanes
-// below vectorise (a float compare would need a mask-to-integer step per lane).
-template <typename Acc>
-GRADSTATS_INLINE typename Layout<Acc>::Bits nonfinite_flag(Acc x) {
-  using L = Layout<Acc>;
-  using Bits = typename L::Bits;
-  constexpr int kTop = sizeof(Bits) * 8 - 1;
-  return (magnitude_bits(x) + (Bits{1} << L::kMantissa)) >> kTop;
-}
-
 // Power and non-finite count of one chunk.
 struct ChunkResult {
   double power;
   int64_t nonfinite;
 };
 
-// max that keeps a NaN once it has seen one (torch's inf-norm propagates NaN).
+// LANES values of the accumulation type as one GCC vector: the compiler splits it into
+// whatever registers the target has (4 SSE, 2 AVX2, 1 AVX-512 for float), so the lanes,
+// and the order each is summed in, are the same for every target.
 template <typename Acc>
-GRADSTATS_INLINE Acc nan_max(Acc running, Acc a) {
-  return (a > running || a != a) ? a : running;
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float Values __attribute__((vector_size(LANES * sizeof(float))));
+  typedef uint32_t Bits __attribute__((vector_size(LANES * sizeof(float))));
+};
+template <>
+struct Vec<double> {
+  typedef double Values __attribute__((vector_size(LANES * sizeof(double))));
+  typedef uint64_t Bits __attribute__((vector_size(LANES * sizeof(double))));
+};
+
+// LANES elements widened exactly to the accumulation type.
+template <typename T>
+GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T* x) {
+  using V = typename Vec<typename Widen<T>::Acc>::Values;
+  using B = typename Vec<typename Widen<T>::Acc>::Bits;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the top half of a float32
+    typedef uint16_t Halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
+    Halves halves;
+    std::memcpy(&halves, x, sizeof halves);
+    return reinterpret_cast<V>(__builtin_convertvector(halves, B) << 16);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    V values;
+    for (int lane = 0; lane < LANES; ++lane) values[lane] = static_cast<float>(x[lane]);
+    return values;
+  } else {
+    V values;
+    std::memcpy(&values, x, sizeof values);
+    return values;
+  }
+}
+
+// One chunk's running sums, one per lane. The inf-norm keeps the largest magnitude as its
+// bits: for non-negative floats integer order is float order, and every NaN's bits exceed
+// Inf's, so an integer max propagates NaN as torch's inf-norm does, and vectorises.
+template <int64_t Kind, typename T>
+GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<typename Widen<T>::Acc>::Values& sum,
+                                       typename Vec<typename Widen<T>::Acc>::Bits& max_bits,
+                                       typename Vec<typename Widen<T>::Acc>::Bits& nonfinite,
+                                       typename Widen<T>::Acc p) {
+  using Acc = typename Widen<T>::Acc;
+  using L = Layout<Acc>;
+  using V = typename Vec<Acc>::Values;
+  using B = typename Vec<Acc>::Bits;
+  constexpr typename L::Bits kSign = typename L::Bits{1} << (sizeof(typename L::Bits) * 8 - 1);
+  const V v = load_lanes(x);
+  const B magnitude = reinterpret_cast<B>(v) & ~kSign;
+  if constexpr (Kind == INF) {
+    max_bits = magnitude > max_bits ? magnitude : max_bits;
+  } else if constexpr (Kind == L1) {
+    sum += reinterpret_cast<V>(magnitude);
+  } else if constexpr (Kind == L2) {
+    sum += v * v;
+  } else {
+    const V a = reinterpret_cast<V>(magnitude);
+    for (int lane = 0; lane < LANES; ++lane) sum[lane] += std::pow(a[lane], p);
+  }
+  // With the sign cleared, adding one to the exponent field carries into the top bit
+  // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
+  nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
+               (sizeof(typename L::Bits) * 8 - 1);
 }
 
 template <typename T, int64_t Kind>
 GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p) {
   using Acc = typename Widen<T>::Acc;
-  using Bits = typename Layout<Acc>::Bits;
-  Acc lanes[LANES] = {};
-  Bits nonfinite_lanes[LANES] = {};  // a chunk's count fits any width
-  auto step = [&](int lane, Acc v) __attribute__((always_inline)) {
-    Acc a = std::abs(v);
-    if constexpr (Kind == INF) {
-      lanes[lane] = nan_max(lanes[lane], a);
-    } else if constexpr (Kind == L1) {
-      lanes[lane] += a;
-    } else if constexpr (Kind == L2) {
-      lanes[lane] += v * v;
-    } else {
-      lanes[lane] += std::pow(a, p);
-    }
-    nonfinite_lanes[lane] += nonfinite_flag(v);
-  };
+  typename Vec<Acc>::Values sum = {};
+  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {};
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    for (int lane = 0; lane < LANES; ++lane) step(lane, Widen<T>::to_acc(x[i + lane]));
+  for (; i + LANES <= n; i += LANES) accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
+  if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
+    T padded[LANES];
+    std::fill(padded, padded + LANES, T(0));
+    std::copy(x + i, x + n, padded);
+    accumulate_lanes<Kind>(padded, sum, max_bits, nonfinite_lanes, p);
   }
-  for (int lane = 0; i < n; ++i, ++lane) step(lane, Widen<T>::to_acc(x[i]));
   Acc total = 0;
+  typename Layout<Acc>::Bits largest = 0;
   int64_t nonfinite = 0;
   for (int lane = 0; lane < LANES; ++lane) {
-    if constexpr (Kind == INF) {
-      total = nan_max(total, lanes[lane]);
-    } else {
-      total += lanes[lane];
-    }
+    total += sum[lane];
+    largest = std::max(largest, max_bits[lane]);
     nonfinite += static_cast<int64_t>(nonfinite_lanes[lane]);
   }
+  if constexpr (Kind == INF) total = std::bit_cast<Acc>(largest);
   return {static_cast<double>(total), nonfinite};
 }
 
