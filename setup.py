@@ -8,8 +8,10 @@ it will load into. Without torch, or with ``GRADSTATS_NO_NATIVE=1``, gradstats i
 pure Python and the CPU path uses the PyTorch reference.
 """
 import os
+import platform
 import shutil
 import sysconfig
+import warnings
 
 from setuptools import find_packages, setup
 
@@ -19,6 +21,9 @@ NO_NATIVE_ENV = "GRADSTATS_NO_NATIVE"
 def _native_build() -> dict:
     """setup() arguments that build ``gradstats._C``; none when it cannot or should not be."""
     if os.environ.get(NO_NATIVE_ENV, "0") not in ("", "0"):
+        return {}
+    # GCC/Clang vector extensions and torch's OpenMP build: tested on Linux only.
+    if platform.system() != "Linux":
         return {}
     try:  # imported here: a pure-Python install must work without torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -38,7 +43,20 @@ def _native_build() -> dict:
     )
     # ninja builds in parallel and skips unchanged files; the setuptools compiler otherwise.
     build = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": build}}
+
+    class OptionalNativeBuild(build):
+        """A failed native build leaves a working pure-Python install (the CPU path then
+        uses the PyTorch reference) instead of a failed install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # compiler, headers, linker: any of them
+                warnings.warn(f"gradstats: the native CPU layer (gradstats._C) was not "
+                              f"built, the CPU path will use the PyTorch reference: {error}")
+
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalNativeBuild}}
+
 
 setup(
     name="gradstats",

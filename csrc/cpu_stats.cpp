@@ -41,9 +41,8 @@ constexpr int64_t CHUNK = 16384;
 // Work items per parallel_for task: a few chunks, so scheduling costs little next to the
 // ~10 us one chunk takes.
 constexpr int64_t GRAIN_ITEMS = 4;
-// Elements per inner step: one float accumulator per lane, which the compiler keeps in
-// SIMD registers. The lanes fix the summation order, so -O3 may vectorise it without
-// -ffast-math.
+// Elements per inner step: one accumulator per lane (a GCC vector, see Vec). The lanes
+// fix the summation order within a chunk, so vector code needs no -ffast-math.
 constexpr int LANES = 16;
 // Histogram counts go to several interleaved copies: gradients crowd into a few columns,
 // and one copy would chain every increment on the last one through memory.
@@ -109,13 +108,6 @@ struct Widen<c10::Half> {
   using Acc = float;
   GRADSTATS_INLINE static float to_acc(c10::Half x) { return static_cast<float>(x); }
 };
-
-template <typename Acc>
-GRADSTATS_INLINE typename Layout<Acc>::Bits magnitude_bits(Acc x) {
-  using L = Layout<Acc>;
-  return std::bit_cast<typename L::Bits>(x) &
-         ~(typename L::Bits{1} << (sizeof(typename L::Bits) * 8 - 1));
-}
 
 // Power and non-finite count of one chunk.
 struct ChunkResult {
