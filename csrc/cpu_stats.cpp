@@ -155,12 +155,10 @@ GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T
 // One chunk's running sums, one per lane. The inf-norm keeps the largest magnitude as its
 // bits: for non-negative floats integer order is float order, and every NaN's bits exceed
 // Inf's, so an integer max propagates NaN as torch's inf-norm does, and vectorises.
-template <int64_t Kind, typename T>
-GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<typename Widen<T>::Acc>::Values& sum,
-                                       typename Vec<typename Widen<T>::Acc>::Bits& max_bits,
-                                       typename Vec<typename Widen<T>::Acc>::Bits& nonfinite,
-                                       typename Widen<T>::Acc p) {
-  using Acc = typename Widen<T>::Acc;
+template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
+GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& sum,
+                                       typename Vec<Acc>::Bits& max_bits,
+                                       typename Vec<Acc>::Bits& nonfinite, Acc p) {
   using L = Layout<Acc>;
   using V = typename Vec<Acc>::Values;
   using B = typename Vec<Acc>::Bits;
@@ -189,7 +187,9 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
   typename Vec<Acc>::Values sum = {};
   typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {};
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
+  for (; i + LANES <= n; i += LANES) {
+    accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
+  }
   if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
     T padded[LANES];
     std::fill(padded, padded + LANES, T(0));
@@ -218,8 +218,8 @@ constexpr int SUBNORMAL_SHIFT = 64;
 // column k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1]; NaN and
 // Inf go to the extra column num_bins, which is never read.
 template <typename T>
-GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins, int64_t min_exp,
-                     uint32_t* counts) {
+GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
+                                      int64_t min_exp, uint32_t* counts) {
   using Acc = typename Widen<T>::Acc;
   using L = Layout<Acc>;
   using Bits = typename L::Bits;
@@ -269,9 +269,10 @@ GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind,
 
 // Statistics of one work item: its power into its slot, counts added to the tensor's row.
 template <typename T>
-GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind, double p,
-                int64_t num_bins, int64_t min_exp, double* partial_power,
-                int64_t* nonfinite, int64_t* hist_row, std::vector<uint32_t>& counts) {
+GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind,
+                                 double p, int64_t num_bins, int64_t min_exp,
+                                 double* partial_power, int64_t* nonfinite, int64_t* hist_row,
+                                 std::vector<uint32_t>& counts) {
   const T* x = static_cast<const T*>(tensor.const_data_ptr()) + item.start;
   ChunkResult result = dispatch_power(x, item.size, kind, p);
   *partial_power = result.power;
