@@ -124,7 +124,12 @@ def triton_can_read(tensor: torch.Tensor) -> bool:
     Every statistic and both in-place updates are elementwise and order-free, so a
     permuted (transposed, channels-last) tensor is as good as a contiguous one: its
     ``data_ptr()`` is the lowest address and its elements fill ``numel`` slots.
+    The address must be a multiple of the element size.
     """
     if tensor.layout is not torch.strided or tensor.dtype not in TRITON_DTYPES:
+        return False
+    # The kernels step from the first 16-byte boundary in whole elements: memory from
+    # outside torch's allocator (frombuffer, DLPack) may start between two elements.
+    if tensor.data_ptr() % tensor.element_size():
         return False
     return tensor.is_contiguous() or is_non_overlapping_and_dense_or_false(tensor)

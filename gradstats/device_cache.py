@@ -140,7 +140,10 @@ class DeviceCache:
                 return None
         # The usual hit is the most recent entry already; moving it would compare keys again.
         elif next(reversed(self._recent.values())) is not entry:
-            self._recent.move_to_end(key)
+            try:
+                self._recent.move_to_end(key)
+            except KeyError:  # another thread evicted it meanwhile: still a valid hit
+                pass
         entry.lifetime.use()
         return entry.value
 

@@ -240,10 +240,12 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
         from .kernels.apply import scale_ as triton_scale_
 
         plan = plan or plan_for(group, device)
+        # Every launch is announced before the first one: a refusal in capture must come
+        # before any gradient is scaled, never between two dtype groups.
+        for work in plan.update_groups:
+            capture.note_launch(("scale", device, *_kernel_options(work), coef.dtype), device)
         with on_device(device):
             for work in plan.update_groups:
-                capture.note_launch(("scale", device, *_kernel_options(work), coef.dtype),
-                                    device)
                 triton_scale_(work, coef)
         if plan.update_fallback:
             reference.scale_([group[i] for i in plan.update_fallback], coef)
@@ -259,14 +261,16 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
 
         plan = plan_for(group, device)
         left_over = [group[i] for i in plan.update_fallback]
+        # Kernel scalars are fp32; clamping fp64 to a rounded bound would differ from
+        # torch, so fp64 gradients take the reference path.
+        launched = [work for work in plan.update_groups if work.dtype != torch.float64]
+        for work in plan.update_groups:
+            if work.dtype == torch.float64:
+                left_over.extend(group[i] for i in work.positions)
+        for work in launched:  # all announced before the first launch, as in scale_
+            capture.note_launch(("clamp", device, *_kernel_options(work)), device)
         with on_device(device):
-            for work in plan.update_groups:
-                if work.dtype == torch.float64:
-                    # Kernel scalars are fp32; clamping fp64 to a rounded bound would
-                    # differ from torch, so fp64 gradients take the reference path.
-                    left_over.extend(group[i] for i in work.positions)
-                else:
-                    capture.note_launch(("clamp", device, *_kernel_options(work)), device)
-                    triton_clamp_(work, lo, hi)
+            for work in launched:
+                triton_clamp_(work, lo, hi)
         if left_over:
             reference.clamp_(left_over, lo, hi)

@@ -164,3 +164,30 @@ def test_launch_sizes_the_kernels_cannot_use_are_refused(chunk, block):
     # bf16: 8 elements a vector, so a block needs 16 (head and remainder share one).
     with pytest.raises(ValueError, match="multiples"):
         launch_vector_width(torch.bfloat16, chunk, block)
+
+
+def test_memory_starting_between_two_elements_takes_the_reference_path(backend_device):
+    # torch's allocator never does this, but frombuffer and DLPack can: an fp32 gradient at
+    # an address 13 bytes past a 16-byte boundary. The kernels step in whole elements from
+    # the first 16-byte boundary, so such a tensor must not reach them.
+    raw = bytearray(4 * 300 + 32)
+    start = (-np.frombuffer(raw, dtype=np.uint8).ctypes.data + 13) % 16
+    grad = torch.frombuffer(raw, dtype=torch.float32, count=256, offset=start)
+    assert grad.data_ptr() % 16 == 13
+    grad.copy_(torch.arange(256, dtype=torch.float32) - 100)
+    expected = torch.linalg.vector_norm(grad.double())
+    params = with_grads([grad])
+    stats = gradstats.grad_stats(params, histogram=True)
+    assert stats.total_norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert stats.hist.sum().item() == 256
+    gradstats.clip_grad_value_(params, 100.0)
+    assert grad.max().item() == 100.0 and grad.min().item() == -100.0
+
+
+def test_rocm_builds_never_get_the_ptx_histogram(monkeypatch):
+    from gradstats.kernels import stats as stats_kernels
+    cuda = torch.device("cuda")
+    gpu = config.GPU_CONFIGS[torch.float32]
+    assert stats_kernels._shared_counter_sets(cuda, gpu, 64) == 32
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert stats_kernels._shared_counter_sets(cuda, gpu, 64) == 0

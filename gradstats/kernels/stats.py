@@ -140,10 +140,20 @@ def _accumulate_block(
 # banks: one shared atomic per element, no collision within an instruction, the same
 # code on every version. The sets are summed once per program. This is PTX through
 # inline asm, which the interpreter cannot run: there, tl.histogram counts (same columns).
-_COUNTER_WORDS: tl.constexpr = tl.constexpr(8192)  # 32 KB of static shared memory
-_COUNTERS_ASM: tl.constexpr = tl.constexpr(
-    ".shared .align 16 .b32 gradstats_hist_counters[8192];\n\t"
-    "mov.u32 $0, gradstats_hist_counters;")
+_COUNTER_WORDS: tl.constexpr = tl.constexpr(8192)  # at most 32 KB of static shared memory
+
+
+def _counters_declaration(words: int) -> str:
+    return (f".shared .align 16 .b32 gradstats_hist_counters[{words}];\n\t"
+            "mov.u32 $0, gradstats_hist_counters;")
+
+
+# The array is declared no larger than the bins need (64 bins x 32 sets: 8 KB), so that
+# GPUs with 100 KB of shared memory per SM (sm_86/89) still fit several programs per SM.
+_COUNTERS_1K: tl.constexpr = tl.constexpr(_counters_declaration(1024))
+_COUNTERS_2K: tl.constexpr = tl.constexpr(_counters_declaration(2048))
+_COUNTERS_4K: tl.constexpr = tl.constexpr(_counters_declaration(4096))
+_COUNTERS_8K: tl.constexpr = tl.constexpr(_counters_declaration(8192))
 
 
 @triton.jit
@@ -166,7 +176,15 @@ def _barrier():
 def _counters_open(HIST_BINS: tl.constexpr, COUNTER_SETS: tl.constexpr):
     """Zero the counters; return this thread's set (the address of its bin 0)."""
     tl.static_assert(HIST_BINS * COUNTER_SETS <= _COUNTER_WORDS)
-    base = _shared_asm(_COUNTERS_ASM, tl.program_id(0))
+    # One declaration per program, picked at compile time (the asm must be a constant).
+    if HIST_BINS * COUNTER_SETS <= 1024:
+        base = _shared_asm(_COUNTERS_1K, tl.program_id(0))
+    elif HIST_BINS * COUNTER_SETS <= 2048:
+        base = _shared_asm(_COUNTERS_2K, tl.program_id(0))
+    elif HIST_BINS * COUNTER_SETS <= 4096:
+        base = _shared_asm(_COUNTERS_4K, tl.program_id(0))
+    else:
+        base = _shared_asm(_COUNTERS_8K, tl.program_id(0))
     words = tl.arange(0, HIST_BINS * COUNTER_SETS)
     _shared_asm("st.shared.u32 [$1], 0;\n\tmov.u32 $0, 0;", base + words * 4)
     _barrier()
@@ -308,7 +326,9 @@ def _shared_counter_sets(device: torch.device, config: LaunchConfig, hist_bins: 
     collision, only add words to zero and sum per program. Every element of a block must
     belong to exactly one thread (no replicated lanes), hence ``block >= threads``.
     """
-    if device.type != "cuda" or config.block < 32 * config.num_warps:
+    # The counters are PTX: NVIDIA GPUs only (a ROCm build also calls its devices "cuda").
+    if (device.type != "cuda" or torch.version.hip is not None
+            or config.block < 32 * config.num_warps):
         return 0
     return min(32, _COUNTER_WORDS.value // hist_bins)
 
