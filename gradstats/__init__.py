@@ -6,6 +6,7 @@ first use.
 from __future__ import annotations
 
 from . import ops as _ops  # noqa: F401  (registers the gradstats:: operators)
+from .backend import backend_info
 from .clip import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -29,6 +30,7 @@ __all__ = [
     "GradStats",
     "NonFiniteGradientWarning",
     "StepRecord",
+    "backend_info",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
