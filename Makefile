@@ -19,7 +19,8 @@ PIP_INSTALL := $(PY) -m pip install -c $(TORCH_PIN)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+# csrc/: an edited native source rebuilds gradstats._C (the editable install does not).
+$(VENV)/.installed: setup.py $(wildcard csrc/*.cpp)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(DEFAULT_TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
