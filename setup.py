@@ -38,7 +38,11 @@ def _native_build() -> dict:
         # at::parallel_for runs on torch's own thread pool (OpenMP in torch's CPU builds).
         # -fno-trapping-math: lets -O3 vectorise the branch-free histogram loop (it computes
         # a float product on every lane); results are unchanged, nothing reads FP flags.
-        extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
+        # -ffp-contract=off: no fused multiply-add in the AVX-512 clone (C++'s default
+        # contracts), so every CPU gives the same bits. -std=c++20: std::bit_cast and
+        # std::atomic_ref, whatever standard the torch at hand asks for.
+        extra_compile_args=["-O3", "-std=c++20", "-fno-trapping-math", "-ffp-contract=off",
+                            "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
     # ninja builds in parallel and skips unchanged files; the setuptools compiler otherwise.

@@ -51,9 +51,9 @@ constexpr int HIST_COPIES = 4;
 // The per-element code is compiled once per x86-64 vector width and picked at load time
 // (function multiversioning): a build for the baseline CPU still runs AVX2/AVX-512 loops
 // where the CPU has them. Everything below the cloned function is forced inline into it,
-// so each clone gets its own vector code. No FMA in any target list and no contraction
-// (-std=c++20 sets -ffp-contract=off), and the lanes fix the summation order, so every
-// clone gives the same bits.
+// so each clone gets its own vector code. AVX-512F brings its own FMA instructions, and g++
+// contracts a*b+c into them by default in C++: setup.py passes -ffp-contract=off, so with
+// the lanes fixing the summation order every clone gives the same bits.
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define GRADSTATS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -334,7 +334,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   const int64_t n = static_cast<int64_t>(grads.size());
   TORCH_CHECK(norm_kind >= INF && norm_kind <= LP, "gradstats::cpu_stats: bad norm_kind ",
               norm_kind);
-  TORCH_CHECK(num_bins >= 0 && num_bins != 1, "gradstats::cpu_stats: num_bins must be 0 or >= 2");
+  // gradstats' own checks (checks.py) keep to these ranges; a direct caller of the op gets
+  // an error instead of truncated int32 column arithmetic or a huge allocation.
+  TORCH_CHECK(num_bins == 0 || (num_bins >= 2 && num_bins <= 1024),
+              "gradstats::cpu_stats: num_bins must be 0 or in [2, 1024], got ", num_bins);
+  TORCH_CHECK(min_exp >= -1100 && min_exp <= 1100,
+              "gradstats::cpu_stats: min_exp must be in [-1100, 1100], got ", min_exp);
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   auto i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor power = at::zeros({n}, f64);

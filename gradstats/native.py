@@ -43,14 +43,21 @@ def _register_fake() -> None:
     @torch.library.register_fake("gradstats::cpu_stats")
     def _(grads, p, norm_kind, num_bins, min_exp):
         n = len(grads)
+        devices = {g.device for g in grads}
+        # Shapes only, on the inputs' device (meta under tracing, cpu under fake tensors).
+        torch._check(len(devices) <= 1, lambda: "gradstats::cpu_stats: one device")
+        device = devices.pop() if devices else torch.device("cpu")
         return (
-            torch.empty(n, dtype=torch.float64, device="cpu"),
-            torch.empty(n, dtype=torch.int64, device="cpu"),
-            torch.empty(n, num_bins, dtype=torch.int64, device="cpu"),
+            torch.empty(n, dtype=torch.float64, device=device),
+            torch.empty(n, dtype=torch.int64, device=device),
+            torch.empty(n, num_bins, dtype=torch.int64, device=device),
         )
 
 
 def cpu_stats(tensors: list[torch.Tensor], p: float, kind: int, num_bins: int,
               min_exp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``gradstats::cpu_stats`` on contiguous CPU float32/64, bfloat16, float16 tensors."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"gradstats: the native CPU layer is not available: {reason}")
     return torch.ops.gradstats.cpu_stats(tensors, p, int(kind), num_bins, min_exp)
