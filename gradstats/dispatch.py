@@ -129,13 +129,20 @@ def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
                 ("stats", device, *_kernel_options(group), kind, num_bins,
                  num_bins and min_exp), device)
             accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist)
-    for position in fallback:
+    _fill_from_reference(tensors, fallback, p, kind, num_bins, min_exp, power, nonfinite, hist)
+    return power, nonfinite, hist
+
+
+def _fill_from_reference(tensors, positions, p, kind, num_bins, min_exp, power, nonfinite,
+                         hist) -> None:
+    """Rows ``positions`` of the outputs from the PyTorch reference, one tensor at a time
+    (the tensors no kernel reads: a few, if any)."""
+    for position in positions:
         one_power, one_nonfinite, one_hist = reference.accumulate_stats(
             [tensors[position]], p, kind, num_bins, min_exp)
         power[position] = one_power[0]
         nonfinite[position] = one_nonfinite[0]
         hist[position] = one_hist[0]
-    return power, nonfinite, hist
 
 
 def _accumulate_on_native(tensors, p, kind, num_bins, min_exp):
@@ -156,12 +163,8 @@ def _accumulate_on_native(tensors, p, kind, num_bins, min_exp):
         index = torch.tensor(readable, dtype=torch.int64)
         for output, part in zip((power, nonfinite, hist), parts):
             output.index_copy_(0, index, part)
-    for position in sorted(set(range(n)).difference(readable)):
-        one_power, one_nonfinite, one_hist = reference.accumulate_stats(
-            [tensors[position]], p, kind, num_bins, min_exp)
-        power[position] = one_power[0]
-        nonfinite[position] = one_nonfinite[0]
-        hist[position] = one_hist[0]
+    _fill_from_reference(tensors, sorted(set(range(n)).difference(readable)), p, kind,
+                         num_bins, min_exp, power, nonfinite, hist)
     return power, nonfinite, hist
 
 

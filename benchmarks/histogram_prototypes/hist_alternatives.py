@@ -17,6 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks import cubin_facts  # noqa: E402
 
+
 @triton.jit
 def _column(x):
     ax = tl.abs(x)
