@@ -210,9 +210,6 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
 
 // Elements whose histogram columns are computed together (vectorised) before counting.
 constexpr int64_t COLUMN_BLOCK = 256;
-// Multiplying by 2^64 makes any float32 or float64 subnormal normal without rounding, so
-// its exponent can be read from the bits (the Triton kernels do the same).
-constexpr int SUBNORMAL_SHIFT = 64;
 
 // Adds one chunk's histogram to counts[HIST_COPIES][num_bins + 1]: column 0 exact zeros,
 // column k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1]; NaN and
@@ -224,7 +221,6 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
   using L = Layout<Acc>;
   using Bits = typename L::Bits;
   using SBits = std::make_signed_t<Bits>;
-  const Acc subnormal_scale = static_cast<Acc>(18446744073709551616.0);  // 2^64
   const SBits offset = L::kBias + min_exp - 1;  // biased exponent -> column
   const SBits last = num_bins - 1;
   const int64_t stride = num_bins + 1;
@@ -235,8 +231,13 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
       Acc a = std::abs(Widen<T>::to_acc(x[begin + j]));
       Bits bits = std::bit_cast<Bits>(a);
       SBits biased = static_cast<SBits>(bits >> L::kMantissa);
-      SBits scaled = static_cast<SBits>(std::bit_cast<Bits>(a * subnormal_scale) >> L::kMantissa);
-      SBits exponent = biased == 0 ? scaled - SUBNORMAL_SHIFT : biased;
+      // A subnormal is m * 2^(1 - bias - mantissa bits) with m = its bits: converting m
+      // (exact, and a normal number) gives floor(log2 m) from its exponent. No float
+      // arithmetic on the subnormal itself, so flush-to-zero modes change nothing.
+      SBits from_mantissa = static_cast<SBits>(
+          std::bit_cast<Bits>(static_cast<Acc>(static_cast<SBits>(bits))) >> L::kMantissa);
+      SBits exponent =
+          biased == 0 ? from_mantissa - L::kBias + 1 - L::kMantissa : biased;
       SBits column = std::min(std::max(exponent - offset, SBits{1}), last);
       column = bits == 0 ? SBits{0} : column;
       columns[j] = biased == static_cast<SBits>(L::kAllOnes) ? last + 1 : column;

@@ -100,6 +100,23 @@ def test_float32_chunk_sum_overflows_like_the_kernels():
     assert math.isinf(power[0]) and math.isinf(ref_power[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_histogram_of_subnormals_ignores_flush_to_zero(dtype):
+    # Under torch.set_flush_denormal(True) float arithmetic on a subnormal gives 0; the
+    # columns come from the bits alone, so they are exact, with any thread count.
+    finfo = torch.finfo(dtype)
+    lowest = round(math.log2(finfo.smallest_normal)) - mantissa_bits(dtype)
+    tensors = [sample(n, dtype, spread=True) for n in (3 * CHUNK + 5, 17)]
+    expected = np.stack([np_histogram(as_float64(t), 64, lowest - 3) for t in tensors])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        _, _, hist = stats_of(tensors, 1.0, 64, lowest - 3, on_native=True)
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(hist.numpy(), expected)
+
+
 @pytest.mark.parametrize("num_bins", [0, 64])
 def test_bit_identical_whatever_the_thread_count(num_bins):
     tensors = [sample(n, dtype, spread=False) for n in (7 * CHUNK + 11, 5, CHUNK)
