@@ -94,3 +94,17 @@ def with_grads(grads) -> list[torch.nn.Parameter]:
         param.grad = grad
         params.append(param)
     return params
+
+
+def count_plan_key_builds(monkeypatch) -> list[int]:
+    """Patches the dispatcher's plan-key builder to record the list length of each build."""
+    from gradstats import dispatch
+
+    builds = []
+    real = dispatch.plan_key
+
+    def counting(tensors, device):
+        builds.append(len(tensors))
+        return real(tensors, device)
+    monkeypatch.setattr(dispatch, "plan_key", counting)
+    return builds

@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import clone_params, make_params, with_grads
+from helpers import clone_params, count_plan_key_builds, make_params, with_grads
 
 import gradstats
 from gradstats import dispatch, worklist
@@ -24,14 +24,7 @@ def key_builds(monkeypatch):
     """Plan keys built, with lists seen before not recognised (that path builds none:
     test_known_tensors.py), so every call takes the full key path."""
     monkeypatch.setattr(dispatch.known_tensors, "remembered_key", lambda tensors, device: None)
-    builds = []
-    real = dispatch.plan_key
-
-    def counting(tensors, device):
-        builds.append(len(tensors))
-        return real(tensors, device)
-    monkeypatch.setattr(dispatch, "plan_key", counting)
-    return builds
+    return count_plan_key_builds(monkeypatch)
 
 
 @pytest.mark.parametrize("call", [

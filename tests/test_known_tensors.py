@@ -5,7 +5,7 @@ import gc
 
 import pytest
 import torch
-from helpers import clone_params, make_params
+from helpers import clone_params, count_plan_key_builds, make_params
 
 import gradstats
 from gradstats import dispatch, known_tensors
@@ -13,14 +13,7 @@ from gradstats import dispatch, known_tensors
 
 @pytest.fixture
 def key_builds(monkeypatch):
-    builds = []
-    real = dispatch.plan_key
-
-    def counting(tensors, device):
-        builds.append(len(tensors))
-        return real(tensors, device)
-    monkeypatch.setattr(dispatch, "plan_key", counting)
-    return builds
+    return count_plan_key_builds(monkeypatch)
 
 
 def clip_like_torch(params, max_norm=0.5):
