@@ -44,6 +44,20 @@ def test_tensor_over_2_31_elements():
     torch.cuda.empty_cache()
 
 
+def _replays_clip_like_torch(graph, total, params, static_grads):
+    """Replays a captured clip on fresh gradients (clipping needed, then not needed) and
+    compares with torch's eager clip of clones."""
+    for scale in (10.0, 1e-4):
+        for g in static_grads:
+            g.copy_(torch.randn_like(g) * scale)
+        twins = clone_params(params)
+        graph.replay()
+        expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+        for param, twin in zip(params, twins):
+            torch.testing.assert_close(param.grad, twin.grad, rtol=1e-5, atol=1e-8)
+
+
 def test_whole_clip_captured_in_a_cuda_graph():
     params = make_params([1000, 33, 70000], torch.float32, "cuda")
     static_grads = [p.grad for p in params]
@@ -55,16 +69,7 @@ def test_whole_clip_captured_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = gradstats.fused_clip_grad_norm_(params, 1.0)
-    for scale in (10.0, 1e-4):  # clipping needed, then not needed
-        fresh = [torch.randn_like(g) * scale for g in static_grads]
-        for g, new in zip(static_grads, fresh):
-            g.copy_(new)
-        twins = clone_params(params)
-        graph.replay()
-        expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
-        torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
-        for param, twin in zip(params, twins):
-            torch.testing.assert_close(param.grad, twin.grad, rtol=1e-5, atol=1e-8)
+    _replays_clip_like_torch(graph, total, params, static_grads)
 
 
 def test_capture_without_warm_up_is_a_clear_error():
@@ -115,15 +120,7 @@ def test_captured_clip_replays_after_its_plan_fell_out_of_the_lru():
             for size in range(1, gradstats.worklist.PLAN_CACHE_SIZE + 6):
                 gradstats.get_total_norm([torch.randn(size, device="cuda") for _ in range(3)])
     junk = _scribble_over_freed_memory([torch.cuda.current_stream(), side])
-    for scale in (10.0, 1e-4):  # clipping needed, then not needed
-        for g in static_grads:
-            g.copy_(torch.randn_like(g) * scale)
-        twins = clone_params(params)
-        graph.replay()
-        expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
-        torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
-        for param, twin in zip(params, twins):
-            torch.testing.assert_close(param.grad, twin.grad, rtol=1e-5, atol=1e-8)
+    _replays_clip_like_torch(graph, total, params, static_grads)
     del graph, junk
     torch.cuda.synchronize()
     assert gradstats.release_captured_plans() >= 1

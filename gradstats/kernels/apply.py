@@ -35,6 +35,14 @@ def _updated(x, coef, lo, hi, OP: tl.constexpr, DTYPE: tl.constexpr, ACC_DTYPE: 
 
 
 @triton.jit
+def _update_part(pointers, mask, coef, lo, hi, OP: tl.constexpr, DTYPE: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """One masked part of a chunk (head, remainder, tail vectors) read and written back."""
+    x = tl.load(pointers, mask=mask)
+    tl.store(pointers, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE), mask=mask)
+
+
+@triton.jit
 def _update_kernel(
     ptrs_ptr, numels_ptr, work_tensor_ptr, work_chunk_ptr, coef_ptr, lo, hi,
     OP: tl.constexpr, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
@@ -58,24 +66,18 @@ def _update_kernel(
         # (as the statistics kernel reads them) keeps a 64-bit address per element live
         # from the load to the store, 20 to 45 registers more on Triton 3.9.
         if head > 0:
-            in_head = lanes < head
-            x = tl.load(chunk + lanes, mask=in_head)
-            tl.store(chunk + lanes, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE), mask=in_head)
+            _update_part(chunk + lanes, lanes < head, coef, lo, hi, OP, DTYPE, ACC_DTYPE)
         if vector_end < body_length:
             offsets = vector_end + lanes
-            in_remainder = offsets < body_length
-            x = tl.load(body + offsets, mask=in_remainder)
-            tl.store(body + offsets, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE),
-                     mask=in_remainder)
+            _update_part(body + offsets, offsets < body_length, coef, lo, hi, OP, DTYPE,
+                         ACC_DTYPE)
         for offset in range(0, full, BLOCK):
             x = tl.load(body + offset + lanes)
             tl.store(body + offset + lanes, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE))
         if full < vector_end:
             offsets = full + lanes
-            in_vectors = offsets < vector_end
-            x = tl.load(body + offsets, mask=in_vectors)
-            tl.store(body + offsets, _updated(x, coef, lo, hi, OP, DTYPE, ACC_DTYPE),
-                     mask=in_vectors)
+            _update_part(body + offsets, offsets < vector_end, coef, lo, hi, OP, DTYPE,
+                         ACC_DTYPE)
 
 
 def _acc_dtype(dtype: torch.dtype):
