@@ -39,6 +39,31 @@ def backend_device(request, monkeypatch):
     return torch.device(device)
 
 
+# The monitor and the real trainers (HF, Lightning, timm, accelerate) run on every CPU
+# backend: their tests that do not pick a backend themselves are repeated once per backend.
+BATTERY_MODULES = ("test_monitor", "test_monitor_model_changes", "test_monitor_optimizers",
+                   "test_integrations_huggingface", "test_integrations_lightning",
+                   "test_routing")
+BACKEND_FIXTURES = ("backend_device", "triton_device", "battery_backend")
+
+
+def pytest_generate_tests(metafunc):
+    if (metafunc.module.__name__.rpartition(".")[2] in BATTERY_MODULES
+            and not any(name in metafunc.fixturenames for name in BACKEND_FIXTURES)):
+        cpu_backends = [p for p in _backend_devices() if p.values[0][1] == "cpu"]
+        metafunc.fixturenames.append("battery_backend")
+        metafunc.parametrize("battery_backend", cpu_backends, indirect=True)
+
+
+@pytest.fixture
+def battery_backend(request, monkeypatch):
+    """The backend a battery test runs on (see ``BATTERY_MODULES``); parametrized by
+    ``pytest_generate_tests``."""
+    backend, device = request.param
+    monkeypatch.setenv("GRADSTATS_BACKEND", backend)
+    return torch.device(device)
+
+
 @pytest.fixture(params=[p for p in _backend_devices() if p.values[0][0] == "triton"] or
                 [pytest.param(None, marks=pytest.mark.skip(reason="no Triton backend here"))])
 def triton_device(request, monkeypatch):
