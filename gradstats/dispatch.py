@@ -1,8 +1,9 @@
 """Which code runs for which tensors: the one place that routes work to a backend.
 
 Each function takes tensors of one device (``scale_`` and ``clamp_`` take any mix) and
-sends every dtype group the kernels can read to its Triton launch, everything else to the
-reference twin, writing both into the same outputs.
+sends every dtype group the kernels can read to its Triton launch (on the native backend:
+the C++ ops of ``gradstats._C``), everything else to the reference twin, writing both into
+the same outputs.
 
 A call resolves its :class:`Route` once (:func:`route`: device, backend, cached plan, dtype
 set) and hands it to every step, so the plan key is built once per call and no step reads
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import capture, known_tensors, native, reference
-from .backend import TRITON_DTYPES, Backend, choose_backend
+from .backend import TRITON_DTYPES, Backend, choose_backend, triton_can_read
 from .norms import NormKind, norm_kind
 from .worklist import Plan, WorkList, cached_plan, plan_for, plan_key, update_targets
 
@@ -237,6 +238,9 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
     for device, backend, group, plan in _by_device(tensors, tensors_route):
         # A copy to the CPU must block: the CPU reads the coefficient right away.
         coef = clip_coef.to(device, non_blocking=device.type != "cpu")
+        if backend is Backend.NATIVE:
+            _scale_on_native(group, coef)
+            continue
         if backend is not Backend.TRITON:
             reference.scale_(_each_view_once(group), coef)
             continue
@@ -254,9 +258,14 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
             reference.scale_([group[i] for i in plan.update_fallback], coef)
 
 
-def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
-    """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton."""
-    for device, backend, group, _ in _by_device(tensors):
+def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
+           tensors_route: Route | None = None) -> None:
+    """``t.clamp_(lo, hi)`` for every tensor, one read and one write each on Triton and
+    native."""
+    for device, backend, group, _ in _by_device(tensors, tensors_route):
+        if backend is Backend.NATIVE:
+            _clamp_on_native(group, lo, hi)
+            continue
         if backend is not Backend.TRITON:
             reference.clamp_(_each_view_once(group), lo, hi)
             continue
@@ -277,3 +286,45 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
                 triton_clamp_(work, lo, hi)
         if left_over:
             reference.clamp_(left_over, lo, hi)
+
+
+def _native_split(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """CPU ``tensors`` split into those the C++ updates read (:func:`triton_can_read`: a
+    dtype they know, one dense block) and the rest, for the reference. The common case,
+    all contiguous in those dtypes, is decided with C-level per-tensor reads only."""
+    try:
+        if (all(map(torch.Tensor.is_contiguous, tensors))
+                and set(map(_DTYPE_OF, tensors)).issubset(TRITON_DTYPES)):
+            return tensors, []
+    except RuntimeError:  # sparse tensors have no is_contiguous
+        pass
+    readable, rest = [], []
+    for tensor in tensors:
+        (readable if triton_can_read(tensor) else rest).append(tensor)
+    return readable, rest
+
+
+def _scale_on_native(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """The C++ update over the tensors it reads, the reference over the rest. The C++ op
+    updates a view listed twice once and overlapping views one at a time, as the
+    reference path does after :func:`_each_view_once`."""
+    if coef.dtype not in TRITON_DTYPES or coef.numel() != 1:
+        reference.scale_(_each_view_once(tensors), coef)
+        return
+    value = coef.item()  # a CPU tensor: no device sync
+    if not (value < 1 or value != value):
+        return  # no clipping needed: nothing to read or write (a NaN does scale)
+    readable, rest = _native_split(tensors)
+    if readable:
+        native.cpu_scale_(readable, coef)
+    if rest:
+        reference.scale_(_each_view_once(rest), coef)
+
+
+def _clamp_on_native(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
+    """As :func:`_scale_on_native`, for ``clamp_``."""
+    readable, rest = _native_split(tensors)
+    if readable:
+        native.cpu_clamp_(readable, lo, hi)
+    if rest:
+        reference.clamp_(_each_view_once(rest), lo, hi)

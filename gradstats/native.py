@@ -1,7 +1,7 @@
 """The native C++ layer (``csrc/`` -> ``gradstats._C``): whether it loaded, and why not.
 
-Importing ``gradstats._C`` registers ``gradstats::cpu_stats`` with the dispatcher (the
-library has no Python functions). It is built at install time when torch and a C++
+Importing ``gradstats._C`` registers ``gradstats::cpu_stats``, ``gradstats::cpu_scale_``
+and ``gradstats::cpu_clamp_`` with the dispatcher (the library has no Python functions). It is built at install time when torch and a C++
 compiler are present (see setup.py); without it the CPU path uses the PyTorch reference.
 The import is tried once, on first use, and its outcome kept.
 """
@@ -53,6 +53,10 @@ def _register_fake() -> None:
             torch.empty(n, num_bins, dtype=torch.int64, device=device),
         )
 
+    # The in-place updates return nothing: there is no output to describe.
+    torch.library.register_fake("gradstats::cpu_scale_")(lambda tensors, coef: None)
+    torch.library.register_fake("gradstats::cpu_clamp_")(lambda tensors, lo, hi: None)
+
 
 def cpu_stats(tensors: list[torch.Tensor], p: float, kind: int, num_bins: int,
               min_exp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,3 +65,24 @@ def cpu_stats(tensors: list[torch.Tensor], p: float, kind: int, num_bins: int,
     if reason is not None:
         raise RuntimeError(f"gradstats: the native CPU layer is not available: {reason}")
     return torch.ops.gradstats.cpu_stats(tensors, p, int(kind), num_bins, min_exp)
+
+
+def _require() -> None:
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"gradstats: the native CPU layer is not available: {reason}")
+
+
+def cpu_scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor) -> None:
+    """``gradstats::cpu_scale_``: ``t *= clip_coef`` in place, torch's bits, nothing read or
+    written when the coefficient is >= 1. CPU float32/64, bfloat16, float16 tensors that are
+    contiguous or dense permuted; ``clip_coef`` one floating-point element on the CPU."""
+    _require()
+    torch.ops.gradstats.cpu_scale_(tensors, clip_coef)
+
+
+def cpu_clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
+    """``gradstats::cpu_clamp_``: ``t.clamp_(lo, hi)`` in place, torch's bits, on the
+    tensors :func:`cpu_scale_` takes."""
+    _require()
+    torch.ops.gradstats.cpu_clamp_(tensors, lo, hi)
