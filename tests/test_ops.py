@@ -64,6 +64,49 @@ def test_compiled_clip_matches_eager(backend_device):
         torch.testing.assert_close(param.grad, twin.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_clip_value_and_total_norm_match_eager(backend_device, dtype):
+    params = make_params([30, 7, 1], dtype, backend_device, scale=3.0)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for twin, param in zip(twins, params):
+        twin.grad = param.grad.clone()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(ps):
+        gradstats.clip_grad_value_(ps, 0.5)
+        return gradstats.get_total_norm([p.grad for p in ps])
+
+    total = step(params)
+    torch.nn.utils.clip_grad_value_(twins, 0.5)
+    expected = torch.nn.utils.get_total_norm([t.grad for t in twins])
+    torch.testing.assert_close(total, expected)
+    for param, twin in zip(params, twins):
+        assert torch.equal(param.grad, twin.grad)  # clamping is exact
+
+
+@pytest.mark.skipif(not native.available(), reason="the native CPU layer is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inductor_compiled_clip_on_native_matches_torch(dtype, monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    params = make_params([300, 70, 1], dtype, "cpu", scale=3.0)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for twin, param in zip(twins, params):
+        twin.grad = param.grad.clone()
+
+    @torch.compile(fullgraph=True)  # inductor
+    def step(ps):
+        total = gradstats.fused_clip_grad_norm_(ps, 1.0)
+        gradstats.clip_grad_value_(ps, 0.01)
+        return total
+
+    total = step(params)
+    expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    torch.nn.utils.clip_grad_value_(twins, 0.01)
+    torch.testing.assert_close(total, expected)
+    for param, twin in zip(params, twins):
+        torch.testing.assert_close(param.grad, twin.grad)
+
+
 def test_plan_is_cached_and_rebuilt_when_grads_move(triton_device):
     worklist.clear_plan_cache()
     params = make_params([10, 20], torch.float32, triton_device)
