@@ -1,8 +1,9 @@
 """The native C++ layer (``csrc/`` -> ``gradstats._C``): whether it loaded, and why not.
 
 Importing ``gradstats._C`` registers ``gradstats::cpu_stats``, ``gradstats::cpu_scale_``
-and ``gradstats::cpu_clamp_`` with the dispatcher (the library has no Python functions). It is built at install time when torch and a C++
-compiler are present (see setup.py); without it the CPU path uses the PyTorch reference.
+and ``gradstats::cpu_clamp_`` with the dispatcher (the library has no Python functions).
+It is built at install time when torch and a C++ compiler are present (see setup.py);
+without it the CPU path uses the PyTorch reference.
 The import is tried once, on first use, and its outcome kept.
 """
 from __future__ import annotations
