@@ -3,7 +3,8 @@
 // Reads and writes: fp32/fp64/bf16/fp16 CPU tensors whose elements fill one dense block
 // (contiguous, or permuted without gaps: the updates are elementwise and order-free, so
 // such a tensor is numel elements from its data_ptr(), its lowest address, since torch
-// strides are never negative). The Python caller sends anything else to the reference.
+// strides are never negative), at an address that is a multiple of the element size.
+// The Python caller (dispatch.py) sends anything else to the reference.
 //
 // cpu_scale_(tensors, coef): g *= coef, with the same bits as torch's g.mul_(coef): the
 // 0-dim coefficient is read once, widened to float64 for float64 gradients and converted
@@ -41,8 +42,11 @@ namespace {
 
 // Elements per work item, as in cpu_stats.cpp: large enough that scheduling costs little.
 constexpr int64_t CHUNK = 16384;
-// Work items per parallel_for task (a few chunks; fewer items run on the calling thread).
+// Work per parallel_for task: at least a few chunks, and at least GRAIN_ELEMENTS elements
+// on average (a task of a few small tensors costs more to hand out than to run); less
+// than one task's worth runs on the calling thread.
 constexpr int64_t GRAIN_ITEMS = 4;
+constexpr int64_t GRAIN_ELEMENTS = 4 * CHUNK;
 // Elements per inner step: one GCC vector, split by the compiler into the target's
 // registers. Same arithmetic on every lane, so every target gives the same bits.
 constexpr int LANES = 16;
@@ -60,15 +64,22 @@ constexpr int LANES = 16;
 typedef float Floats __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint32_t Words __attribute__((vector_size(LANES * sizeof(uint32_t))));
 typedef int32_t SignedWords __attribute__((vector_size(LANES * sizeof(int32_t))));
-typedef double Doubles __attribute__((vector_size(LANES * sizeof(double))));
 typedef uint16_t Halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
 typedef int16_t SignedHalves __attribute__((vector_size(LANES * sizeof(int16_t))));
 
+// value in every lane. Written as a scalar-vector operation, which GCC expands to one
+// broadcast: an initializer list or a loop over the lanes becomes, in GCC 12, a chain of
+// per-lane masked moves rebuilt inside the hot loop. value - (+0) is value for every
+// input, -0.0 and NaN included, so the subtraction folds away.
 template <typename V, typename S>
 GRADSTATS_INLINE V splat(S value) {
-  V v;
-  for (int lane = 0; lane < LANES; ++lane) v[lane] = value;
-  return v;
+  return value - V{};
+}
+
+// mask ? a : b lane by lane, as bit operations.
+template <typename V, typename M>
+GRADSTATS_INLINE V select(M mask, V a, V b) {
+  return reinterpret_cast<V>((reinterpret_cast<M>(a) & mask) | (reinterpret_cast<M>(b) & ~mask));
 }
 
 // bf16 is the top half of a float32: widening is exact.
@@ -137,26 +148,15 @@ struct Constants {
 
 enum class Update { SCALE, CLAMP };
 
-// One vector of LANES elements updated, in the type it is stored as.
-template <Update U>
-GRADSTATS_INLINE Floats apply_f32(Floats v, const Constants& k) {
+// float32 and float64, one element: the loops over these auto-vectorise (to vmulps, and
+// vmaxps/vminps, whose operand order gives exactly these NaN and signed-zero rules).
+template <Update U, typename T>
+GRADSTATS_INLINE T apply_one(T x, T coef, T lo, T hi) {
   if constexpr (U == Update::SCALE) {
-    return v * splat<Floats>(k.coef_f32);
+    return x * coef;
   } else {
-    const Floats lo = splat<Floats>(k.lo_f32), hi = splat<Floats>(k.hi_f32);
-    v = v < lo ? lo : v;  // a NaN compares false: it stays; so does a zero of either sign
-    return v > hi ? hi : v;
-  }
-}
-
-template <Update U>
-GRADSTATS_INLINE Doubles apply_f64(Doubles v, const Constants& k) {
-  if constexpr (U == Update::SCALE) {
-    return v * splat<Doubles>(k.coef_f64);
-  } else {
-    const Doubles lo = splat<Doubles>(k.lo_f64), hi = splat<Doubles>(k.hi_f64);
-    v = v < lo ? lo : v;
-    return v > hi ? hi : v;
+    x = x < lo ? lo : x;  // a NaN compares false: it stays; so does a zero of either sign
+    return x > hi ? hi : x;
   }
 }
 
@@ -175,81 +175,75 @@ GRADSTATS_INLINE Halves apply_16(Halves h, const Constants& k) {
     const Floats lo = IsBF16 ? widen_bf16(lo_h) : widen_fp16(lo_h);
     const Floats hi = IsBF16 ? widen_bf16(hi_h) : widen_fp16(hi_h);
     const SignedWords below = x < lo;
-    const SignedWords above = (below ? lo : x) > hi;
+    const SignedWords above = select<Floats, SignedWords>(below, lo, x) > hi;
     const SignedHalves below16 = __builtin_convertvector(below, SignedHalves);
     const SignedHalves above16 = __builtin_convertvector(above, SignedHalves);
-    return above16 ? hi_h : below16 ? lo_h : h;
+    return select<Halves, SignedHalves>(above16, hi_h,
+                                        select<Halves, SignedHalves>(below16, lo_h, h));
   }
 }
 
-// Which update, in which vector type, for elements stored as T (bf16/fp16 as their bits).
-template <Update U, typename T>
-struct Apply;
-template <Update U>
-struct Apply<U, float> {
-  using V = Floats;
-  GRADSTATS_INLINE static V run(V v, const Constants& k) { return apply_f32<U>(v, k); }
-};
-template <Update U>
-struct Apply<U, double> {
-  using V = Doubles;
-  GRADSTATS_INLINE static V run(V v, const Constants& k) { return apply_f64<U>(v, k); }
-};
-template <Update U>
-struct Apply<U, c10::BFloat16> {
-  using V = Halves;
-  GRADSTATS_INLINE static V run(V v, const Constants& k) { return apply_16<U, true>(v, k); }
-};
-template <Update U>
-struct Apply<U, c10::Half> {
-  using V = Halves;
-  GRADSTATS_INLINE static V run(V v, const Constants& k) { return apply_16<U, false>(v, k); }
-};
-
-// n elements from x, read and written through memcpy (any element alignment is fine);
-// the tail padded to a whole vector with zeros that are never stored.
-template <Update U, typename T>
-GRADSTATS_INLINE void update_span(void* data, int64_t start, int64_t n, const Constants& k) {
-  using V = typename Apply<U, T>::V;
-  char* x = static_cast<char*>(data) + start * static_cast<int64_t>(sizeof(T));
+// n elements of a bf16/fp16 tensor from x, read and written through memcpy (GCC vectors
+// may be more aligned than the elements); the tail padded to a whole vector with zeros
+// that are never stored.
+template <Update U, bool IsBF16>
+GRADSTATS_INLINE void update_span_16(void* data, int64_t start, int64_t n,
+                                     const Constants& constants) {
+  // A local copy: the stores below go through char pointers, which may alias anything, so
+  // constants read through a reference would be re-read every step.
+  const Constants k = constants;
+  char* x = static_cast<char*>(data) + start * 2;
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
-    V v;
-    std::memcpy(&v, x + i * sizeof(T), sizeof v);
-    v = Apply<U, T>::run(v, k);
-    std::memcpy(x + i * sizeof(T), &v, sizeof v);
+    Halves v;
+    std::memcpy(&v, x + i * 2, sizeof v);
+    v = apply_16<U, IsBF16>(v, k);
+    std::memcpy(x + i * 2, &v, sizeof v);
   }
   if (i < n) {
-    V v = {};
-    const size_t bytes = static_cast<size_t>(n - i) * sizeof(T);
-    std::memcpy(&v, x + i * sizeof(T), bytes);
-    v = Apply<U, T>::run(v, k);
-    std::memcpy(x + i * sizeof(T), &v, bytes);
+    Halves v = {};
+    const size_t bytes = static_cast<size_t>(n - i) * 2;
+    std::memcpy(&v, x + i * 2, bytes);
+    v = apply_16<U, IsBF16>(v, k);
+    std::memcpy(x + i * 2, &v, bytes);
   }
 }
 
+// n elements of a float32/float64 tensor (element-aligned: checked before any work).
+template <Update U, typename T>
+GRADSTATS_INLINE void update_span_wide(void* data, int64_t start, int64_t n, T coef, T lo,
+                                       T hi) {
+  T* __restrict x = static_cast<T*>(data) + start;
+  for (int64_t i = 0; i < n; ++i) x[i] = apply_one<U>(x[i], coef, lo, hi);
+}
+
+// One chunk of one tensor, with what the loop needs of the tensor read once, up front.
 struct WorkItem {
-  int64_t tensor;
+  void* data;
+  at::ScalarType dtype;
   int64_t start;
   int64_t size;
 };
 
 struct Pass {
-  at::TensorList tensors;
   const std::vector<WorkItem>& items;
   Constants constants;
 };
 
 template <Update U>
 GRADSTATS_INLINE void run_item(const Pass& pass, const WorkItem& item) {
-  const at::Tensor& t = pass.tensors[item.tensor];
   const Constants& k = pass.constants;
-  void* data = t.data_ptr();
-  switch (t.scalar_type()) {
-    case at::kFloat: update_span<U, float>(data, item.start, item.size, k); break;
-    case at::kDouble: update_span<U, double>(data, item.start, item.size, k); break;
-    case at::kBFloat16: update_span<U, c10::BFloat16>(data, item.start, item.size, k); break;
-    default: update_span<U, c10::Half>(data, item.start, item.size, k);  // checked before
+  void* data = item.data;
+  switch (item.dtype) {
+    case at::kFloat:
+      update_span_wide<U, float>(data, item.start, item.size, k.coef_f32, k.lo_f32, k.hi_f32);
+      break;
+    case at::kDouble:
+      update_span_wide<U, double>(data, item.start, item.size, k.coef_f64, k.lo_f64,
+                                  k.hi_f64);
+      break;
+    case at::kBFloat16: update_span_16<U, true>(data, item.start, item.size, k); break;
+    default: update_span_16<U, false>(data, item.start, item.size, k);  // kHalf: checked
   }
 }
 
@@ -275,6 +269,9 @@ void check_tensors(const char* op, at::TensorList tensors) {
     TORCH_CHECK(t.is_non_overlapping_and_dense(), op,
                 ": expected contiguous or dense permuted tensors, got sizes ", t.sizes(),
                 " strides ", t.strides());
+    TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) %
+                                          t.element_size() == 0,
+                op, ": expected element-aligned data, got address ", t.data_ptr());
   }
 }
 
@@ -330,10 +327,11 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> update_targets(at::TensorL
   return {together, one_at_a_time};
 }
 
-void append_items(at::TensorList tensors, int64_t tensor, std::vector<WorkItem>& items) {
-  const int64_t numel = tensors[tensor].numel();
+void append_items(const at::Tensor& tensor, std::vector<WorkItem>& items) {
+  const int64_t numel = tensor.numel();
+  void* data = tensor.data_ptr();
   for (int64_t start = 0; start < numel; start += CHUNK) {
-    items.push_back({tensor, start, std::min(CHUNK, numel - start)});
+    items.push_back({data, tensor.scalar_type(), start, std::min(CHUNK, numel - start)});
   }
 }
 
@@ -341,8 +339,14 @@ template <Update U>
 void run(at::TensorList tensors, const Constants& constants) {
   auto [together, one_at_a_time] = update_targets(tensors);
   auto run_all = [&](const std::vector<WorkItem>& items) {
-    const Pass pass{tensors, items, constants};
-    at::parallel_for(0, static_cast<int64_t>(items.size()), GRAIN_ITEMS,
+    const Pass pass{items, constants};
+    // Tasks of at least GRAIN_ELEMENTS on average: many small tensors are few tasks.
+    int64_t elements = 0;
+    for (const WorkItem& item : items) elements += item.size;
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    const int64_t grain = std::max<int64_t>(
+        GRAIN_ITEMS, n_items * GRAIN_ELEMENTS / std::max<int64_t>(elements, 1));
+    at::parallel_for(0, n_items, grain,
                      [&](int64_t begin, int64_t end) {
                        if constexpr (U == Update::SCALE) {
                          run_scale_items(pass, begin, end);
@@ -352,11 +356,11 @@ void run(at::TensorList tensors, const Constants& constants) {
                      });
   };
   std::vector<WorkItem> items;
-  for (int64_t t : together) append_items(tensors, t, items);
+  for (int64_t t : together) append_items(tensors[t], items);
   run_all(items);
   for (int64_t t : one_at_a_time) {
     items.clear();
-    append_items(tensors, t, items);
+    append_items(tensors[t], items);
     run_all(items);
   }
 }

@@ -210,6 +210,8 @@ def test_rejects_what_it_cannot_read_before_changing_anything():
         (torch.ones(3, dtype=torch.int32), "float32/float64/bfloat16/float16"),
         (torch.randn(3, dtype=torch.complex64), "float32/float64/bfloat16/float16"),
         (torch.randn(4).to_sparse(), "SparseCPU"),  # the dispatcher finds no kernel
+        (torch.frombuffer(bytearray(44), dtype=torch.float32, offset=1, count=10),
+         "element-aligned"),
     ]:
         with pytest.raises(RuntimeError, match=message):
             native.cpu_scale_([good, bad], coef)
