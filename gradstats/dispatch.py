@@ -290,18 +290,24 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
 
 def _native_split(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """CPU ``tensors`` split into those the C++ updates read (:func:`triton_can_read`: a
-    dtype they know, one dense block) and the rest, for the reference. The common case,
-    all contiguous in those dtypes, is decided with C-level per-tensor reads only."""
-    try:
-        if (all(map(torch.Tensor.is_contiguous, tensors))
-                and set(map(_DTYPE_OF, tensors)).issubset(TRITON_DTYPES)):
-            return tensors, []
-    except RuntimeError:  # sparse tensors have no is_contiguous
-        pass
+    dtype they know, one dense block) and the rest, for the reference."""
     readable, rest = [], []
     for tensor in tensors:
         (readable if triton_can_read(tensor) else rest).append(tensor)
     return readable, rest
+
+
+def _native_took_all(update, tensors: list[torch.Tensor], *args) -> bool:
+    """Try the C++ update on the whole list: True when it did it. It checks every tensor
+    before it changes any, so False (a tensor it cannot read) means nothing was changed,
+    and the caller splits the list. The common case, every gradient readable, so costs no
+    per-tensor Python: the split costs as much host time as the update of thousands of
+    small tensors."""
+    try:
+        update(tensors, *args)
+    except RuntimeError:  # also NotImplementedError: no kernel for sparse tensors
+        return False
+    return True
 
 
 def _scale_on_native(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
@@ -314,6 +320,8 @@ def _scale_on_native(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
     value = coef.item()  # a CPU tensor: no device sync
     if not (value < 1 or value != value):
         return  # no clipping needed: nothing to read or write (a NaN does scale)
+    if _native_took_all(native.cpu_scale_, tensors, coef):
+        return
     readable, rest = _native_split(tensors)
     if readable:
         native.cpu_scale_(readable, coef)
@@ -323,6 +331,8 @@ def _scale_on_native(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
 
 def _clamp_on_native(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     """As :func:`_scale_on_native`, for ``clamp_``."""
+    if _native_took_all(native.cpu_clamp_, tensors, lo, hi):
+        return
     readable, rest = _native_split(tensors)
     if readable:
         native.cpu_clamp_(readable, lo, hi)

@@ -241,11 +241,15 @@ def test_dispatch_sends_what_cpp_reads_to_it_and_the_rest_to_the_reference(monke
     tensors = [torch.randn(30), torch.randn(8, 6)[:, ::2], torch.randn(5).to_sparse(),
                torch.randn(4, dtype=torch.complex64), torch.randn(7, 3).t(),
                torch.randn(12, dtype=torch.bfloat16)]
-    seen = []
-    real_scale, real_clamp = native.cpu_scale_, native.cpu_clamp_
-    monkeypatch.setattr(native, "cpu_scale_", lambda ts, c: seen.append(ts) or real_scale(ts, c))
-    monkeypatch.setattr(native, "cpu_clamp_",
-                        lambda ts, lo, hi: seen.append(ts) or real_clamp(ts, lo, hi))
+    seen = []  # the lists the C++ ops updated (a refused list raises before any change)
+
+    def spy(real):
+        def update(ts, *args):
+            real(ts, *args)
+            seen.append(ts)
+        return update
+    monkeypatch.setattr(native, "cpu_scale_", spy(native.cpu_scale_))
+    monkeypatch.setattr(native, "cpu_clamp_", spy(native.cpu_clamp_))
     coef = torch.tensor(0.25)
     expected = [t.clone().mul_(coef) for t in tensors]
     dispatch.scale_(tensors, coef)
@@ -312,3 +316,12 @@ def test_op_call_with_cpu_and_cuda_tensors_updates_both():
     torch.ops.gradstats.clamp_(tensors, -0.2, 0.2)
     for got, want in zip(tensors, expected):
         assert torch.equal(got, want)
+
+
+def test_dispatch_clamp_bound_beyond_fp16_is_torchs_error_and_changes_nothing(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    tensors = [torch.randn(10), torch.randn(10, dtype=torch.float16)]
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match="c10::Half without overflow"):
+        dispatch.clamp_(tensors, -1e10, 1.0)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
