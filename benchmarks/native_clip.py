@@ -13,7 +13,11 @@ against torch.nn.utils on its own copy of the same gradients:
   with its bandwidth: bytes read and written per millisecond.
 
     python -m benchmarks.native_clip [--workloads gpt2-small,many-small] [--dtypes fp32,bf16]
-        [--out benchmarks/results/native-cpu-clip.md]
+        [--threads N] [--out benchmarks/results/native-cpu-clip.md]
+
+On a CPU shared with other jobs, compare with --threads 1 as well: torch opens one
+parallel region per gradient (gradstats one per call), and each region waits for every
+thread, so a busy core slows torch's many regions far more than gradstats' one.
 """
 from __future__ import annotations
 
@@ -124,8 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="gpt2-small,many-small")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads first (default: torch's choice)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit(f"no native layer: {native.unavailable_reason()}")
     saved = os.environ.get(backend.BACKEND_ENV)
