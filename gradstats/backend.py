@@ -31,7 +31,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class Backend(enum.Enum):
     TRITON = "triton"
     TORCH = "torch"
-    NATIVE = "native"  # CPU statistics in C++; the rest of its calls use the reference
+    NATIVE = "native"  # CPU statistics, scale and clamp in C++; finalize uses the reference
 
 
 def interpreter_enabled() -> bool:
