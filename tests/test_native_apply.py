@@ -80,9 +80,9 @@ def test_scale_matches_torch_bit_for_bit(dtype, coef_dtype):
 
 
 def whole_and_in_tails(tensor: torch.Tensor) -> list[list[torch.Tensor]]:
-    """The tensor as one list, and cut into 15-element views: the C++ ops take 16 elements
-    per vector step (AVX-512 intrinsics where the CPU has them) and a shorter tail through
-    the portable loop, so the two lists run every value through both."""
+    """The tensor as one list, and cut into 15-element views: the C++ ops take 16 or 32
+    elements per vector step (AVX-512 intrinsics where the CPU has them) and a shorter tail
+    through the portable loop, so the two lists run every value through both."""
     return [[tensor], list(tensor.split(15))]
 
 
