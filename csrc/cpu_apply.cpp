@@ -201,6 +201,18 @@ __attribute__((target("avx512f"))) inline __m512 widen_16_avx512(__m512i bits) {
   }
 }
 
+// narrow_bf16 on 16 lanes; the result in the low half of each 32-bit lane.
+GRADSTATS_INLINE __attribute__((target("avx512f"))) __m512i round_to_bf16_avx512(__m512 y) {
+  const __m512i b = _mm512_castps_si512(y);
+  const __m512i top = _mm512_srli_epi32(b, 16);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                       _mm512_and_si512(top, _mm512_set1_epi32(1))),
+      16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  return _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
+}
+
 template <Update U, bool IsBF16>
 __attribute__((target("avx512f"))) void update_span_16_avx512(void* data, int64_t start,
                                                               int64_t n, const Constants& k) {
@@ -211,21 +223,14 @@ __attribute__((target("avx512f"))) void update_span_16_avx512(void* data, int64_
   const __m512 lo = widen_16_avx512<IsBF16>(lo_bits), hi = widen_16_avx512<IsBF16>(hi_bits);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<__m256i*>(x + i)));
+    const __m512i h =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<__m256i*>(x + i)));
     const __m512 f = widen_16_avx512<IsBF16>(h);
     __m512i out;
     if constexpr (U == Update::SCALE) {
       const __m512 y = _mm512_mul_ps(f, coef);
       if constexpr (IsBF16) {
-        const __m512i b = _mm512_castps_si512(y);
-        const __m512i top = _mm512_srli_epi32(b, 16);
-        const __m512i rounded = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
-                             _mm512_and_si512(top, _mm512_set1_epi32(1))),
-            16);
-        const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-        out = _mm512_mask_blend_epi32(nan, rounded,
-                                      _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
+        out = round_to_bf16_avx512(y);
       } else {
         const __m256i half = _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), half);
@@ -248,18 +253,6 @@ __attribute__((target("avx512f"))) void update_span_16_avx512(void* data, int64_
 // interleave, so no cross-lane widening or narrowing is needed (the step above spends
 // most of its time there, and the multiply has twice as many bytes per element to keep
 // up with as with fp32).
-GRADSTATS_INLINE __attribute__((target("avx512f,avx512bw"))) __m512i
-round_to_bf16_avx512(__m512 y) {
-  const __m512i b = _mm512_castps_si512(y);
-  const __m512i top = _mm512_srli_epi32(b, 16);
-  const __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
-                       _mm512_and_si512(top, _mm512_set1_epi32(1))),
-      16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  return _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
-}
-
 __attribute__((target("avx512f,avx512bw"))) void scale_bf16_avx512bw(void* data, int64_t start,
                                                                      int64_t n,
                                                                      const Constants& k) {
@@ -278,9 +271,9 @@ __attribute__((target("avx512f,avx512bw"))) void scale_bf16_avx512bw(void* data,
   update_span_16<Update::SCALE, true>(data, start + i, n - i, k);
 }
 
-const bool kHasAvx512BW = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bw"));
-// __builtin_cpu_init first: this initialiser may run before libgcc's own.
+// __builtin_cpu_init first: these initialisers may run before libgcc's own.
 const bool kHasAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+const bool kHasAvx512BW = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bw"));
 #endif
 
 // One chunk of one tensor, with what the loop needs of the tensor read once, up front.
