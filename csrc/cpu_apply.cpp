@@ -398,6 +398,12 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> update_targets(at::TensorL
   return {together, one_at_a_time};
 }
 
+// What torch's in-place ops do (its ADInplaceOrView kernel, which a C++ op registered
+// for CPU alone does not get): autograd then knows the values it may have saved changed.
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
 void append_items(const at::Tensor& tensor, std::vector<WorkItem>& items) {
   const int64_t numel = tensor.numel();
   void* data = tensor.data_ptr();
@@ -434,6 +440,7 @@ void run(at::TensorList tensors, const Constants& constants) {
     append_items(tensors[t], items);
     run_all(items);
   }
+  bump_versions(tensors);
 }
 
 bool has_dtype(at::TensorList tensors, at::ScalarType dtype) {
@@ -494,6 +501,7 @@ void cpu_clamp_(at::TensorList tensors, double lo, double hi) {
   check_tensors("gradstats::cpu_clamp_", tensors);
   if (std::isnan(lo) || std::isnan(hi)) {  // torch's clamp: a NaN bound gives all NaN
     fill_nan(tensors);  // the same elements whether updated once or twice
+    bump_versions(tensors);
     return;
   }
   Constants constants;

@@ -336,3 +336,16 @@ def test_dispatch_clamp_bound_beyond_fp16_is_torchs_error_and_changes_nothing(mo
     with pytest.raises(RuntimeError, match="c10::Half without overflow"):
         dispatch.clamp_(tensors, -1e10, 1.0)
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
+def test_updates_bump_the_version_counter_as_torch_does_and_no_work_does_not():
+    """Autograd checks saved tensors against their version: an in-place update must bump it
+    (torch's mul_/clamp_ do); the coefficient >= 1 path writes nothing and leaves it."""
+    tensors = [torch.randn(20), torch.randn(3, 4, dtype=torch.bfloat16)]
+    versions = [t._version for t in tensors]
+    native.cpu_scale_(tensors, torch.tensor(1.0))
+    assert [t._version for t in tensors] == versions
+    native.cpu_scale_(tensors, torch.tensor(0.5))
+    native.cpu_clamp_(tensors, -0.1, 0.1)
+    native.cpu_clamp_(tensors, math.nan, 0.1)
+    assert all(t._version == v + 3 for t, v in zip(tensors, versions))
