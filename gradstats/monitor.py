@@ -26,10 +26,10 @@ from torch import nn
 
 from . import ops
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
+from .host_path import gradients_and_route
 from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
-from .host_path import gradients_and_route
 from .params import ParametersLike, norm_result_dtype
 from .record import nonzero_named
 from .record_queue import RecordQueue

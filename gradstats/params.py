@@ -51,10 +51,10 @@ def named_items(
                       stacklevel=stacklevel + 1)
     if items and isinstance(items[0], tuple):
         return _split_named(items)
-    # The common case, checked in C++ (csrc/host_path.cpp) or on the few distinct types
-    # (isinstance against torch.Tensor goes through its metaclass: 3x the cost of type()
-    # per item); the loop finds a culprit.
-    first_bad = native.first_non_tensor(items)
+    # The common case, checked in C++ (csrc/host_path.cpp; dynamo cannot trace it) or on
+    # the few distinct types (isinstance against torch.Tensor goes through its metaclass:
+    # 3x the cost of type() per item); the loop finds a culprit.
+    first_bad = None if torch.compiler.is_compiling() else native.first_non_tensor(items)
     if first_bad == -1 or (first_bad is None and all(
             issubclass(kind, torch.Tensor) for kind in set(map(type, items)))):
         return items, None

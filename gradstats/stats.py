@@ -14,8 +14,8 @@ import torch
 from . import capture, dispatch, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .device_cache import DeviceCache
-from .norms import NormKind, norm_kind, parse_norm_type
 from .host_path import gradients_and_route
+from .norms import NormKind, norm_kind, parse_norm_type
 from .params import ParametersLike, named_items
 from .worklist import int64_on
 
