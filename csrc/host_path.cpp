@@ -148,7 +148,7 @@ void describe(Walk& walk, const at::Tensor& t) {
   } else if (device != walk.first_device) {
     walk.flags &= ~kSingleDevice;
   }
-  walk.dtypes |= uint64_t{1} << (static_cast<int>(t.scalar_type()) & 63);
+  walk.dtypes |= uint64_t{1} << static_cast<int>(t.scalar_type());
   const bool strided = layout == c10::kStrided;
   const bool contiguous = strided && t.is_contiguous();
   if (!strided) walk.flags &= ~kAllStrided;
@@ -276,7 +276,10 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
         walk.tensors.push_back(object);
       }
       const at::Tensor& t = THPVariable_Unpack(tensor);
-      if (!describable(t.layout())) return Outcome::kNotDescribed;
+      // dtypes are a 64-bit mask; torch has ~45 today.
+      if (!describable(t.layout()) || static_cast<int>(t.scalar_type()) >= 64) {
+        return Outcome::kNotDescribed;
+      }
       describe(walk, t);
     }
   } catch (const c10::Error&) {
