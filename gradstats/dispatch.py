@@ -97,7 +97,8 @@ def route(tensors: list[torch.Tensor], facts: tuple | None = None) -> Route:
 
 def _route_from_facts(tensors: list[torch.Tensor], facts: tuple) -> Route:
     """:func:`route` from the native host pass: no per-tensor Python work. Its key fixes
-    every tensor's address, size, strides, dtype and device, as :func:`plan_key` does."""
+    every tensor's address, element count (shape and strides too when not contiguous),
+    dtype, layout and device, as :func:`plan_key` does."""
     _, _, device, dtypes, flags, key_hash, key_bytes = facts
     backend = choose_backend(device)
     if not flags & _SINGLE_DEVICE:
