@@ -99,15 +99,20 @@ def _route_from_facts(tensors: list[torch.Tensor], facts: tuple) -> Route:
     """:func:`route` from the native host pass: no per-tensor Python work. Its key fixes
     every tensor's address, element count (shape and strides too when not contiguous),
     dtype, layout and device, as :func:`plan_key` does."""
-    _, _, device, dtypes, flags, key_hash, key_bytes = facts
+    device, dtypes, flags = facts[2], facts[3], facts[4]
     backend = choose_backend(device)
     if not flags & _SINGLE_DEVICE:
         return Route(device, None, None, dtypes)
-    contiguous = bool(flags & _ALL_CONTIGUOUS)
     if backend is Backend.TRITON:
-        key = PlanKey((device, contiguous, key_bytes), key_hash)
-        return Route(device, backend, plan_for(tensors, device, key), dtypes)
-    return Route(device, backend, None, dtypes, contiguous)
+        return Route(device, backend, plan_for(tensors, device, native_plan_key(facts)),
+                     dtypes)
+    return Route(device, backend, None, dtypes, bool(flags & _ALL_CONTIGUOUS))
+
+
+def native_plan_key(facts: tuple) -> PlanKey:
+    """The plan key in ``native.host_pass``'s facts: its bytes, hashed in C++."""
+    _, _, device, _, flags, key_hash, key_bytes = facts
+    return PlanKey((device, bool(flags & _ALL_CONTIGUOUS), key_bytes), key_hash)
 
 
 def on_device(device: torch.device):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, native, ops
+from . import dispatch, native, ops, worklist
 from .params import gradients
 
 
@@ -30,3 +30,12 @@ def gradients_and_route(
             return grads, names, dispatch.route(grads, facts) if grads else None
     grads, names = gradients(params, names)
     return grads, names, ops.route(grads) if grads else None
+
+
+def plan_key(tensors: list[torch.Tensor]) -> worklist.PlanKey:
+    """The key the plan of non-empty ``tensors`` (one device) is cached under, on the host
+    path in force (for tests and tools that look a plan up without building one)."""
+    facts = native.host_pass(tensors, False)
+    if facts is None:
+        return worklist.plan_key(tensors, tensors[0].device)
+    return dispatch.native_plan_key(facts)

@@ -10,7 +10,7 @@ from helpers import clone_params, make_params, with_grads
 
 import gradstats
 from gradstats import dispatch, native, worklist
-from gradstats.host_path import gradients_and_route
+from gradstats.host_path import gradients_and_route, plan_key
 from gradstats.worklist import PlanKey
 
 needs_native = pytest.mark.skipif(not native.host_path_available(),
@@ -228,9 +228,12 @@ def test_equal_hashes_with_other_metadata_are_not_equal_keys():
 @needs_native
 def test_native_and_python_keys_never_meet(triton_device):
     tensors = [torch.randn(5, device=triton_device)]
-    facts = native.host_pass(tensors, False)
-    native_key = PlanKey((facts[2], True, facts[6]), facts[5])
-    assert native_key != worklist.plan_key(tensors, triton_device)
+    native_key = plan_key(tensors)
+    python_key = on_path("python", lambda: plan_key(tensors))
+    assert native_key != python_key
+    assert python_key == worklist.plan_key(tensors, triton_device)
+    route = dispatch.route(tensors)
+    assert worklist.cached_plan(native_key) is route.plan
 
 
 @needs_native
