@@ -401,9 +401,14 @@ TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
 
 }  // namespace gradstats
 
-// An importable module with nothing in it: importing gradstats._C loads this library, whose
-// static initialisers register the operator above (no pybind11 needed).
+namespace gradstats {
+PyMethodDef* host_path_methods();  // csrc/host_path.cpp
+}  // namespace gradstats
+
+// Importing gradstats._C loads this library, whose static initialisers register the
+// operator above; the module's functions are the host path's (csrc/host_path.cpp).
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                               gradstats::host_path_methods()};
   return PyModule_Create(&module);
 }

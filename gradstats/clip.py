@@ -48,6 +48,7 @@ from .checks import (
     describe,
     non_negative_float,
 )
+from .host_path import gradients_and_route
 from .norms import parse_norm_type
 from .params import ParametersLike, gradients, named_items, norm_result_dtype
 from .stats import FusedResult, fused_pass
@@ -172,12 +173,12 @@ def clip_grads_with_norm_(
     _check_foreach(foreach)
     max_norm = non_negative_float("max_norm", max_norm)
     params, names = named_items(parameters)
-    grads, names = gradients(params, names)
+    # once per call: gradients, plan, device and dtype facts
+    grads, names, route = gradients_and_route(params, names)
     if not grads:
         return
     # An integer gradient cannot take a fractional coefficient in place: torch fails on it
     # after scaling the others; here nothing is scaled.
-    route = ops.route(grads)  # once per call: plan, device and dtype facts
     check_norm_inputs(grads, names, "parameter", params=params, dtypes=route and route.dtypes)
     check_updatable(grads, names, params, route and route.all_contiguous)
     total_norm = torch.as_tensor(total_norm)
@@ -226,10 +227,10 @@ def fused_clip_grad_norm_(
     max_norm = non_negative_float("max_norm", max_norm)
     # stacklevel: the warning points at the caller, as torch's does.
     params, names = named_items(parameters, warn_empty_generator=True, stacklevel=3)
-    grads, names = gradients(params, names)
+    # once per call: gradients, plan, device and dtype facts
+    grads, names, route = gradients_and_route(params, names)
     if not grads:
         return torch.tensor(0.0)
-    route = ops.route(grads)  # once per call: plan, device and dtype facts
     dtypes = route and route.dtypes
     check_norm_inputs(grads, names, "parameter", p, params, dtypes)
     check_updatable(grads, names, params, route and route.all_contiguous)

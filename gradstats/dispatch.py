@@ -28,7 +28,7 @@ import torch
 from . import capture, known_tensors, native, reference
 from .backend import TRITON_DTYPES, Backend, choose_backend, triton_can_read
 from .norms import NormKind, norm_kind
-from .worklist import Plan, WorkList, cached_plan, plan_for, plan_key, update_targets
+from .worklist import Plan, PlanKey, WorkList, cached_plan, plan_for, plan_key, update_targets
 
 FP32_MAX = torch.finfo(torch.float32).max
 _DEVICE_OF = torch.Tensor.device.__get__  # the attributes, read at C speed under map()
@@ -47,18 +47,32 @@ class Route:
     backend: Backend | None
     plan: Plan | None
     dtypes: frozenset[torch.dtype]
+    contiguous: bool | None = None  # every tensor contiguous, when known without a plan
 
     @property
     def all_contiguous(self) -> bool | None:
-        """True or False when the plan knows; None: not known without a pass."""
-        return None if self.plan is None else self.plan.all_contiguous
+        """True or False when the plan (or the native host pass) knows; None: not known
+        without a pass."""
+        return self.contiguous if self.plan is None else self.plan.all_contiguous
 
 
-def route(tensors: list[torch.Tensor]) -> Route:
-    """The route for non-empty ``tensors``. On the Triton backend a list of tensors seen
-    before (:mod:`known_tensors`) finds its plan key from three reads per tensor, any other
-    list from one key pass; a plan-cache hit then answers everything. Otherwise one pass
-    reads devices and dtypes."""
+# The flags of native.host_pass (csrc/host_path.cpp).
+_SINGLE_DEVICE, _ALL_CONTIGUOUS = 1, 4
+
+
+def route(tensors: list[torch.Tensor], facts: tuple | None = None) -> Route:
+    """The route for non-empty ``tensors``.
+
+    With the native host path (``facts``: this call's ``native.host_pass`` of the tensors,
+    else made here), one C++ walk gives devices, dtypes and the exact plan key, and a
+    plan-cache hit answers the rest. Without it, on the Triton backend a list of tensors
+    seen before (:mod:`known_tensors`) finds its plan key from three reads per tensor, any
+    other list from one key pass; a plan-cache hit then answers everything. Otherwise one
+    pass reads devices and dtypes."""
+    if facts is None:
+        facts = native.host_pass(tensors, False)
+    if facts is not None:
+        return _route_from_facts(tensors, facts)
     device = tensors[0].device
     backend = choose_backend(device)
     key = None
@@ -80,6 +94,26 @@ def route(tensors: list[torch.Tensor]) -> Route:
         known_tensors.remember(tensors, device, key)
         return Route(device, backend, plan, dtypes)
     return Route(device, backend, None, dtypes)
+
+
+def _route_from_facts(tensors: list[torch.Tensor], facts: tuple) -> Route:
+    """:func:`route` from the native host pass: no per-tensor Python work. Its key fixes
+    every tensor's address, element count (shape and strides too when not contiguous),
+    dtype, layout and device, as :func:`plan_key` does."""
+    device, dtypes, flags = facts[2], facts[3], facts[4]
+    backend = choose_backend(device)
+    if not flags & _SINGLE_DEVICE:
+        return Route(device, None, None, dtypes)
+    if backend is Backend.TRITON:
+        return Route(device, backend, plan_for(tensors, device, native_plan_key(facts)),
+                     dtypes)
+    return Route(device, backend, None, dtypes, bool(flags & _ALL_CONTIGUOUS))
+
+
+def native_plan_key(facts: tuple) -> PlanKey:
+    """The plan key in ``native.host_pass``'s facts: its bytes, hashed in C++."""
+    _, _, device, _, flags, key_hash, key_bytes = facts
+    return PlanKey((device, bool(flags & _ALL_CONTIGUOUS), key_bytes), key_hash)
 
 
 def on_device(device: torch.device):

@@ -26,10 +26,11 @@ from torch import nn
 
 from . import ops
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
+from .host_path import gradients_and_route
 from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
-from .params import ParametersLike, gradients, norm_result_dtype
+from .params import ParametersLike, norm_result_dtype
 from .record import nonzero_named
 from .record_queue import RecordQueue
 from .sinks import open_sinks
@@ -181,8 +182,8 @@ class GradMonitor:
             return total_norm
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
-        grads, names = gradients(*self._watched.current())
-        route = ops.route(grads) if grads else None  # once per step: plan, device, dtypes
+        # once per step: gradients, plan, device and dtype facts
+        grads, names, route = gradients_and_route(*self._watched.current())
         dtypes = route and route.dtypes
         check_norm_inputs(grads, names, "parameter", self.norm_type, dtypes=dtypes)
         if clip:

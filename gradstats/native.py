@@ -1,10 +1,11 @@
 """The native C++ layer (``csrc/`` -> ``gradstats._C``): whether it loaded, and why not.
 
 Importing ``gradstats._C`` registers ``gradstats::cpu_stats``, ``gradstats::cpu_scale_``
-and ``gradstats::cpu_clamp_`` with the dispatcher (the library has no Python functions).
-It is built at install time when torch and a C++ compiler are present (see setup.py);
-without it the CPU path uses the PyTorch reference.
-The import is tried once, on first use, and its outcome kept.
+and ``gradstats::cpu_clamp_`` with the dispatcher; its Python functions are the host
+path's (``csrc/host_path.cpp``: gradients, routing facts and plan keys from one walk over a
+list of tensors). It is built at install time when torch and a C++ compiler are present
+(see setup.py); without it the CPU path uses the PyTorch reference and the host path runs
+in Python. The import is tried once, on first use, and its outcome kept.
 """
 from __future__ import annotations
 
@@ -87,3 +88,36 @@ def cpu_clamp_(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     tensors :func:`cpu_scale_` takes."""
     _require()
     torch.ops.gradstats.cpu_clamp_(tensors, lo, hi)
+
+
+@functools.lru_cache(maxsize=1)
+def _host_path_module():
+    """``gradstats._C`` when it loaded and holds the host path's functions, else None."""
+    if _load() is not None:
+        return None
+    from . import _C
+
+    return _C if hasattr(_C, "host_pass") and hasattr(_C, "first_non_tensor") else None
+
+
+def host_path_available() -> bool:
+    """Whether the native host path runs (the switch tests turn off to take the Python one)."""
+    return _host_path_module() is not None
+
+
+def host_pass(items: list | tuple, take_grad: bool) -> tuple | None:
+    """One native walk over ``items`` (tensors, or parameters when ``take_grad``):
+    ``(tensors, kept, device, dtypes, flags, key_hash, key_bytes)`` as csrc/host_path.cpp
+    documents, or None when the native host path is off or cannot describe ``items`` (a
+    tensor subclass, a torch function mode, an unusual layout): the Python path runs then."""
+    if not host_path_available():
+        return None
+    return _host_path_module().host_pass(items, take_grad)
+
+
+def first_non_tensor(items: list | tuple) -> int | None:
+    """The index of the first item of ``items`` that is not a tensor, -1 when all are;
+    None when the native host path is off."""
+    if not host_path_available():
+        return None
+    return _host_path_module().first_non_tensor(items)

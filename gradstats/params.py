@@ -12,6 +12,8 @@ from typing import Union
 import torch
 from torch import nn
 
+from . import native
+
 ParametersLike = Union[
     torch.Tensor, nn.Module, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]
 ]
@@ -49,9 +51,12 @@ def named_items(
                       stacklevel=stacklevel + 1)
     if items and isinstance(items[0], tuple):
         return _split_named(items)
-    # The common case, checked on the few distinct types (isinstance against torch.Tensor
-    # goes through its metaclass: 3x the cost of type() per item); the loop finds a culprit.
-    if all(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):
+    # The common case, checked in C++ (csrc/host_path.cpp; dynamo cannot trace it) or on
+    # the few distinct types (isinstance against torch.Tensor goes through its metaclass:
+    # 3x the cost of type() per item); the loop finds a culprit.
+    first_bad = None if torch.compiler.is_compiling() else native.first_non_tensor(items)
+    if first_bad == -1 or (first_bad is None and all(
+            issubclass(kind, torch.Tensor) for kind in set(map(type, items)))):
         return items, None
     for index, item in enumerate(items):
         if not isinstance(item, torch.Tensor):

@@ -14,8 +14,9 @@ import torch
 from . import capture, dispatch, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .device_cache import DeviceCache
+from .host_path import gradients_and_route
 from .norms import NormKind, norm_kind, parse_norm_type
-from .params import ParametersLike, gradients, named_items
+from .params import ParametersLike, named_items
 from .worklist import int64_on
 
 
@@ -182,8 +183,7 @@ def grad_stats(
     if histogram:
         check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
-    grads, names = gradients(params, param_names)
-    route = ops.route(grads) if grads else None
+    grads, names, route = gradients_and_route(params, param_names)
     check_norm_inputs(grads, names, "parameter", p, params, route and route.dtypes)
     if max_norm is not None:
         check_updatable(grads, names, params, route and route.all_contiguous)

@@ -106,13 +106,18 @@ class Plan:
 
 class PlanKey:
     """What a plan depends on (:func:`plan_key`), hashed once: the key holds five entries
-    per tensor, and a cache hit would otherwise hash them on every dict operation."""
+    per tensor, and a cache hit would otherwise hash them on every dict operation.
+
+    ``hash_value``: the hash when the caller has one already. The native host path
+    (csrc/host_path.cpp) gives ``(device, all_contiguous, bytes)`` with a 64-bit hash of
+    them: equality still compares the bytes (every tensor's metadata), so a hit is exact.
+    Its keys never equal :func:`plan_key`'s (those have six parts)."""
 
     __slots__ = ("parts", "_hash")
 
-    def __init__(self, parts: tuple):
+    def __init__(self, parts: tuple, hash_value: int | None = None):
         self.parts = parts
-        self._hash = hash(parts)
+        self._hash = hash(parts) if hash_value is None else hash_value
 
     def __hash__(self) -> int:
         return self._hash

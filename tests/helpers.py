@@ -97,8 +97,12 @@ def with_grads(grads) -> list[torch.nn.Parameter]:
 
 
 def count_plan_key_builds(monkeypatch) -> list[int]:
-    """Patches the dispatcher's plan-key builder to record the list length of each build."""
-    from gradstats import dispatch
+    """Patches the dispatcher's plan-key builder to record the list length of each build.
+    The Python host path's builder: the native host path (which builds its key in C++,
+    tests/test_host_path.py) is switched off."""
+    from gradstats import dispatch, native
+
+    monkeypatch.setattr(native, "host_path_available", lambda: False)
 
     builds = []
     real = dispatch.plan_key

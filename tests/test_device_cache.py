@@ -12,7 +12,7 @@ import torch
 from helpers import make_params, with_grads
 
 import gradstats
-from gradstats import capture, device_cache, stats, worklist
+from gradstats import capture, device_cache, host_path, stats, worklist
 from gradstats.device_cache import DeviceCache
 
 OTHER_PLANS = worklist.PLAN_CACHE_SIZE + 5
@@ -74,7 +74,7 @@ def fake_cuda(monkeypatch):
 
 
 def _plan_of(grads):
-    return worklist.cached_plan(worklist.plan_key(grads, grads[0].device))
+    return worklist.cached_plan(host_path.plan_key(grads))  # the key of the path in force
 
 
 def _build_other_plans(device, count=OTHER_PLANS):

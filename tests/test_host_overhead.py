@@ -5,7 +5,7 @@ import torch
 from helpers import make_params
 
 import gradstats
-from gradstats import dispatch, worklist
+from gradstats import dispatch, native, worklist
 
 host_overhead = pytest.importorskip("benchmarks.host_overhead")
 
@@ -14,11 +14,13 @@ def test_stubbed_gpu_path_takes_the_triton_route_and_restores_it(monkeypatch):
     monkeypatch.setenv("GRADSTATS_BACKEND", "auto")
     choose_backend = dispatch.choose_backend
     params = make_params([10, 300], torch.float32, torch.device("cpu"))
+    paths = ("native", "python") if native.host_path_available() else ("python",)
     with host_overhead.stubbed_gpu_path():
-        for call in host_overhead.cases(params).values():
-            median, best = host_overhead.host_us(call, calls=2)
-            assert 0 < best <= median
-        assert len(worklist._plans) == 1  # one plan: the Triton path, every call a hit
+        for case in host_overhead.cases(params).values():
+            for median, best in host_overhead.host_us(case, calls=2, paths=paths).values():
+                assert 0 < best <= median
+        # One plan per host path (their keys differ): the Triton path, every call a hit.
+        assert len(worklist._plans) == len(paths)
         assert worklist._plans[next(iter(worklist._plans))].groups[0].config.chunk == 16384
     assert dispatch.choose_backend is choose_backend and not worklist._plans
     grads = [p.grad.clone() for p in params]

@@ -1,6 +1,10 @@
 """known_tensors: a list of gradients seen before skips the plan key, and every change to
 a gradient (a new tensor, new storage, another shape or dtype, None, another order) still
-gets a plan of its own, with results equal to torch's."""
+gets a plan of its own, with results equal to torch's.
+
+known_tensors serves the Python host path; with the native one (csrc/host_path.cpp) every
+call builds its key in C++ and nothing is remembered, so it is switched off here (the
+native key's hits and misses: tests/test_host_path.py)."""
 import gc
 
 import pytest
@@ -8,7 +12,12 @@ import torch
 from helpers import clone_params, count_plan_key_builds, make_params
 
 import gradstats
-from gradstats import dispatch, known_tensors
+from gradstats import dispatch, known_tensors, native
+
+
+@pytest.fixture(autouse=True)
+def python_host_path(monkeypatch):
+    monkeypatch.setattr(native, "host_path_available", lambda: False)
 
 
 @pytest.fixture
