@@ -251,6 +251,11 @@ class GradMonitor:
     def _on_landed(self, step: int, found: dict[str, int]) -> None:
         self._nonfinite.on_landed(step, found)
 
+    def parameter_names(self) -> list[str]:
+        """The names of the parameters watched now, with a gradient or not."""
+        with self._lock:
+            return list(self._watched.current()[1])
+
     # -- optimizer hooks ------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer,
                max_norm: float | None = None) -> GradMonitor:
