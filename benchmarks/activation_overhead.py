@@ -1,7 +1,8 @@
 """What activation tracking costs per training step, against no tracking and detect_anomaly.
 
     python -m benchmarks.activation_overhead [--device cpu|cuda] [--depth D] [--width W]
-                                             [--batch B] [--seconds S] [--out FILE.md]
+                                             [--batch B] [--seconds S] [--threads N]
+                                             [--out FILE.md]
 
 A tanh MLP (default 8 layers of width 256, batch 64: 17 leaf modules) takes whole SGD
 steps (forward, backward, optimizer step) in four variants, interleaved round by round so
@@ -135,8 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="timing time, all variants together (default: 20)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's; 1 is steadier on a "
+                             "shared machine)")
     parser.add_argument("--out", default=None, help="also write the Markdown here")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     steps, monitors = make_steps(args, device)
     with warnings.catch_warnings():
