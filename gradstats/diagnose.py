@@ -53,7 +53,8 @@ from .logs import read_jsonl
 from .record import ROOT_LABEL, StepRecord, build_record
 from .stats import GradStats
 
-__all__ = ["Diagnosis", "GammaFit", "WindowDiagnosis", "diagnose", "underflow_fractions"]
+__all__ = ["Diagnosis", "GammaFit", "WindowDiagnosis", "diagnose", "fit_gamma", "load_records",
+           "underflow_fractions"]
 
 VERDICTS = ("healthy", "vanishing", "exploding", "nonfinite")
 
@@ -216,18 +217,18 @@ def diagnose(source, *, window: int = WINDOW) -> Diagnosis:
     records, watched = _records(source)
     if not records:
         raise ValueError("gradstats.diagnose: no records to diagnose (no step was logged)")
-    records = sorted(records, key=lambda r: r.step)
     windows = [records[max(0, end - window):end]
                for end in range(len(records), 0, -window)][::-1]
     history, fits = [], []
     for part in windows:
         fit = fit_gamma(part)
         fits.append(fit)
+        nonfinite_steps = _nonfinite_steps(part)
         history.append(WindowDiagnosis(
             first_step=part[0].step, last_step=part[-1].step,
-            verdict=_verdict(fit, _nonfinite_steps(part)), gamma=fit and fit.gamma,
+            verdict=_verdict(fit, nonfinite_steps), gamma=fit and fit.gamma,
             median_total_norm=_median_finite([r.total_norm for r in part]),
-            nonfinite_steps=_nonfinite_steps(part)))
+            nonfinite_steps=nonfinite_steps))
     last, fit = history[-1], fits[-1]
     source_name = fit.source if fit else None
     origin = _latest_origin(records)
@@ -242,8 +243,19 @@ def diagnose(source, *, window: int = WINDOW) -> Diagnosis:
 
 
 # -- sources ------------------------------------------------------------------------------
+def load_records(source) -> list[StepRecord]:
+    """The records of ``source`` (anything :func:`diagnose` takes), in step order."""
+    return _records(source)[0]
+
+
 def _records(source) -> tuple[list[StepRecord], list[str] | None]:
-    """The records, and the names of every watched parameter when the source knows them."""
+    """The records in step order, and the names of every watched parameter when the source
+    knows them."""
+    records, watched = _unsorted_records(source)
+    return sorted(records, key=lambda r: r.step), watched
+
+
+def _unsorted_records(source) -> tuple[list[StepRecord], list[str] | None]:
     from .monitor import GradMonitor  # here: the monitor imports much of the package
 
     if isinstance(source, GradMonitor):

@@ -26,6 +26,7 @@ from .diagnose import (
     GammaFit,
     diagnose,
     fit_gamma,
+    load_records,
 )
 from .record import StepRecord
 
@@ -173,9 +174,7 @@ def save_figures(source, folder: str | Path, diagnosis: Diagnosis | None = None
     """Every figure of ``source`` (what :func:`gradstats.diagnose` takes) as PNG files in
     ``folder`` (created): ``depth_profile.png``, ``depth_heatmap.png``, ``total_norm.png``,
     and ``histograms.png`` when a record has histograms. Returns the paths written."""
-    from .diagnose import _records  # the same sources diagnose reads
-
-    records = sorted(_records(source)[0], key=lambda r: r.step)
+    records = load_records(source)
     diagnosis = diagnosis or diagnose(records)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

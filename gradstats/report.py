@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .diagnose import Diagnosis, _records, diagnose
+from .diagnose import Diagnosis, diagnose, load_records
 
 __all__ = ["write_report"]
 
@@ -19,7 +19,7 @@ def write_report(source, folder: str | Path, *, window: int = 10, plots: bool = 
     :func:`gradstats.plots.save_figures` beside it when ``plots`` and matplotlib is
     installed. Returns the report's path."""
     label = f"`{source}`" if isinstance(source, (str, Path)) else type(source).__name__
-    records = sorted(_records(source)[0], key=lambda r: r.step)
+    records = load_records(source)
     diagnosis = diagnosis or diagnose(records, window=window)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
