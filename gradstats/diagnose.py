@@ -430,6 +430,10 @@ def _findings(records, last_window, last: WindowDiagnosis, fit: GammaFit | None,
     findings += _nonfinite_findings(records, last_window, origin)
     if fit is not None:
         findings += _profile_findings(fit, last.verdict)
+    else:
+        findings.append(f"gamma not fitted: no {MIN_LAYERS} or more layers whose names differ "
+                        "only in their index (tracked modules of one class, or biases, or "
+                        "weights), so the verdict reflects NaN/Inf only")
     findings += _spike_findings(records)
     findings += _saturation_findings(last_window)
     findings += _dead_findings(records, latest_hist, watched)
