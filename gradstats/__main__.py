@@ -1,5 +1,9 @@
-"""``python -m gradstats report LOG.jsonl [--out DIR]``: diagnose a logged run and write a
-Markdown report (with figures when matplotlib is installed)."""
+"""The command line.
+
+- ``python -m gradstats demo [--quick] [--out DIR]``: the model-zoo demo (``gradstats.demo``);
+- ``python -m gradstats report LOG.jsonl [--out DIR]``: diagnose a logged run and write a
+  Markdown report (with figures when matplotlib is installed).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +12,15 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        from .demo import main as demo
+        return demo(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m gradstats",
                                      description="gradstats command line")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="train a small model zoo and diagnose it (see "
+                                     "'python -m gradstats demo --help')")
     report = commands.add_parser("report", help="diagnose a JSONL log and write a report")
     report.add_argument("log", type=Path, help="a JSONL file a GradMonitor wrote")
     report.add_argument("--out", type=Path, default=None,

@@ -30,8 +30,8 @@ from .diagnose import (
 )
 from .record import StepRecord
 
-__all__ = ["plot_depth_heatmap", "plot_depth_profile", "plot_histograms", "plot_total_norm",
-           "save_figures"]
+__all__ = ["plot_depth_heatmap", "plot_depth_profile", "plot_depth_profiles", "plot_histograms",
+           "plot_total_norm", "save_figures"]
 
 MAX_HISTOGRAM_PANELS = 12  # modules drawn by plot_histograms when none are named
 
@@ -84,6 +84,28 @@ def plot_depth_profile(source: Diagnosis | GammaFit | Sequence[StepRecord]):
     axes.set_ylabel(f"gradient norm ({fit.source})")
     axes.set_title(f"gradient norm against depth: gamma = {fit.gamma:.3g}, "
                    f"x{fit.stack_factor:.3g} across {fit.depth} layers")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def plot_depth_profiles(fits: dict[str, GammaFit]):
+    """Several runs' depth profiles on one log axis, each divided by its output-side layer's
+    norm (the largest role of each fit): the textbook figure of gamma^(L-l) for several
+    gamma."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    for label, fit in fits.items():
+        if fit is None:
+            continue
+        norms = dict(zip(fit.layers, fit.norms))
+        role = max(fit.roles, key=len)
+        last = norms[role[-1]]
+        axes.plot(range(len(role)), [norms[name] / last for name in role], "-",
+                  label=f"{label}: gamma = {fit.gamma:.3g}")
+    axes.set_yscale("log")
+    axes.set_xlabel("depth (input side first)")
+    axes.set_ylabel("gradient norm / output-side norm")
+    axes.set_title("gradient norm against depth")
     axes.legend(fontsize="small")
     return figure
 
