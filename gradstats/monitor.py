@@ -15,7 +15,6 @@ with an optimizer that cannot skip on the device, ``flush()``).
 """
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
@@ -32,6 +31,7 @@ from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
 from .params import ParametersLike, gradients, norm_result_dtype
+from .recent_records import RecentRecords
 from .record import nonzero_named
 from .record_queue import RecordQueue
 from .sinks import open_sinks
@@ -93,8 +93,9 @@ class GradMonitor:
         steps (int): steps taken; the next :meth:`step` is step number ``steps``.
         paths (list[Path]): the files the sinks write (the default file's name is also
             logged once at INFO on the ``gradstats`` logger).
-        recent_records (deque[StepRecord]): the last ``RECENT_RECORDS`` records written,
-            for :func:`gradstats.diagnose` (empty when the monitor has no sink).
+        recent_records (list[StepRecord]): the last ``RECENT_RECORDS`` records written,
+            for :func:`gradstats.diagnose`, histograms only in the latest histogram record
+            (empty when the monitor has no sink).
         sinks (list): the sinks made from ``sinks``.
 
     With a fused optimizer (``fused=True``) ``"skip"`` hands the optimizer a device-side
@@ -156,9 +157,9 @@ class GradMonitor:
         # The queue reaches back through a weak reference, so the exit-time finalizer
         # below keeps the sinks alive but not the monitor.
         # The records also go to a bounded in-memory history (built for the sinks anyway).
-        self.recent_records: collections.deque = collections.deque(maxlen=RECENT_RECORDS)
+        self._recent = RecentRecords(RECENT_RECORDS)
         self._queue = RecordQueue(
-            _remembering(self._sinks.write, self.recent_records) if self._sinks.sinks else None,
+            _remembering(self._sinks.write, self._recent) if self._sinks.sinks else None,
             weakref.WeakMethod(self._on_landed))
         # Made last, once nothing else can fail: its hooks are on the user's model.
         self._activations = (ActivationTracker(self._watched.module) if track_activations
@@ -177,6 +178,11 @@ class GradMonitor:
     def sinks(self) -> list:
         """The sinks, as made from the ``sinks`` argument."""
         return self._sinks.sinks
+
+    @property
+    def recent_records(self) -> list:
+        """The last records written (see the class docstring)."""
+        return self._recent.records()
 
     @property
     def _hooks(self) -> OptimizerHooks | None:
@@ -338,11 +344,11 @@ def _close(queue: RecordQueue, sinks: SinkFanout, held_hooks: list[OptimizerHook
         sinks.close()
 
 
-def _remembering(write: Callable, recent: collections.deque) -> Callable:
+def _remembering(write: Callable, recent: RecentRecords) -> Callable:
     """``write``, keeping each record in ``recent`` too (no reference to the monitor, so
     the exit-time flush keeps it alive no longer than the sinks)."""
     def write_and_keep(record) -> None:
-        recent.append(record)
+        recent.add(record)
         write(record)
     return write_and_keep
 

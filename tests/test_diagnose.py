@@ -262,3 +262,19 @@ def test_bad_sources_are_named():
     with gradstats.GradMonitor(nn.Linear(2, 2), sinks=None) as monitor:
         with pytest.raises(ValueError, match="keeps no records"):
             gradstats.diagnose(monitor)
+
+
+def test_monitor_keeps_histograms_only_in_its_latest_histogram_record():
+    model = sigmoid_mlp(depth=3, width=8)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], hist_every=2) as monitor:
+        for _ in range(5):
+            model.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            monitor.step()
+        kept = monitor.recent_records
+    assert [r.step for r in kept] == [0, 1, 2, 3, 4]
+    assert [r.hist is not None for r in kept] == [False, False, False, False, True]
+    assert kept[4] is sink.records[4]
+    assert all(r.hist is not None for r in sink.records[::2])  # the sinks' records intact
+    assert kept[2].norms == sink.records[2].norms
