@@ -117,9 +117,11 @@ def test_deep_sigmoid_mlp_is_vanishing_from_parameter_gradients_alone():
     assert diagnosis.fit.stack_factor < 1 / STACK_FACTOR
 
 
-def test_pre_layernorm_residual_stack_is_healthy():
-    diagnosis, _ = train(PreNormStack(), 32, lr=0.01)
+@pytest.mark.parametrize("track", [False, True], ids=["parameters", "activations"])
+def test_pre_layernorm_residual_stack_is_healthy(track):
+    diagnosis, _ = train(PreNormStack(), 32, lr=0.01, track_activations=track)
     assert diagnosis.verdict == "healthy"
+    assert diagnosis.gamma_source == ("activation gradients" if track else "bias gradients")
     assert 1 / STACK_FACTOR < diagnosis.fit.stack_factor < STACK_FACTOR
     assert not any(f.startswith(("vanishing", "exploding")) for f in diagnosis.findings)
 
