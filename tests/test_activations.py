@@ -216,3 +216,29 @@ def test_track_activations_needs_a_module():
     with pytest.raises(TypeError, match="track_activations=True needs the model"):
         gradstats.GradMonitor([torch.zeros(2, requires_grad=True)], sinks=[],
                               track_activations=True)
+
+
+def test_module_called_more_than_the_pending_limit_folds_its_figures_exactly():
+    from gradstats.activations import MAX_PENDING_CALLS
+
+    torch.manual_seed(0)
+    cell = nn.Linear(4, 4)
+    calls = 2 * MAX_PENDING_CALLS + 3
+    model = nn.ModuleDict({"cell": cell})
+    x = torch.randn(2, 4)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], track_activations=True) as monitor:
+        h = x
+        for _ in range(calls):
+            h = torch.tanh(cell(h))
+        h.sum().backward()
+        monitor.step()
+    with torch.no_grad():
+        h, squares = x.double(), 0.0
+        for _ in range(calls):
+            pre = cell.double()(h)
+            squares += pre.square().sum().item()
+            h = torch.tanh(pre)
+    figures = sink.records[0].activations.modules["cell"]
+    assert figures.output_norm == pytest.approx(math.sqrt(squares), rel=1e-5)
+    assert figures.output_nonfinite == 0 and figures.grad_norm > 0
