@@ -87,6 +87,8 @@ setup(
         "wandb": ["wandb"],
         # matplotlib: the plot python -m benchmarks.run draws beside its tables.
         "bench": ["pytest-benchmark", "matplotlib"],
+        # matplotlib: gradstats.plots and the figures of `python -m gradstats report`.
+        "plots": ["matplotlib"],
     },
     license="BSD-3-Clause",
     license_files=["LICENSE"],

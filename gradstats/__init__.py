@@ -15,6 +15,7 @@ from .clip import (
     get_total_norm,
 )
 from .device_cache import release_captured_plans
+from .diagnose import Diagnosis, diagnose
 from .logs import read_jsonl, records_to_rows
 from .monitor import GradMonitor
 from .nonfinite import NonFiniteGradientWarning
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipRouting",
+    "Diagnosis",
     "GradMonitor",
     "GradStats",
     "NonFiniteGradientWarning",
@@ -34,6 +36,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "diagnose",
     "fused_clip_grad_norm_",
     "get_total_norm",
     "grad_stats",

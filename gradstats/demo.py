@@ -1,105 +1,145 @@
-"""A short training run watched with gradstats (``make demo``).
+"""Vanishing and exploding gradients made visible (``make demo``, ``python -m gradstats demo``).
 
-A deep tanh MLP with a small initialisation is trained for a few steps under a
-``GradMonitor``: every step one fused pass computes all gradient statistics and clips, and
-the records reach the sinks (a table printed here, a JSONL file) without a host sync.
-Deep tanh stacks shrink the gradient by about the same factor per layer (norms fall like
-gamma^depth), which the per-layer norm profile printed at the end shows on a log axis,
-with its slope log10(gamma).
+A small model zoo (``gradstats.demo_models``) is trained for a few steps on synthetic data,
+each under a ``GradMonitor`` that tracks activations: the textbook deep linear nets (100
+orthogonal layers scaled by gamma = 0.95, 1.00, 1.05: vanishes, survives, explodes), a deep
+sigmoid MLP, ReLU MLPs with too-large and with He init, a pre-LayerNorm residual stack, and a
+vanilla RNN against a gated one (GRU) over a long sequence. Every step one fused pass computes
+all gradient statistics and clips; the records reach the sinks (a progress bar here, a JSONL
+file per model) without a host sync. Then :func:`gradstats.diagnose` reads each log, and the
+demo writes a report per model (``report.md`` and figures when matplotlib is installed), a
+summary ``report.md`` with the textbook figure, and prints the verdict table.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import gradstats
+from gradstats.demo_models import Case, cases
+from gradstats.report import write_report
 
 
-def build_model(depth: int, width: int, init_gain: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        linear = nn.Linear(width, width)
-        nn.init.normal_(linear.weight, std=init_gain / math.sqrt(width))
-        nn.init.zeros_(linear.bias)
-        layers += [linear, nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, 1))
+class ProgressBar:
+    """A custom sink: redraws one progress line per record as it reaches the host. Any
+    object with ``write(record)`` can be a sink."""
 
-
-def slope_per_layer(log_norms: list[float]) -> float:
-    """Least-squares slope of log10(norm) against layer index."""
-    n = len(log_norms)
-    mean_x, mean_y = (n - 1) / 2, sum(log_norms) / n
-    cov = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(log_norms))
-    var = sum((i - mean_x) ** 2 for i in range(n))
-    return cov / var
-
-
-class ProgressTable:
-    """A custom sink: prints each step's record once it reaches the host and keeps the
-    last one. Any object with ``write(record)`` can be a sink."""
-
-    def __init__(self):
-        self.last = None
-        print(f"{'step':>4} {'grad norm':>10} {'clip coef':>9} {'NaN/Inf':>7}  largest module")
+    def __init__(self, label: str, steps: int, stream=sys.stderr):
+        self.label, self.steps, self.stream = label, steps, stream
 
     def write(self, record: gradstats.StepRecord) -> None:
-        largest = max(record.module_norms, key=record.module_norms.get)
-        print(f"{record.step:>4} {record.total_norm:>10.4g} {record.clip_coef:>9.3f} "
-              f"{sum(record.nonfinite.values()):>7}  {largest}")
-        self.last = record
+        done = record.step + 1
+        filled = round(20 * done / self.steps)
+        self.stream.write(f"\r  {self.label:<24} [{'#' * filled}{'.' * (20 - filled)}] "
+                          f"{done}/{self.steps}  grad norm {record.total_norm:9.3g}")
+        if done == self.steps:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--init-gain", type=float, default=0.6, help="weight std * sqrt(width)")
-    parser.add_argument("--max-norm", type=float, default=0.01)
-    parser.add_argument("--log", default="runs/demo/grads.jsonl",
-                        help="JSONL record file (replaced on each run)")
-    args = parser.parse_args(argv)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = build_model(args.depth, args.width, args.init_gain).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    inputs = torch.randn(256, args.width, device=device)
-    targets = torch.sin(inputs.sum(1, keepdim=True))
-
-    print(f"device {device}; {args.depth} tanh layers of width {args.width}")
-    table = ProgressTable()
-    # Every step: one fused pass for all statistics and the clip; histograms on the last.
-    with gradstats.GradMonitor(model, hist_every=max(1, args.steps - 1),
-                               sinks=[table, f"jsonl+overwrite:{args.log}"]) as monitor:
-        for _ in range(args.steps):
+def train(case: Case, seed: int, steps: int, out: Path, device: torch.device):
+    """A few clipped SGD steps under a monitor; the log's path and its diagnosis."""
+    torch.manual_seed(seed)
+    model = case.build().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    log = out / f"{case.name}.jsonl"
+    sinks = [ProgressBar(case.name, steps), f"jsonl+overwrite:{log}"]
+    with gradstats.GradMonitor(model, sinks=sinks, track_activations=True,
+                               hist_every=steps - 1, on_nonfinite="ignore") as monitor:
+        for _ in range(steps):
+            inputs, targets = (t.to(device) for t in case.batch(generator))
             loss = nn.functional.mse_loss(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad()
             loss.backward()
-            monitor.step(max_norm=args.max_norm)
+            monitor.step(max_norm=1.0)
             optimizer.step()
-    record = table.last
-    print(f"final loss {loss.item():.5f}; one JSON record per step in {args.log}")
+        diagnosis = gradstats.diagnose(monitor, window=steps)
+    return log, diagnosis
 
-    # A bias gradient is the back-propagated signal itself (summed over the batch), so its
-    # norm per layer traces the product of Jacobians without the activations' scale.
-    biases = [name for name in record.norms if name.endswith("bias")][:-1]
-    log_norms = [math.log10(max(record.norms[name], 1e-300)) for name in biases]
-    print("\nper-layer gradient norm of the biases, log10, input side first:")
-    low = min(log_norms)
-    for name, value in zip(biases, log_norms):
-        print(f"  {name:>8} {value:8.3f} " + "#" * (1 + int(10 * (value - low))))
-    slope = slope_per_layer(log_norms)
-    print(f"slope {slope:+.3f} per layer: the gradient grows by gamma = {10 ** slope:.3f} per "
-          f"layer towards the output, a factor {10 ** (slope * (len(log_norms) - 1)):.3g} "
-          "across the stack (gamma > 1: vanishing towards the input)")
-    counts = [sum(column) for column in zip(*record.hist.values())]
-    print(f"exact-zero gradient entries: {counts[0] / sum(counts):.2%}; histogram edges from "
-          f"{record.bin_edges[1]:.3g} to {record.bin_edges[-1]:.3g}")
+
+def summary(rows, textbook: Path | None) -> str:
+    lines = ["# gradstats demo: vanishing and exploding gradients", "",
+             "| model | expected | verdict | gamma | fitted from | report |",
+             "|---|---|---|---:|---|---|"]
+    for case, diagnosis in rows:
+        gamma = "" if diagnosis.gamma is None else f"{diagnosis.gamma:.3f}"
+        lines.append(f"| {case.name} | {case.expected} | {diagnosis.verdict} | {gamma} | "
+                     f"{diagnosis.gamma_source or ''} | [report]({case.name}/report.md) |")
+    lines += ["", "What each model shows:", ""]
+    lines += [f"- **{case.name}**: {case.why}" for case, _ in rows]
+    if textbook is not None:
+        lines += ["", f"![the textbook figure]({textbook.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(rows) -> str:
+    header = f"{'model':<24} {'expected':<10} {'verdict':<10} {'gamma':>7}  fitted from"
+    lines = [header, "-" * len(header)]
+    for case, diagnosis in rows:
+        gamma = "" if diagnosis.gamma is None else f"{diagnosis.gamma:.3f}"
+        mark = "" if diagnosis.verdict == case.expected else "  (unexpected)"
+        lines.append(f"{case.name:<24} {case.expected:<10} {diagnosis.verdict:<10} "
+                     f"{gamma:>7}  {diagnosis.gamma_source or ''}{mark}")
+    return "\n".join(lines)
+
+
+def textbook_figure(rows, out: Path) -> Path | None:
+    """The deep linear nets' profiles on one axis (needs matplotlib)."""
+    try:
+        from gradstats.plots import plot_depth_profiles
+    except ImportError:
+        return None
+    fits = {case.name: diagnosis.fit for case, diagnosis in rows
+            if case.name.startswith("linear-")}
+    try:
+        figure = plot_depth_profiles(fits)
+    except ImportError:
+        return None
+    path = out / "textbook.png"
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradstats demo",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                        help="folder for the logs and reports (default: runs/demo; the "
+                             "demo's own files there are replaced)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per model "
+                        "(default: 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller models (for tests): the same verdicts, faster")
+    parser.add_argument("--no-plots", action="store_true", help="reports without figures")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    zoo = cases(quick=args.quick)
+    print(f"device {device}; {len(zoo)} models, {args.steps} steps each; writing to {args.out}")
+    rows = []
+    for seed, case in enumerate(zoo):
+        log, diagnosis = train(case, seed, args.steps, args.out, device)
+        write_report(log, args.out / case.name, diagnosis=diagnosis, plots=not args.no_plots)
+        rows.append((case, diagnosis))
+    textbook = None if args.no_plots else textbook_figure(rows, args.out)
+    (args.out / "report.md").write_text(summary(rows, textbook), encoding="utf-8")
+    print()
+    print(verdict_table(rows))
+    print(f"\nreports: {args.out / 'report.md'} (one folder per model)"
+          + ("" if textbook or args.no_plots else
+             "; figures need matplotlib: pip install 'gradstats[plots]'"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

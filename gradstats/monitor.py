@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 from . import ops
+from .activations import ActivationTracker
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .host_path import gradients_and_route
 from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
 from .params import ParametersLike, norm_result_dtype
+from .recent_records import RecentRecords
 from .record import nonzero_named
 from .record_queue import RecordQueue
 from .sinks import open_sinks
@@ -42,6 +44,10 @@ __all__ = ["GradMonitor"]
 
 # A JSONL file of its own per monitor: runs/gradstats-<UTC time>-<pid>-<n>.jsonl.
 DEFAULT_SINKS = ("jsonl",)
+
+# Records kept in memory for gradstats.diagnose(monitor): a few windows of steps, bounded
+# because a histogram record of a large model holds a list per parameter.
+RECENT_RECORDS = 200
 
 logger = logging.getLogger("gradstats")
 
@@ -78,11 +84,19 @@ class GradMonitor:
         norm_type (float): order of the norms. Default: 2.0
         optimizer (Optimizer, optional): the optimizer whose update ``"skip"`` cancels.
         num_bins, min_exp (int): histogram layout, as for :func:`gradstats.grad_stats`.
+        track_activations (bool): also record, per leaf module and step, the norm of its
+            output ``h``, of ``dL/dh``, their NaN/Inf counts, the saturated fraction of
+            sigmoid/tanh-like outputs, and where a NaN/Inf was born (see
+            :mod:`gradstats.activations`); hooks on the model, taken off by :meth:`close`.
+            Needs an ``nn.Module``. Default: False
 
     Attributes:
         steps (int): steps taken; the next :meth:`step` is step number ``steps``.
         paths (list[Path]): the files the sinks write (the default file's name is also
             logged once at INFO on the ``gradstats`` logger).
+        recent_records (list[StepRecord]): the last ``RECENT_RECORDS`` records written,
+            for :func:`gradstats.diagnose`, histograms only in the latest histogram record
+            (empty when the monitor has no sink).
         sinks (list): the sinks made from ``sinks``.
 
     With a fused optimizer (``fused=True``) ``"skip"`` hands the optimizer a device-side
@@ -119,6 +133,7 @@ class GradMonitor:
         optimizer: torch.optim.Optimizer | None = None,
         num_bins: int = 64,
         min_exp: int = -40,
+        track_activations: bool = False,
     ):
         self.log_every = _positive_int("log_every", log_every)
         self.hist_every = None if hist_every is None else _positive_int("hist_every", hist_every)
@@ -128,6 +143,9 @@ class GradMonitor:
         check_histogram_range(num_bins, min_exp)
         self.num_bins, self.min_exp = num_bins, min_exp
         self._watched = WatchedParameters(model)
+        if track_activations and self._watched.module is None:
+            raise TypeError("track_activations=True needs the model as an nn.Module, "
+                            "not a list of parameters")
         if optimizer is not None:  # checked before any sink opens a file
             _check_optimizer(optimizer)
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
@@ -139,12 +157,19 @@ class GradMonitor:
                         ", ".join(map(str, self.paths)))
         # The queue reaches back through a weak reference, so the exit-time finalizer
         # below keeps the sinks alive but not the monitor.
-        self._queue = RecordQueue(self._sinks.write if self._sinks.sinks else None,
-                                  weakref.WeakMethod(self._on_landed))
+        # The records also go to a bounded in-memory history (built for the sinks anyway).
+        self._recent = RecentRecords(RECENT_RECORDS)
+        self._queue = RecordQueue(
+            _remembering(self._sinks.write, self._recent) if self._sinks.sinks else None,
+            weakref.WeakMethod(self._on_landed))
+        # Made last, once nothing else can fail: its hooks are on the user's model.
+        self._activations = (ActivationTracker(self._watched.module) if track_activations
+                             else None)
         # At most one; held in a list the finalizer shares, so a monitor dropped without
         # close() takes its hooks off the optimizer too.
         self._held_hooks: list[OptimizerHooks] = []
-        self._closer = weakref.finalize(self, _close, self._queue, self._sinks, self._held_hooks)
+        self._closer = weakref.finalize(self, _close, self._queue, self._sinks, self._held_hooks,
+                                        self._activations)
         self._max_norm: float | None = None
         self._scaler_found_inf: torch.Tensor | None = None  # GradScaler's, for this step
         if optimizer is not None:
@@ -154,6 +179,11 @@ class GradMonitor:
     def sinks(self) -> list:
         """The sinks, as made from the ``sinks`` argument."""
         return self._sinks.sinks
+
+    @property
+    def recent_records(self) -> list:
+        """The last records written (see the class docstring)."""
+        return self._recent.records()
 
     @property
     def _hooks(self) -> OptimizerHooks | None:
@@ -194,28 +224,32 @@ class GradMonitor:
                               histogram=with_hist, num_bins=self.num_bins, min_exp=self.min_exp,
                               route=route)
         self.steps += 1
+        activations = self._activations.take() if self._activations is not None else None
         # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
         # are skipped by the scaler and routinely hold Inf, so they raise no alarm.
         overflow, self._scaler_found_inf = self._scaler_found_inf, None
         if self.on_nonfinite == "raise":
-            self._raise_if_nonfinite(step, stats, overflow)
+            self._raise_if_nonfinite(step, stats, overflow, activations)
         if self.on_nonfinite == "skip":
             self._hooks.pending_skip = (stats.nonfinite.sum() > 0).to(torch.float32)
         if clip and max_norm == math.inf:  # nothing to clip, as in clip.py: the factor is 1
             stats.clip_coef.fill_(1.0)
         elif clip and grads:
             ops.scale_(grads, stats.clip_coef, route)
-        self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
+        self._queue.push(step, stats, logged, clipped=clip, overflow=overflow,
+                         activations=activations)
         if not grads:
             return stats.total_norm
         return stats.total_norm.to(norm_result_dtype(grads, dtypes))
 
-    def _raise_if_nonfinite(self, step: int, stats: GradStats, overflow) -> None:
+    def _raise_if_nonfinite(self, step: int, stats: GradStats, overflow,
+                            activations=None) -> None:
         # The one sync the user asked for: the decision needs the counts on the host.
         if not bool(stats.nonfinite.any()) or (overflow is not None and bool(overflow)):
             return
         # This step and the ones before reach the sinks before the error.
-        self._queue.push(step, stats, logged=True, clipped=False, overflow=None)
+        self._queue.push(step, stats, logged=True, clipped=False, overflow=None,
+                         activations=activations)
         self._queue.drain(wait=True)
         found = nonzero_named(stats.names, stats.nonfinite.cpu())
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
@@ -223,6 +257,11 @@ class GradMonitor:
 
     def _on_landed(self, step: int, found: dict[str, int]) -> None:
         self._nonfinite.on_landed(step, found)
+
+    def parameter_names(self) -> list[str]:
+        """The names of the parameters watched now, with a gradient or not."""
+        with self._lock:
+            return list(self._watched.current()[1])
 
     # -- optimizer hooks ------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer,
@@ -294,13 +333,25 @@ class GradMonitor:
         self.close()
 
 
-def _close(queue: RecordQueue, sinks: SinkFanout, held_hooks: list[OptimizerHooks]) -> None:
+def _close(queue: RecordQueue, sinks: SinkFanout, held_hooks: list[OptimizerHooks],
+           activations: ActivationTracker | None = None) -> None:
     for hooks in held_hooks:
         hooks.remove()
+    if activations is not None:
+        activations.remove()
     try:
         queue.drain(wait=True)
     finally:
         sinks.close()
+
+
+def _remembering(write: Callable, recent: RecentRecords) -> Callable:
+    """``write``, keeping each record in ``recent`` too (no reference to the monitor, so
+    the exit-time flush keeps it alive no longer than the sinks)."""
+    def write_and_keep(record) -> None:
+        recent.add(record)
+        write(record)
+    return write_and_keep
 
 
 def _check_optimizer(optimizer):

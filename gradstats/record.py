@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .activations import ActivationRecord
+
 # The module name of parameters registered on the model itself. torch refuses "" as a
 # submodule name, so no real module can share it (a child may be called "<root>").
 ROOT_MODULE = ""
@@ -67,6 +69,8 @@ class StepRecord:
             ``GradStats.hist``), on histogram steps only (else ``None``).
         bin_edges: the ``len(counts) + 1`` edges of those counts: ``[0, 2^min_exp, ...]``.
         min_exp: the histogram's ``min_exp`` (on histogram steps).
+        activations: per-module forward-output and ``dL/dh`` figures and where a NaN/Inf
+            was born, when the monitor tracks activations (see :mod:`gradstats.activations`).
     """
 
     step: int
@@ -81,6 +85,7 @@ class StepRecord:
     module_hist: dict[str, list[int]] | None = None
     bin_edges: list[float] | None = None
     min_exp: int | None = None
+    activations: ActivationRecord | None = None
 
     def log2_buckets(self, counts: list[int]) -> tuple[list[int], list[float]]:
         """A histogram row over ``log2|g|``: the counts of columns ``1..`` and their
@@ -100,6 +105,12 @@ class StepRecord:
             tag = module_tag(module)
             data[f"grad_norm/{tag}"] = norm
             data[f"grad_nonfinite/{tag}"] = self.module_nonfinite.get(module, 0)
+        if self.activations is not None:
+            for module, figures in self.activations.modules.items():
+                tag = module_tag(module)
+                data[f"act_norm/{tag}"] = figures.output_norm
+                if figures.grad_norm is not None:
+                    data[f"act_grad_norm/{tag}"] = figures.grad_norm
         if parameters:
             data.update({f"grad_norm/param/{name}": n for name, n in self.norms.items()})
         return data
@@ -120,6 +131,8 @@ class StepRecord:
                 "bin_edges": [_json_float(edge) for edge in self.bin_edges],
                 "min_exp": self.min_exp}
                if self.hist is not None else {}),
+            **({"activations": self.activations.to_json()}
+               if self.activations is not None else {}),
         }
 
     @classmethod
@@ -146,6 +159,8 @@ class StepRecord:
             module_hist=data.get("module_hist"),
             bin_edges=None if edges is None else [float(edge) for edge in edges],
             min_exp=min_exp,
+            activations=(ActivationRecord.from_json(data["activations"])
+                         if data.get("activations") is not None else None),
         )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from .activations import ActivationSnapshot
 from .record import build_record, nonzero_named
 from .stats import GradStats
 
@@ -30,6 +31,7 @@ class InFlight:
     host: GradStats  # host copies: the counts always, everything on written steps
     logged: bool
     overflow: torch.Tensor | None  # GradScaler's flag for this step, on the host
+    activations: ActivationSnapshot | None  # host copies, on logged steps with tracking
     ready: Callable[[], bool]
     wait: Callable[[], None]
 
@@ -48,14 +50,17 @@ class RecordQueue:
         self.in_flight: collections.deque[InFlight] = collections.deque()
 
     def push(self, step: int, stats: GradStats, logged: bool, clipped: bool,
-             overflow: torch.Tensor | None) -> None:
+             overflow: torch.Tensor | None,
+             activations: ActivationSnapshot | None = None) -> None:
         if len(self.in_flight) >= MAX_IN_FLIGHT:
             self._land(self.in_flight.popleft(), wait=True)
         logged = logged and self.write is not None  # no sink: copy only the counts
         host = _to_host(stats, logged, clipped)
         host_overflow = _host_copy(overflow)  # queued before the fence, so it covers this too
+        host_activations = activations.to_host() if logged and activations else None
         ready, wait = copy_fence(stats.nonfinite.device)
-        self.in_flight.append(InFlight(step, host, logged, host_overflow, ready, wait))
+        self.in_flight.append(InFlight(step, host, logged, host_overflow, host_activations,
+                                       ready, wait))
 
     def drain(self, wait: bool = False) -> None:
         while self.in_flight and (wait or self.in_flight[0].ready()):
@@ -65,7 +70,10 @@ class RecordQueue:
         if wait:
             item.wait()
         if item.logged and self.write is not None:
-            self.write(build_record(item.step, item.host))
+            record = build_record(item.step, item.host)
+            if item.activations is not None:
+                record.activations = item.activations.to_record(item.step)
+            self.write(record)
         on_landed = self.on_landed()
         if on_landed is not None:  # None: the monitor is gone and this is the exit flush
             overflowed = item.overflow is not None and bool(item.overflow)

@@ -1,21 +1,46 @@
-"""The demo (``make demo``) runs end to end and writes one JSON record per step."""
+"""The demo (``make demo``, ``python -m gradstats demo``) runs end to end: every model of
+the zoo gets the verdict the literature predicts, and the logs and reports are written."""
 import json
 
+import pytest
+
 from gradstats import demo
+from gradstats.__main__ import main as cli
+from gradstats.demo_models import cases
 
 
-def test_demo_prints_the_profile_and_writes_every_step(tmp_path, capsys):
-    log = tmp_path / "grads.jsonl"
-    demo.main(["--steps", "3", "--depth", "4", "--width", "16", "--log", str(log)])
-    out = capsys.readouterr().out
-    assert "slope" in out and "per-layer gradient norm" in out
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2]
-    assert "hist" in records[2] and records[2]["clip_coef"] <= 1.0
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--quick", "--steps", "3", "--no-plots", "--out", str(out)]) == 0
+    return out
 
 
-def test_demo_runs_twice_on_its_own_log(tmp_path, capsys):
-    log = tmp_path / "grads.jsonl"
-    for _ in range(2):  # the demo owns its log: a second run replaces it, as `make demo` does
-        demo.main(["--steps", "2", "--depth", "2", "--width", "8", "--log", str(log)])
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1]
+def test_every_model_gets_its_expected_verdict(quick_demo):
+    summary = (quick_demo / "report.md").read_text()
+    for case in cases(quick=True):
+        assert f"| {case.name} | {case.expected} | {case.expected} |" in summary
+
+
+def test_every_model_has_a_log_of_every_step_and_a_report(quick_demo):
+    for case in cases(quick=True):
+        records = [json.loads(line) for line in
+                   (quick_demo / f"{case.name}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [0, 1, 2]
+        assert "activations" in records[0] and "hist" in records[2]
+        report = (quick_demo / case.name / "report.md").read_text()
+        assert report.startswith("# Gradient report: ")
+
+
+def test_cli_passes_demo_options_to_the_demo(monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo, "main", lambda argv: seen.append(argv) or 0)
+    assert cli(["demo", "--quick", "--out", "x"]) == 0
+    assert seen == [["--quick", "--out", "x"]]
+
+
+def test_demo_figures_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert demo.main(["--quick", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "textbook.png").stat().st_size > 1000
+    assert (tmp_path / "sigmoid-mlp" / "depth_profile.png").stat().st_size > 1000

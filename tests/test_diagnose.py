@@ -1,0 +1,282 @@
+"""gradstats.diagnose: the verdicts and the fitted gamma on nets whose gradient profile is
+known in closed form (deep linear nets with orthogonal layers scaled by gamma), the textbook
+cases (deep sigmoid MLP, pre-LayerNorm residual stack), and each kind of finding."""
+import math
+
+import pytest
+import torch
+from monitor_helpers import ListSink
+from torch import nn
+
+import gradstats
+from gradstats.diagnose import STACK_FACTOR, role_of, underflow_fractions
+
+
+def deep_linear(gamma, depth=30, width=64, bias=True):
+    """Orthogonal layers scaled by gamma: ||dL/dh_(l-1)|| = gamma ||dL/dh_l|| exactly."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layer = nn.Linear(width, width, bias=bias)
+        nn.init.orthogonal_(layer.weight)
+        with torch.no_grad():
+            layer.weight.mul_(gamma)
+            if bias:
+                layer.bias.zero_()
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+def sigmoid_mlp(depth=10, width=32):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class PreNormStack(nn.Module):
+    def __init__(self, depth=12, width=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(PreNormBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def train(model, width, steps=3, track_activations=False, sinks=None, lr=0.0, **kwargs):
+    """A few SGD steps under a monitor; its diagnosis."""
+    sink = ListSink()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with gradstats.GradMonitor(model, sinks=[sink] + (sinks or []), on_nonfinite="ignore",
+                               track_activations=track_activations, **kwargs) as monitor:
+        for step in range(steps):
+            x = torch.randn(16, width, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            output = model(x)
+            target = x.sum(1, keepdim=True).sin().expand_as(output)
+            nn.functional.mse_loss(output, target).backward()
+            monitor.step()
+            optimizer.step()
+        diagnosis = gradstats.diagnose(monitor)
+    return diagnosis, sink.records
+
+
+@pytest.mark.parametrize("gamma", [0.9, 1.0, 1.1])
+def test_gamma_fitted_from_tracked_activations_within_one_percent(gamma):
+    diagnosis, _ = train(deep_linear(gamma), 64, track_activations=True)
+    assert diagnosis.gamma_source == "activation gradients" and diagnosis.caveat is None
+    assert diagnosis.gamma == pytest.approx(gamma, rel=0.01)
+    assert diagnosis.fit.depth == 30
+
+
+@pytest.mark.parametrize("gamma, verdict", [(0.8, "vanishing"), (1.0, "healthy"),
+                                            (1.25, "exploding")])
+def test_deep_linear_verdicts(gamma, verdict):
+    diagnosis, _ = train(deep_linear(gamma), 64, track_activations=True)
+    assert diagnosis.verdict == verdict
+    assert [w.verdict for w in diagnosis.history] == [verdict]
+    if verdict != "healthy":
+        finding = next(f for f in diagnosis.findings if f.startswith(verdict))
+        assert "'0'" in finding  # the input-side layer is named
+        fix = "initialisation" if verdict == "vanishing" else "clipping"
+        assert fix in finding
+
+
+def test_weight_gradients_hide_gamma_and_the_result_says_so():
+    # The issue's trap: without biases or tracked activations, ||dL/dW_l|| is flat.
+    diagnosis, records = train(deep_linear(0.9, bias=False), 64)
+    norms = records[-1].norms
+    assert norms["0.weight"] / norms["29.weight"] == pytest.approx(1.0, rel=1e-3)
+    assert diagnosis.gamma_source == "weight gradients"
+    assert diagnosis.gamma == pytest.approx(1.0, rel=1e-3)
+    assert "can hide gamma" in diagnosis.caveat
+
+
+def test_deep_sigmoid_mlp_is_vanishing_from_parameter_gradients_alone():
+    diagnosis, records = train(sigmoid_mlp(), 32)
+    assert records[-1].activations is None
+    assert diagnosis.verdict == "vanishing"
+    assert diagnosis.gamma_source == "bias gradients"
+    assert diagnosis.fit.stack_factor < 1 / STACK_FACTOR
+
+
+@pytest.mark.parametrize("track", [False, True], ids=["parameters", "activations"])
+def test_pre_layernorm_residual_stack_is_healthy(track):
+    diagnosis, _ = train(PreNormStack(), 32, lr=0.01, track_activations=track)
+    assert diagnosis.verdict == "healthy"
+    assert diagnosis.gamma_source == ("activation gradients" if track else "bias gradients")
+    assert 1 / STACK_FACTOR < diagnosis.fit.stack_factor < STACK_FACTOR
+    assert not any(f.startswith(("vanishing", "exploding")) for f in diagnosis.findings)
+
+
+def test_nan_gradient_is_nonfinite_and_names_the_parameter():
+    model = sigmoid_mlp(depth=3, width=8)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="ignore") as monitor:
+        for step in range(3):
+            model.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            if step == 2:
+                model[2].weight.grad[0, 1] = math.nan
+            monitor.step()
+        diagnosis = gradstats.diagnose(monitor)
+    assert diagnosis.verdict == "nonfinite"
+    assert diagnosis.history[-1].nonfinite_steps == [2]
+    assert any("'2.weight'" in f and "non-finite" in f for f in diagnosis.findings)
+
+
+def test_log_monitor_and_records_give_the_same_diagnosis(tmp_path):
+    path = tmp_path / "g.jsonl"
+    from_monitor, records = train(deep_linear(0.8, depth=12, width=16), 16, steps=4,
+                                  track_activations=True, sinks=[f"jsonl:{path}"])
+    from_log = gradstats.diagnose(path)
+    from_records = gradstats.diagnose(records)
+    assert from_log.verdict == from_monitor.verdict == from_records.verdict == "vanishing"
+    assert from_log.gamma == pytest.approx(from_monitor.gamma, rel=1e-9)
+    assert from_log.findings == from_monitor.findings
+
+
+def test_grad_stats_source_is_diagnosed_from_one_step():
+    model = deep_linear(0.7, depth=10, width=16)
+    model(torch.randn(8, 16)).square().sum().backward()
+    diagnosis = gradstats.diagnose(gradstats.grad_stats(model))
+    assert diagnosis.verdict == "vanishing" and diagnosis.gamma_source == "bias gradients"
+    assert diagnosis.gamma == pytest.approx(0.7, rel=1e-3)
+
+
+def test_history_has_one_entry_per_window_and_the_verdict_is_the_last():
+    model = sigmoid_mlp(depth=3, width=8)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="ignore") as monitor:
+        for step in range(7):
+            model.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            if step == 1:
+                model[0].bias.grad[0] = math.inf
+            monitor.step()
+    diagnosis = gradstats.diagnose(sink.records, window=3)
+    assert [(w.first_step, w.last_step) for w in diagnosis.history] == [(0, 0), (1, 3), (4, 6)]
+    assert [w.nonfinite_steps for w in diagnosis.history] == [[], [1], []]
+    assert diagnosis.history[1].verdict == "nonfinite"
+    assert diagnosis.verdict != "nonfinite"
+    assert any("(none in the last window)" in f for f in diagnosis.findings)
+
+
+def test_norm_spike_is_found_at_its_step():
+    model = PreNormStack(depth=2, width=8)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink]) as monitor:
+        for step in range(12):
+            model.zero_grad()
+            scale = 1000.0 if step == 9 else 1.0
+            (model(torch.randn(4, 8)).sum() * scale).backward()
+            monitor.step()
+    diagnosis = gradstats.diagnose(sink.records)
+    spikes = [f for f in diagnosis.findings if f.startswith("total-norm spikes")]
+    assert len(spikes) == 1 and "at step 9:" in spikes[0] and "learning rate" in spikes[0]
+
+
+def test_dead_and_missing_gradients_are_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 1))
+    unused = nn.Linear(4, 4)
+    model.add_module("unused", unused)
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU unit dead: nothing reaches layer 0
+    sink = ListSink()
+    with gradstats.GradMonitor(nn.ModuleDict({"net": model[:4], "unused": unused}),
+                               sinks=[sink], hist_every=1) as monitor:
+        model[:4](torch.randn(8, 4)).sum().backward()
+        monitor.step()
+        diagnosis = gradstats.diagnose(monitor)
+    text = "\n".join(diagnosis.findings)
+    assert "all-zero gradients" in text and "'net.0.weight'" in text
+    assert "no gradient" in text and "'unused.weight'" in text
+
+
+def test_saturated_tanh_layers_are_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)
+    diagnosis, _ = train(model, 16, track_activations=True)
+    finding = next(f for f in diagnosis.findings if f.startswith("saturated activations"))
+    assert "'1'" in finding and "Xavier" in finding
+
+
+def float64_fraction_below(values, exponent):
+    nonzero = values[values != 0].double().abs()
+    return (nonzero < 2.0 ** exponent).double().mean().item()
+
+
+def test_underflow_fractions_match_the_values():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.exp2(torch.empty(4000).uniform_(-34, 20, generator=generator))
+    values[:100] = 0.0
+    param = torch.zeros_like(values, requires_grad=True)
+    param.grad = values.clone()
+    sink = ListSink()
+    with gradstats.GradMonitor([("p", param)], sinks=[sink], hist_every=1) as monitor:
+        monitor.step()
+    record = sink.records[0]
+    fractions = underflow_fractions(record)
+    assert fractions["fp16_zero"] == pytest.approx(float64_fraction_below(values, -24))
+    assert fractions["fp16_subnormal"] == pytest.approx(float64_fraction_below(values, -14))
+    assert fractions["fp16_overflow"] == pytest.approx(
+        1 - float64_fraction_below(values, 16))
+    assert fractions["bf16_zero"] == 0.0  # nothing below 2^-40, the histogram's first edge
+    diagnosis = gradstats.diagnose([record])
+    text = "\n".join(diagnosis.findings)
+    assert "fp16 underflow" in text and "'p'" in text and "GradScaler" in text
+    assert "fp16 overflow" in text
+
+
+def test_role_replaces_layer_indices():
+    assert role_of("blocks.3.mlp.fc1") == "blocks.*.mlp.fc1"
+    assert role_of("12") == "*"
+    assert role_of("layer2.0.conv1") == "layer2.*.conv1"
+
+
+def test_bad_sources_are_named():
+    with pytest.raises(TypeError, match="needs a GradMonitor, a GradStats"):
+        gradstats.diagnose(42)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        gradstats.diagnose([], window=0)
+    with pytest.raises(ValueError, match="no records"):
+        gradstats.diagnose([])
+    with gradstats.GradMonitor(nn.Linear(2, 2), sinks=None) as monitor:
+        with pytest.raises(ValueError, match="keeps no records"):
+            gradstats.diagnose(monitor)
+
+
+def test_monitor_keeps_histograms_only_in_its_latest_histogram_record():
+    model = sigmoid_mlp(depth=3, width=8)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], hist_every=2) as monitor:
+        for _ in range(5):
+            model.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            monitor.step()
+        kept = monitor.recent_records
+    assert [r.step for r in kept] == [0, 1, 2, 3, 4]
+    assert [r.hist is not None for r in kept] == [False, False, False, False, True]
+    assert kept[4] is sink.records[4]
+    assert all(r.hist is not None for r in sink.records[::2])  # the sinks' records intact
+    assert kept[2].norms == sink.records[2].norms
