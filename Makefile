@@ -8,6 +8,7 @@
 # build (several GB). Install the torch you want first (the CPU wheel from PyTorch's CPU
 # index on a machine without a GPU) and set-up keeps it.
 # --no-build-isolation: gradstats is built with the environment's own setuptools and torch.
+# The plots extra (matplotlib) comes with set-up: the demo draws its figures.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,7 +26,7 @@ $(VENV)/.installed: setup.py $(wildcard csrc/*.cpp)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(DEFAULT_TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
 	$(PY) -c "import setuptools" 2>/dev/null || $(PIP_INSTALL) setuptools
-	$(PIP_INSTALL) --no-build-isolation -e .
+	$(PIP_INSTALL) --no-build-isolation -e ".[plots]"
 	touch $@
 
 # The test extra adds the real trainers the integrations are tested against. timm goes in
@@ -37,7 +38,7 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	touch $@
 
 demo: setup
-	$(PY) -m gradstats.demo
+	$(PY) -m gradstats demo
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q

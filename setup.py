@@ -78,10 +78,11 @@ setup(
         # numpy: the tests' independent float64 reference (np.frexp, exact histograms);
         # tensorboard: its own event reader checks what the TensorBoard sink writes;
         # transformers + accelerate, lightning: the integrations are tested against the real
-        # trainers. (timm is installed by `make test` with --no-deps: it requires torchvision,
-        # whose PyPI wheels are CUDA builds that would replace a CPU torch.)
+        # trainers; matplotlib: the diagnosis figures are drawn, not skipped. (timm is
+        # installed by `make test` with --no-deps: it requires torchvision, whose PyPI wheels
+        # are CUDA builds that would replace a CPU torch.)
         "test": ["pytest", "pytest-benchmark", "numpy", "tensorboard",
-                 "transformers", "accelerate", "lightning"],
+                 "transformers", "accelerate", "lightning", "matplotlib"],
         # The monitor's optional sinks: "tensorboard:DIR" and "wandb".
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
@@ -90,6 +91,8 @@ setup(
         # matplotlib: gradstats.plots and the figures of `python -m gradstats report`.
         "plots": ["matplotlib"],
     },
+    # `gradstats demo`, `gradstats report LOG.jsonl`: the same as `python -m gradstats ...`.
+    entry_points={"console_scripts": ["gradstats = gradstats.__main__:console_main"]},
     license="BSD-3-Clause",
     license_files=["LICENSE"],
     author="the gradstats developers",

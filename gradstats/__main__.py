@@ -1,4 +1,4 @@
-"""The command line.
+"""The command line (``python -m gradstats`` or the ``gradstats`` console script).
 
 - ``python -m gradstats demo [--quick] [--out DIR]``: the model-zoo demo (``gradstats.demo``);
 - ``python -m gradstats report LOG.jsonl [--out DIR]``: diagnose a logged run and write a
@@ -50,5 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``gradstats`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
