@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .nonfinite import NonFinitePolicy, describe
 from .norms import parse_norm_type
@@ -77,6 +77,11 @@ class GradMonitor:
         norm_type (float): order of the norms. Default: 2.0
         optimizer (Optimizer, optional): the optimizer whose update ``"skip"`` cancels.
         num_bins, min_exp (int): histogram layout, as for :func:`gradstats.grad_stats`.
+        process_group (ProcessGroup, optional): the group plain gradients are sharded over
+            by hand, as for :func:`gradstats.grad_stats`. Default: None
+        all_ranks (bool): under ``torch.distributed``, every rank opens ``sinks`` and
+            writes (give each rank its own paths); otherwise only global rank 0 does, the
+            others open no sink. Default: False
 
     Attributes:
         steps (int): steps taken; the next :meth:`step` is step number ``steps``.
@@ -90,6 +95,13 @@ class GradMonitor:
     ``optimizer.step(closure)``, call ``step()`` inside the closure after backward (as a
     Lightning ``on_before_optimizer_step`` callback does): the update that follows is the
     one skipped.
+
+    Distributed training: ``DTensor`` gradients (FSDP2, tensor parallelism) and
+    ``process_group=`` shards are read where they live and their statistics combined
+    across ranks, so records hold the global figures under the unsharded model's names and
+    ``"raise"``/``"skip"`` decide the same on every rank; under DDP the gradients are
+    already identical and nothing is communicated. Create the monitor after
+    ``init_process_group`` (it asks for the rank then), and call :meth:`step` on every rank.
 
     A sink that fails never stops training: it is reported once (a warning naming the sink
     and the error), its records are held and retried, and the other sinks go on. Steps are
@@ -118,6 +130,8 @@ class GradMonitor:
         optimizer: torch.optim.Optimizer | None = None,
         num_bins: int = 64,
         min_exp: int = -40,
+        process_group=None,
+        all_ranks: bool = False,
     ):
         self.log_every = _positive_int("log_every", log_every)
         self.hist_every = None if hist_every is None else _positive_int("hist_every", hist_every)
@@ -131,6 +145,9 @@ class GradMonitor:
             _check_optimizer(optimizer)
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
         self._lock = threading.RLock()  # one step at a time: numbers in call order
+        self._process_group = process_group
+        if not (all_ranks or _is_rank_zero()):
+            sinks = None  # the global figures are the same on every rank: one writes them
         self._sinks = SinkFanout(open_sinks(sinks))
         self.paths = [sink.path for sink in self._sinks.sinks if getattr(sink, "path", None)]
         if self.paths:
@@ -182,6 +199,9 @@ class GradMonitor:
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         grads, names = gradients(*self._watched.current())
+        sharding = distributed.local_view(grads, self._process_group) if grads else None
+        if sharding is not None:
+            grads = sharding.tensors
         route = ops.route(grads) if grads else None  # once per step: plan, device, dtypes
         dtypes = route and route.dtypes
         check_norm_inputs(grads, names, "parameter", self.norm_type, dtypes=dtypes)
@@ -191,7 +211,7 @@ class GradMonitor:
         logged = with_hist or step % self.log_every == 0
         stats = collect_stats(grads, names, self.norm_type, max_norm=max_norm,
                               histogram=with_hist, num_bins=self.num_bins, min_exp=self.min_exp,
-                              route=route)
+                              route=route, sharding=sharding)
         self.steps += 1
         # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
         # are skipped by the scaler and routinely hold Inf, so they raise no alarm.
@@ -203,11 +223,13 @@ class GradMonitor:
         if clip and max_norm == math.inf:  # nothing to clip, as in clip.py: the factor is 1
             stats.clip_coef.fill_(1.0)
         elif clip and grads:
-            ops.scale_(grads, stats.clip_coef, route)
+            targets = grads if sharding is None else sharding.targets
+            ops.scale_(targets, stats.clip_coef, route if targets is grads else None)
         self._queue.push(step, stats, logged, clipped=clip, overflow=overflow)
         if not grads:
             return stats.total_norm
-        return stats.total_norm.to(norm_result_dtype(grads, dtypes))
+        return distributed.as_total(stats.total_norm.to(norm_result_dtype(grads, dtypes)),
+                                    sharding)
 
     def _raise_if_nonfinite(self, step: int, stats: GradStats, overflow) -> None:
         # The one sync the user asked for: the decision needs the counts on the host.
@@ -300,6 +322,12 @@ def _close(queue: RecordQueue, sinks: SinkFanout, held_hooks: list[OptimizerHook
         queue.drain(wait=True)
     finally:
         sinks.close()
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _check_optimizer(optimizer):

@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 
 def _rank_main(suite: str, rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GRADSTATS_TEST_OUTDIR=outdir)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
@@ -474,6 +474,82 @@ def check_fsdp2_equals_torch_and_one_process(rank, world):
             _close(mine, ref.grad, rtol=1e-5, atol=1e-6)
 
 
+def _fsdp_pair(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(7)
+    reference = _TinyTransformer()
+    model = copy.deepcopy(reference)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, reference
+
+
+def check_monitor_fsdp2_records_equal_one_process(rank, world):
+    """Rank 0 writes the global figures, equal to one process's; all_ranks: each writes."""
+    from torch.distributed.tensor import DTensor
+    gradstats = _gradstats()
+    outdir = os.environ["GRADSTATS_TEST_OUTDIR"]
+    model, reference = _fsdp_pair(world)
+    shared = os.path.join(outdir, "fsdp.jsonl")
+    options = dict(hist_every=1, num_bins=BINS, min_exp=MIN_EXP)
+    monitor = gradstats.GradMonitor(model, sinks=[f"jsonl:{shared}"], **options)
+    own = os.path.join(outdir, f"ref-{rank}.jsonl")
+    single = gradstats.GradMonitor(reference, sinks=[f"jsonl:{own}"], all_ranks=True, **options)
+    each = os.path.join(outdir, f"each-{rank}.jsonl")
+    every_rank = gradstats.GradMonitor(model, sinks=[f"jsonl:{each}"], all_ranks=True,
+                                       **options)
+    for step in range(2):
+        tokens = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(step))
+        model(tokens).backward()
+        reference(tokens).backward()
+        every_rank.step()
+        total = monitor.step(max_norm=0.05)
+        assert isinstance(total, DTensor)
+        single.step(max_norm=0.05)
+        model.zero_grad()
+        reference.zero_grad()
+    for m in (monitor, single, every_rank):
+        m.close()
+    dist.barrier()
+    records, expected = gradstats.read_jsonl(shared), gradstats.read_jsonl(own)
+    assert len(records) == 2  # rank 0 alone wrote the shared file
+    assert len(gradstats.read_jsonl(each)) == 2  # and every rank its own when asked
+    for record, ref in zip(records, expected):
+        assert record.norms.keys() == ref.norms.keys()
+        for name, norm in ref.norms.items():
+            assert math.isclose(record.norms[name], norm, rel_tol=1e-5, abs_tol=1e-7), name
+        assert math.isclose(record.total_norm, ref.total_norm, rel_tol=1e-5)
+        assert math.isclose(record.clip_coef, ref.clip_coef, rel_tol=1e-5)
+        assert record.nonfinite == ref.nonfinite == {}
+        for name, counts in ref.hist.items():
+            assert sum(abs(a - b) for a, b in zip(record.hist[name], counts)) <= 2, name
+
+
+def check_monitor_nan_on_one_rank_every_rank_raises_or_skips(rank, world):
+    gradstats = _gradstats()
+    model, _ = _fsdp_pair(world)
+    model(torch.arange(10).reshape(2, 5)).backward()
+    if rank == 1:  # rank 1's shard of one gradient only
+        next(iter(model.parameters())).grad.to_local().view(-1)[0] = math.nan
+    raising = gradstats.GradMonitor(model, sinks=None, on_nonfinite="raise")
+    with pytest.raises(RuntimeError, match="non-finite gradients at step 0"):
+        raising.step(max_norm=1.0)
+    raising.close()
+    before = [q.to_local().clone() for q in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(gradstats.NonFiniteGradientWarning):
+        skipping = gradstats.GradMonitor(model, sinks=None, on_nonfinite="skip",
+                                         optimizer=optimizer)
+        skipping.step(max_norm=1.0)
+        optimizer.step()
+        skipping.close()
+    for param, saved in zip(model.parameters(), before):  # no rank updated
+        torch.testing.assert_close(param.to_local(), saved)
+
+
 # -- suite "mesh2d": 4 ranks -----------------------------------------------------------------
 def _mesh2d_setup(world):
     from torch.distributed.device_mesh import init_device_mesh
@@ -554,6 +630,8 @@ SUITES = {
         check_process_group_hand_sharded,
         check_ddp_with_and_without_bucket_view,
         check_fsdp2_equals_torch_and_one_process,
+        check_monitor_fsdp2_records_equal_one_process,
+        check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
     ],
     "mesh2d": [
         check_mesh2d_and_two_meshes_equal_one_process,
