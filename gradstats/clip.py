@@ -81,14 +81,16 @@ def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float, route,
 
 
 def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
-                        names: list[str] | None, what: str, params=None) -> None:
+                        names: list[str] | None, what: str, params=None,
+                        sharding=None) -> None:
     """``total`` is the norm as returned, in torch's dtype: an fp16 total can overflow
     where the float32 one did not, and torch raises then too. ``params``: the parameters
-    the gradients came from, so indices count what the caller passed."""
+    the gradients came from, so indices count what the caller passed. ``sharding``: the
+    call's layout; every rank sees the same global total, so all raise together."""
     # The one deliberate host sync here: the user asked for a check on the value.
     if bool(torch.isfinite(total)):
         return
-    counts = result.nonfinite.tolist()
+    counts = distributed.global_counts(sharding, result.nonfinite).tolist()
     offenders = [f"{describe(i, names, what, params)} ({count} NaN/Inf)"
                  for i, count in enumerate(counts) if count]
     if offenders:
@@ -139,7 +141,7 @@ def get_total_norm(
     tensors, names = named_items(tensors)
     if not tensors:
         return torch.tensor(0.0)
-    sharding = distributed.local_view(tensors, process_group)
+    sharding = distributed.local_view(tensors, process_group, with_counts=False)
     if sharding is not None:
         tensors = sharding.tensors
     route = ops.route(tensors)  # once per call: plan, device and dtype facts
@@ -148,7 +150,7 @@ def get_total_norm(
     result = _norms_pass(tensors, p, math.inf, route, sharding)
     total = result.total_norm.to(norm_result_dtype(tensors, dtypes))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, total, p, names, "tensor")
+        _raise_if_nonfinite(result, total, p, names, "tensor", sharding=sharding)
     return distributed.as_total(total, sharding)
 
 
@@ -253,7 +255,7 @@ def fused_clip_grad_norm_(
     grads, names = gradients(params, names)
     if not grads:
         return torch.tensor(0.0)
-    sharding = distributed.local_view(grads, process_group)
+    sharding = distributed.local_view(grads, process_group, with_counts=False)
     if sharding is not None:
         grads = sharding.tensors
     route = ops.route(grads)  # once per call: plan, device and dtype facts
@@ -263,7 +265,7 @@ def fused_clip_grad_norm_(
     result = _norms_pass(grads, p, max_norm, route, sharding)
     total = result.total_norm.to(norm_result_dtype(grads, dtypes))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, total, p, names, "parameter", params)
+        _raise_if_nonfinite(result, total, p, names, "parameter", params, sharding)
     if max_norm != math.inf:  # inf: no clipping asked for (see the module docstring)
         targets = grads if sharding is None else sharding.targets
         ops.scale_(targets, result.clip_coef, route if targets is grads else None)

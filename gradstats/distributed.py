@@ -33,7 +33,8 @@ import torch
 
 from .norms import NormKind, norm_kind
 
-__all__ = ["ShardedLayout", "local_view", "reduce_partials", "as_total", "plain_total"]
+__all__ = ["ShardedLayout", "local_view", "reduce_partials", "global_counts", "as_total",
+           "plain_total"]
 
 
 def _dtensor_class():
@@ -53,32 +54,44 @@ class ShardedLayout:
 
     Attributes:
         tensors: the local tensors the statistics are computed on.
-        targets: the local tensors to scale in place (``tensors``, except for ``Partial``
-            gradients, whose statistics come from a replicated copy).
+        targets: the local tensors to scale in place (``tensors`` itself, except for
+            ``Partial`` gradients, whose statistics come from a replicated copy).
         reductions: ``(process group, rows)`` in the order every rank issues them: the
             rows (positions in ``tensors``) whose partials are summed over that group.
         mesh: the first ``DTensor`` gradient's mesh (the total norm is returned as a
             ``DTensor`` on it, as torch does), or None.
+        with_counts: reduce the NaN/Inf counts and histograms with the powers. Without
+            them (the clipping functions, which only need the counts to name parameters
+            in an error) the inf-norm takes one collective instead of two, and
+            :func:`global_counts` reduces the counts once an error needs them.
+        counts_are_local: set by :func:`reduce_partials` when it left the counts local.
     """
 
     tensors: list[torch.Tensor]
     targets: list[torch.Tensor]
     reductions: list[tuple[object, list[int]]] = field(default_factory=list)
     mesh: object | None = None
+    with_counts: bool = True
+    counts_are_local: bool = False
 
 
-def local_view(grads: list[torch.Tensor], process_group=None) -> ShardedLayout | None:
+def local_view(
+    grads: list[torch.Tensor], process_group=None, *, with_counts: bool = True
+) -> ShardedLayout | None:
     """The local tensors of ``grads`` and how to combine their partials, or None when
     there is nothing to combine (plain tensors and no ``process_group``): the caller goes
-    on with ``grads`` as they are."""
+    on with ``grads`` as they are. ``with_counts``: see :class:`ShardedLayout`."""
     dtensor = _dtensor_class()
     if process_group is None and (dtensor is None or not any(
             issubclass(kind, dtensor) for kind in set(map(type, grads)))):
         return None
     if process_group is not None:
         _check_process_group(process_group)
-    tensors, targets, mesh = [], [], None
+    tensors, targets, mesh, any_partial = [], [], None, False
     rows_by_group: dict[object, list[int]] = {}
+    # (mesh, placements) -> (the groups of its Shard dims, any Partial): a few distinct
+    # layouts serve hundreds of gradients, and asking each one costs ~10 us per gradient.
+    layouts: dict[tuple, tuple[list, bool]] = {}
     for row, grad in enumerate(grads):
         if dtensor is None or not isinstance(grad, dtensor):
             tensors.append(grad)
@@ -88,16 +101,26 @@ def local_view(grads: list[torch.Tensor], process_group=None) -> ShardedLayout |
             continue
         grad_mesh, placements = grad.device_mesh, grad.placements
         mesh = grad_mesh if mesh is None else mesh
-        local = grad.to_local()
+        key = (id(grad_mesh), placements)
+        layout = layouts.get(key)
+        if layout is None:
+            layout = layouts[key] = _groups_and_partial(grad_mesh, placements)
+        groups, partial = layout
+        any_partial |= partial
+        local = grad.to_local()  # under no_grad: the DTensor's own local tensor, no copy
         targets.append(local)
-        if any(placement.is_partial() for placement in placements):
-            tensors.append(_replicated_partials(grad).to_local())
-        else:
-            tensors.append(local)
-        for dim, placement in enumerate(placements):
-            if placement.is_shard():
-                rows_by_group.setdefault(grad_mesh.get_group(dim), []).append(row)
-    return ShardedLayout(tensors, targets, list(rows_by_group.items()), mesh)
+        tensors.append(_replicated_partials(grad).to_local() if partial else local)
+        for group in groups:
+            rows_by_group.setdefault(group, []).append(row)
+    if not any_partial:
+        targets = tensors  # callers test `targets is tensors` to reuse the route
+    return ShardedLayout(tensors, targets, list(rows_by_group.items()), mesh, with_counts)
+
+
+def _groups_and_partial(mesh, placements) -> tuple[list, bool]:
+    groups = [mesh.get_group(dim) for dim, placement in enumerate(placements)
+              if placement.is_shard()]
+    return groups, any(placement.is_partial() for placement in placements)
 
 
 def _check_process_group(process_group) -> None:
@@ -134,40 +157,97 @@ def reduce_partials(
     numel: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The per-tensor partials summed (max-ed: inf-norm powers) over each reduction's
-    group: the global figures, the same on every rank. Inputs are not modified."""
+    group: the global figures, the same on every rank. Inputs are not modified.
+
+    Per group, one ``all_reduce(SUM)`` of one float64 vector holding every row's power,
+    counts, histogram and element count; the inf-norm's maxima take one
+    ``all_reduce(MAX)`` instead of the power's place in it, and the SUM is left out when
+    it would carry nothing (no counts wanted, no element counts)."""
     if not layout.reductions:
         return power, nonfinite, hist, numel
+    inf_norm = norm_kind(p) == NormKind.INF
+    with_counts = layout.with_counts
+    layout.counts_are_local = not with_counts
+    power = power.clone()
+    if with_counts:
+        nonfinite, hist = nonfinite.clone(), hist.clone()
+    numel = None if numel is None else numel.clone()
+    for group, rows in layout.reductions:
+        index = _row_index(rows, power)
+        columns = []  # what goes in the SUM vector
+        if not inf_norm:
+            columns.append(_rows(power, index).unsqueeze(1))
+        if with_counts:
+            columns.append(_rows(nonfinite, index).unsqueeze(1).to(torch.float64))
+            columns.append(_rows(hist, index).to(torch.float64))
+        if numel is not None:
+            columns.append(_rows(numel, index).unsqueeze(1).to(torch.float64))
+        if inf_norm:
+            _put_rows(power, index, _max_over(group, _rows(power, index)))
+        if not columns:
+            continue
+        summed = _all_reduce(torch.cat(columns, dim=1), "SUM", group)
+        if not inf_norm:
+            _put_rows(power, index, summed[:, 0])
+            summed = summed[:, 1:]
+        if with_counts:
+            _put_rows(nonfinite, index, _as_int64(summed[:, 0]))
+            _put_rows(hist, index, _as_int64(summed[:, 1:1 + hist.shape[1]]))
+        if numel is not None:
+            _put_rows(numel, index, _as_int64(summed[:, -1]))
+    return power, nonfinite, hist, numel
+
+
+def global_counts(layout: ShardedLayout | None, nonfinite: torch.Tensor) -> torch.Tensor:
+    """The NaN/Inf counts summed over ranks, when :func:`reduce_partials` left them
+    local. Every rank must call it together: call it on a decision all ranks share (a
+    non-finite total norm)."""
+    if layout is None or not layout.counts_are_local:
+        return nonfinite
+    nonfinite = nonfinite.clone()
+    for group, rows in layout.reductions:
+        index = _row_index(rows, nonfinite)
+        _put_rows(nonfinite, index, _all_reduce(_rows(nonfinite, index), "SUM", group))
+    return nonfinite
+
+
+def _max_over(group, power: torch.Tensor) -> torch.Tensor:
+    """Maxima over ``group``; a NaN anywhere gives NaN. A MAX need not keep a NaN, so a
+    NaN flag rides along in a second column (the maximum of flags: any)."""
+    packed = torch.stack([power, torch.isnan(power).to(torch.float64)], dim=1)
+    packed = _all_reduce(packed, "MAX", group)
+    return torch.where(packed[:, 1] > 0, torch.nan, packed[:, 0])
+
+
+def _all_reduce(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
     import torch.distributed as dist
 
-    inf_norm = norm_kind(p) == NormKind.INF
-    power, nonfinite, hist = power.clone(), nonfinite.clone(), hist.clone()
-    numel = None if numel is None else numel.clone()
-    bins = hist.shape[1]
-    for group, rows in layout.reductions:
-        index = torch.tensor(rows, dtype=torch.int64).to(power.device, non_blocking=True)
-        columns = [nonfinite.index_select(0, index).unsqueeze(1).to(torch.float64),
-                   hist.index_select(0, index).to(torch.float64)]
-        if numel is not None:
-            columns.append(numel.index_select(0, index).unsqueeze(1).to(torch.float64))
-        row_power = power.index_select(0, index)
-        # The sum of powers goes with the counts; the inf-norm's maxima need their own
-        # MAX collective, and a NaN flag in the sum, since MAX need not keep a NaN.
-        columns.insert(0, (torch.isnan(row_power) if inf_norm else row_power)
-                       .to(torch.float64).unsqueeze(1))
-        packed = torch.cat(columns, dim=1)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        if inf_norm:
-            maxima = row_power.contiguous()
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-            row_power = torch.where(packed[:, 0] > 0, torch.nan, maxima)
-        else:
-            row_power = packed[:, 0]
-        power.index_copy_(0, index, row_power)
-        nonfinite.index_copy_(0, index, packed[:, 1].round().to(torch.int64))
-        hist.index_copy_(0, index, packed[:, 2:2 + bins].round().to(torch.int64))
-        if numel is not None:
-            numel.index_copy_(0, index, packed[:, 2 + bins].round().to(torch.int64))
-    return power, nonfinite, hist, numel
+    tensor = tensor.contiguous()
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=group)
+    return tensor
+
+
+def _row_index(rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
+    """The rows as an index on ``like``'s device; None for all rows (the common case:
+    every gradient sharded the same way), which needs no index at all."""
+    if len(rows) == like.shape[0]:
+        return None
+    return torch.tensor(rows, dtype=torch.int64).to(like.device, non_blocking=True)
+
+
+def _rows(tensor: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return tensor if index is None else tensor.index_select(0, index)
+
+
+def _put_rows(tensor: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> None:
+    if index is None:
+        tensor.copy_(values)
+    else:
+        tensor.index_copy_(0, index, values.to(tensor.dtype))
+
+
+def _as_int64(counts: torch.Tensor) -> torch.Tensor:
+    return counts.round().to(torch.int64)  # exact: float64 holds counts below 2^53
 
 
 def as_total(total: torch.Tensor, layout: ShardedLayout | None):

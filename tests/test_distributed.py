@@ -325,11 +325,36 @@ def check_mesh1d_one_collective_per_kind(rank, world):
     gradstats = _gradstats()
     mesh = init_device_mesh("cpu", (world,))
     params = _mesh1d_params(mesh, _mesh1d_grads())
-    for p, expected in ((2.0, [dist.ReduceOp.SUM]),
-                        (math.inf, [dist.ReduceOp.SUM, dist.ReduceOp.MAX])):
+    SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+    for p, for_stats, for_clip in ((2.0, [SUM], [SUM]), (math.inf, [MAX, SUM], [MAX])):
         with _CountCollectives() as counted:
             gradstats.grad_stats(params, p, max_norm=1.0)
-        assert counted.calls == expected, counted.calls
+        assert counted.calls == for_stats, counted.calls
+        with _CountCollectives() as counted:
+            gradstats.fused_clip_grad_norm_(params, 1.0, p)
+            gradstats.get_total_norm([q.grad for q in params], p).full_tensor()
+        assert counted.calls == for_clip * 2, counted.calls
+
+
+def check_mesh1d_no_more_collectives_than_torch(rank, world):
+    """torch's clip and total norm on the same DTensors (no empty shard: torch's inf-norm
+    fails there), counted by DTensor's own CommDebugMode, which sees both kinds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    del grads["one_row"]
+    for p in (2.0, math.inf):
+        counts = []
+        for module in (torch.nn.utils, gradstats):
+            params = _mesh1d_params(mesh, grads)
+            with CommDebugMode() as comm:
+                module.clip_grad_norm_(params, 0.01, p).full_tensor()
+                module.get_total_norm([q.grad for q in params], p).full_tensor()
+            counts.append(comm.get_total_counts())
+        torch_count, ours = counts
+        assert 0 < ours <= torch_count, (p, counts)
 
 
 # -- hand-sharded buffers (process_group=) ---------------------------------------------------
@@ -604,8 +629,7 @@ def check_mesh2d_one_collective_per_mesh_dim(rank, world):
     assert counted.calls == [dist.ReduceOp.SUM] * 3, counted.calls
     with _CountCollectives() as counted:
         gradstats.get_total_norm([q.grad for q in params[:5]], math.inf)
-    assert sorted(map(str, counted.calls)) == sorted(map(str, [dist.ReduceOp.SUM,
-                                                               dist.ReduceOp.MAX] * 2))
+    assert counted.calls == [dist.ReduceOp.MAX] * 2, counted.calls  # dp, tp
 
 
 def check_mesh2d_nan_on_one_rank_every_rank_raises(rank, world):
@@ -627,6 +651,7 @@ SUITES = {
         check_mesh1d_partial_gradient,
         check_mesh1d_nan_on_one_rank_every_rank_raises,
         check_mesh1d_one_collective_per_kind,
+        check_mesh1d_no_more_collectives_than_torch,
         check_process_group_hand_sharded,
         check_ddp_with_and_without_bucket_view,
         check_fsdp2_equals_torch_and_one_process,
