@@ -176,7 +176,9 @@ def clip_grads_with_norm_(
         parameters (Iterable[Tensor] or Tensor): an iterable of Tensors or a single Tensor
             that will have gradients normalized
         max_norm (float): max norm of the gradients (non-negative)
-        total_norm (Tensor): total norm of the gradients to use for clipping
+        total_norm (Tensor): total norm of the gradients to use for clipping (a
+            ``DTensor`` one, gradstats' or torch's, is read as its global value; ``DTensor``
+            gradients are scaled through their local tensors)
         foreach (bool): accepted for compatibility; ignored. Default: ``None``
 
     Returns:

@@ -7,14 +7,14 @@ those small per-tensor rows cross the network, by ``torch.distributed`` collecti
 
 - a ``DTensor`` gradient is summed over exactly the mesh dimensions on which it is
   ``Shard``-ed; ``Replicate`` dimensions hold copies, which are not added (every element
-  counts once). Gradients with the same (process group) share one collective: one
-  ``all_reduce(SUM)`` of one float64 vector per mesh dimension, whatever the number of
-  tensors, plus one ``all_reduce(MAX)`` for the inf-norm's powers. Float64 holds every
-  count exactly below 2^53. Gradients on several meshes (pipeline stages, expert
-  parallelism) are reduced over their own mesh each, then combined on the rank.
-  ``Partial`` gradients (rare: FSDP2 and DDP hand out reduced ones) are made
-  ``Replicate`` for the statistics; they are scaled in place as they are, since scaling
-  every partial scales their sum;
+  counts once). Gradients sharded over the same process group (mesh dimension) share
+  one ``all_reduce(SUM)`` of one float64 vector, whatever the number of tensors; the
+  inf-norm's maxima take one ``all_reduce(MAX)`` instead, and its counts and histograms,
+  when wanted, the SUM. Float64 holds every count exactly below 2^53. Gradients on
+  several meshes (expert parallelism, several pipeline stages on one rank) are reduced
+  over their own mesh each, then combined on the rank. ``Partial`` gradients (rare:
+  FSDP2 hands out reduced ones) are made ``Replicate`` for the statistics; they are
+  scaled in place as they are, since scaling every partial scales their sum;
 - plain tensors with a ``process_group`` (hand-sharded, ZeRO-style flat buffers) are
   summed over that group;
 - plain tensors without one (DDP, whose gradients are identical after its all-reduce)

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import socket
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -87,7 +88,6 @@ def _run_suite(suite: str, world: int) -> dict[str, list[str]]:
 
 
 def _now() -> float:
-    import time
     return time.monotonic()
 
 
@@ -148,21 +148,17 @@ def _check_stats_equal_one_process(dparams, full_grads, p):
     _close(sharded.norms, torch_norms, rtol=1e-5)
 
 
-def _counting_all_reduce(monkeypatch_calls: list):
-    original = dist.all_reduce
-
-    def counted(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        monkeypatch_calls.append(op)
-        return original(tensor, op=op, group=group, async_op=async_op)
-    return original, counted
-
-
 class _CountCollectives:
-    """Counts ``all_reduce`` calls (what gradstats issues) while active."""
+    """Records the op of every ``dist.all_reduce`` call (what gradstats issues) while active."""
 
     def __enter__(self):
         self.calls = []
-        self._original, dist.all_reduce = _counting_all_reduce(self.calls)
+        self._original = original = dist.all_reduce
+
+        def counted(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            self.calls.append(op)
+            return original(tensor, op=op, group=group, async_op=async_op)
+        dist.all_reduce = counted
         return self
 
     def __exit__(self, *exc):
