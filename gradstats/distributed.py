@@ -118,8 +118,9 @@ def local_view(
 
 
 def _groups_and_partial(mesh, placements) -> tuple[list, bool]:
+    # A dimension of size 1 (torchtitan's unused dp or pp) has nothing to add up.
     groups = [mesh.get_group(dim) for dim, placement in enumerate(placements)
-              if placement.is_shard()]
+              if placement.is_shard() and mesh.size(dim) > 1]
     return groups, any(placement.is_partial() for placement in placements)
 
 

@@ -379,6 +379,48 @@ def check_process_group_hand_sharded(rank, world):
             _close(param.grad, ref.grad[b[rank]:b[rank + 1]])
     with pytest.raises(ValueError, match="norm_type 0.0"):
         gradstats.get_total_norm(local, 0.0, process_group=group)
+    monitor = gradstats.GradMonitor(_plain_params(local), sinks=None, process_group=group)
+    _close(monitor.step(), torch.nn.utils.get_total_norm(full))
+    monitor.close()
+
+
+def _torchtitan_clip(parameters, max_norm, norm_type, pp_group, module):
+    """torchtitan's ``clip_grad_norm_`` (its dist utils) with ``module``'s two functions:
+    the DTensor total made plain, combined over the pipeline group, then the scale."""
+    from torch.distributed.tensor import DTensor
+    parameters = list(parameters)
+    total = module.get_total_norm([q.grad for q in parameters], norm_type)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if norm_type == math.inf:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+    else:
+        total **= norm_type
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+        total **= 1.0 / norm_type
+    module.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
+def check_torchtitan_style_loop_with_pipeline_stages(rank, world):
+    """A (pp, dp) world mesh as torchtitan builds it, one stage per rank: each stage's
+    DTensor parameters on its dp sub-mesh; gradstats' two functions in place of torch's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    gradstats = _gradstats()
+    world_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("pp", "dp"))
+    dp_mesh, pp_group = world_mesh["dp"], world_mesh["pp"].get_group()
+    full = [g for g, _ in _mesh1d_grads().values()]
+    stage = full[:3] if rank == 0 else full[3:]
+    for p in (2.0, math.inf):
+        ours = [_dparam(g, dp_mesh, [Shard(0)]) for g in stage]
+        theirs = [_dparam(g, dp_mesh, [Shard(0)]) for g in stage]
+        total = _torchtitan_clip(ours, 0.05, p, pp_group, gradstats)
+        expected = _torchtitan_clip(theirs, 0.05, p, pp_group, torch.nn.utils)
+        _close(total, expected)
+        _close(total, torch.nn.utils.get_total_norm(full, p))
+        for a, b in zip(ours, theirs):
+            _close(a.grad, b.grad)
 
 
 # -- DDP: plain tensors, no communication ----------------------------------------------------
@@ -649,6 +691,7 @@ SUITES = {
         check_mesh1d_one_collective_per_kind,
         check_mesh1d_no_more_collectives_than_torch,
         check_process_group_hand_sharded,
+        check_torchtitan_style_loop_with_pipeline_stages,
         check_ddp_with_and_without_bucket_view,
         check_fsdp2_equals_torch_and_one_process,
         check_monitor_fsdp2_records_equal_one_process,
