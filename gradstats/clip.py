@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from . import ops, reference
+from . import distributed, ops, reference
 from .checks import (
     check_clamp_inputs,
     check_norm_inputs,
@@ -75,19 +75,23 @@ def _check_foreach(foreach: bool | None) -> None:
         raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
 
 
-def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float, route) -> FusedResult:
-    return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm, route=route)
+def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float, route,
+                sharding=None) -> FusedResult:
+    return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm, route=route,
+                      sharding=sharding)
 
 
 def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
-                        names: list[str] | None, what: str, params=None) -> None:
+                        names: list[str] | None, what: str, params=None,
+                        sharding=None) -> None:
     """``total`` is the norm as returned, in torch's dtype: an fp16 total can overflow
     where the float32 one did not, and torch raises then too. ``params``: the parameters
-    the gradients came from, so indices count what the caller passed."""
+    the gradients came from, so indices count what the caller passed. ``sharding``: the
+    call's layout; every rank sees the same global total, so all raise together."""
     # The one deliberate host sync here: the user asked for a check on the value.
     if bool(torch.isfinite(total)):
         return
-    counts = result.nonfinite.tolist()
+    counts = distributed.global_counts(sharding, result.nonfinite).tolist()
     offenders = [f"{describe(i, names, what, params)} ({count} NaN/Inf)"
                  for i, count in enumerate(counts) if count]
     if offenders:
@@ -108,6 +112,8 @@ def get_total_norm(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Compute the norm of an iterable of tensors.
 
@@ -122,24 +128,31 @@ def get_total_norm(
         error_if_nonfinite (bool): if True, an error naming the tensors that hold NaN/Inf
             is thrown if the total norm is ``nan``, ``inf``, or ``-inf``. Default: ``False``
         foreach (bool): accepted for compatibility; ignored. Default: ``None``
+        process_group (ProcessGroup, optional): the group plain tensors are sharded over by
+            hand; their partials are summed over it. ``DTensor`` s are combined over their
+            own mesh without it. Default: ``None``
 
     Returns:
         Total norm of the tensors (viewed as a single vector), with torch's dtype and
-        device (the first tensor's).
+        device (the first tensor's); a ``DTensor`` replicated over the first ``DTensor``'s
+        mesh when there is one (see :mod:`gradstats.distributed`).
     """
     _check_foreach(foreach)
     p = parse_norm_type(norm_type)
     tensors, names = named_items(tensors)
     if not tensors:
         return torch.tensor(0.0)
+    sharding = distributed.local_view(tensors, process_group, with_counts=False)
+    if sharding is not None:
+        tensors = sharding.tensors
     route = ops.route(tensors)  # once per call: plan, device and dtype facts
     dtypes = route and route.dtypes
     check_norm_inputs(tensors, names, "tensor", p, dtypes=dtypes)
-    result = _norms_pass(tensors, p, math.inf, route)
+    result = _norms_pass(tensors, p, math.inf, route, sharding)
     total = result.total_norm.to(norm_result_dtype(tensors, dtypes))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, total, p, names, "tensor")
-    return total
+        _raise_if_nonfinite(result, total, p, names, "tensor", sharding=sharding)
+    return distributed.as_total(total, sharding)
 
 
 @_no_grad
@@ -164,7 +177,9 @@ def clip_grads_with_norm_(
         parameters (Iterable[Tensor] or Tensor): an iterable of Tensors or a single Tensor
             that will have gradients normalized
         max_norm (float): max norm of the gradients (non-negative)
-        total_norm (Tensor): total norm of the gradients to use for clipping
+        total_norm (Tensor): total norm of the gradients to use for clipping (a
+            ``DTensor`` one, gradstats' or torch's, is read as its global value; ``DTensor``
+            gradients are scaled through their local tensors)
         foreach (bool): accepted for compatibility; ignored. Default: ``None``
 
     Returns:
@@ -177,6 +192,13 @@ def clip_grads_with_norm_(
     grads, names, route = gradients_and_route(params, names)
     if not grads:
         return
+    # DTensor gradients are scaled through their local tensors: a replicated coefficient
+    # needs no redistribution. A DTensor total (torch's, or ours) is read as its value.
+    sharding = distributed.local_view(grads)
+    if sharding is not None:
+        grads = sharding.targets
+        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
+    total_norm = distributed.plain_total(total_norm)
     # An integer gradient cannot take a fractional coefficient in place: torch fails on it
     # after scaling the others; here nothing is scaled.
     check_norm_inputs(grads, names, "parameter", params=params, dtypes=route and route.dtypes)
@@ -197,6 +219,8 @@ def fused_clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Clip the gradient norm of an iterable of parameters.
 
@@ -218,9 +242,14 @@ def fused_clip_grad_norm_(
             :attr:`parameters` is ``nan``, ``inf``, or ``-inf``; nothing is modified then.
             Default: False
         foreach (bool, optional): accepted for compatibility; ignored. Default: ``None``
+        process_group (ProcessGroup, optional): the group plain gradients are sharded over
+            by hand (ZeRO-style flat buffers); their partials are summed over it.
+            ``DTensor`` gradients are combined over their own mesh without it, and plain
+            gradients without it (DDP) need no communication. Default: ``None``
 
     Returns:
-        Total norm of the parameter gradients (viewed as a single vector).
+        Total norm of the parameter gradients (viewed as a single vector); a ``DTensor``
+        replicated over the first ``DTensor`` gradient's mesh when there is one.
     """
     _check_foreach(foreach)
     p = parse_norm_type(norm_type)
@@ -231,16 +260,21 @@ def fused_clip_grad_norm_(
     grads, names, route = gradients_and_route(params, names)
     if not grads:
         return torch.tensor(0.0)
+    sharding = distributed.local_view(grads, process_group, with_counts=False)
+    if sharding is not None:
+        grads = sharding.tensors
+        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
     dtypes = route and route.dtypes
     check_norm_inputs(grads, names, "parameter", p, params, dtypes)
     check_updatable(grads, names, params, route and route.all_contiguous)
-    result = _norms_pass(grads, p, max_norm, route)
+    result = _norms_pass(grads, p, max_norm, route, sharding)
     total = result.total_norm.to(norm_result_dtype(grads, dtypes))
     if error_if_nonfinite:
-        _raise_if_nonfinite(result, total, p, names, "parameter", params)
+        _raise_if_nonfinite(result, total, p, names, "parameter", params, sharding)
     if max_norm != math.inf:  # inf: no clipping asked for (see the module docstring)
-        ops.scale_(grads, result.clip_coef, route)
-    return total
+        targets = grads if sharding is None else sharding.targets
+        ops.scale_(targets, result.clip_coef, route if targets is grads else None)
+    return distributed.as_total(total, sharding)
 
 
 @_no_grad

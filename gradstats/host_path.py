@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, native, ops, worklist
+from . import dispatch, distributed, native, ops, worklist
 from .params import gradients
 
 
@@ -20,7 +20,8 @@ def gradients_and_route(
     params: list[torch.Tensor], names: list[str] | None,
 ) -> tuple[list[torch.Tensor], list[str] | None, dispatch.Route | None]:
     """The non-``None`` gradients of ``params``, the names of their parameters, and their
-    route (None when there is no gradient, or under ``torch.compile``)."""
+    route (None when there is no gradient, for ``DTensor`` gradients, or under
+    ``torch.compile``)."""
     if not torch.compiler.is_compiling():
         facts = native.host_pass(params, True)
         if facts is not None:
@@ -29,7 +30,9 @@ def gradients_and_route(
                 names = list(names) if kept is None else [names[i] for i in kept]
             return grads, names, dispatch.route(grads, facts) if grads else None
     grads, names = gradients(params, names)
-    return grads, names, ops.route(grads) if grads else None
+    # DTensor gradients are routed as their local shards, once the caller has them.
+    routable = grads and not distributed.any_dtensor(grads)
+    return grads, names, ops.route(grads) if routable else None
 
 
 def plan_key(tensors: list[torch.Tensor]) -> worklist.PlanKey:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .activations import ActivationTracker
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .host_path import gradients_and_route
@@ -89,6 +89,11 @@ class GradMonitor:
             sigmoid/tanh-like outputs, and where a NaN/Inf was born (see
             :mod:`gradstats.activations`); hooks on the model, taken off by :meth:`close`.
             Needs an ``nn.Module``. Default: False
+        process_group (ProcessGroup, optional): the group plain gradients are sharded over
+            by hand, as for :func:`gradstats.grad_stats`. Default: None
+        all_ranks (bool): under ``torch.distributed``, every rank opens ``sinks`` and
+            writes (give each rank its own paths); otherwise only global rank 0 does, the
+            others open no sink. Default: False
 
     Attributes:
         steps (int): steps taken; the next :meth:`step` is step number ``steps``.
@@ -105,6 +110,13 @@ class GradMonitor:
     ``optimizer.step(closure)``, call ``step()`` inside the closure after backward (as a
     Lightning ``on_before_optimizer_step`` callback does): the update that follows is the
     one skipped.
+
+    Distributed training: ``DTensor`` gradients (FSDP2, tensor parallelism) and
+    ``process_group=`` shards are read where they live and their statistics combined
+    across ranks, so records hold the global figures under the unsharded model's names and
+    ``"raise"``/``"skip"`` decide the same on every rank; under DDP the gradients are
+    already identical and nothing is communicated. Create the monitor after
+    ``init_process_group`` (it asks for the rank then), and call :meth:`step` on every rank.
 
     A sink that fails never stops training: it is reported once (a warning naming the sink
     and the error), its records are held and retried, and the other sinks go on. Steps are
@@ -134,6 +146,8 @@ class GradMonitor:
         num_bins: int = 64,
         min_exp: int = -40,
         track_activations: bool = False,
+        process_group=None,
+        all_ranks: bool = False,
     ):
         self.log_every = _positive_int("log_every", log_every)
         self.hist_every = None if hist_every is None else _positive_int("hist_every", hist_every)
@@ -150,6 +164,9 @@ class GradMonitor:
             _check_optimizer(optimizer)
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
         self._lock = threading.RLock()  # one step at a time: numbers in call order
+        self._process_group = process_group
+        if not (all_ranks or _is_rank_zero()):
+            sinks = None  # the global figures are the same on every rank: one writes them
         self._sinks = SinkFanout(open_sinks(sinks))
         self.paths = [sink.path for sink in self._sinks.sinks if getattr(sink, "path", None)]
         if self.paths:
@@ -214,6 +231,10 @@ class GradMonitor:
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         # once per step: gradients, plan, device and dtype facts
         grads, names, route = gradients_and_route(*self._watched.current())
+        sharding = distributed.local_view(grads, self._process_group) if grads else None
+        if sharding is not None:
+            grads = sharding.tensors
+            route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
         dtypes = route and route.dtypes
         check_norm_inputs(grads, names, "parameter", self.norm_type, dtypes=dtypes)
         if clip:
@@ -222,7 +243,7 @@ class GradMonitor:
         logged = with_hist or step % self.log_every == 0
         stats = collect_stats(grads, names, self.norm_type, max_norm=max_norm,
                               histogram=with_hist, num_bins=self.num_bins, min_exp=self.min_exp,
-                              route=route)
+                              route=route, sharding=sharding)
         self.steps += 1
         activations = self._activations.take() if self._activations is not None else None
         # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
@@ -235,12 +256,14 @@ class GradMonitor:
         if clip and max_norm == math.inf:  # nothing to clip, as in clip.py: the factor is 1
             stats.clip_coef.fill_(1.0)
         elif clip and grads:
-            ops.scale_(grads, stats.clip_coef, route)
+            targets = grads if sharding is None else sharding.targets
+            ops.scale_(targets, stats.clip_coef, route if targets is grads else None)
         self._queue.push(step, stats, logged, clipped=clip, overflow=overflow,
                          activations=activations)
         if not grads:
             return stats.total_norm
-        return stats.total_norm.to(norm_result_dtype(grads, dtypes))
+        return distributed.as_total(stats.total_norm.to(norm_result_dtype(grads, dtypes)),
+                                    sharding)
 
     def _raise_if_nonfinite(self, step: int, stats: GradStats, overflow,
                             activations=None) -> None:
@@ -352,6 +375,12 @@ def _remembering(write: Callable, recent: RecentRecords) -> Callable:
         recent.add(record)
         write(record)
     return write_and_keep
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _check_optimizer(optimizer):

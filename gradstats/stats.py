@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import capture, dispatch, ops, reference
+from . import capture, dispatch, distributed, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .device_cache import DeviceCache
 from .host_path import gradients_and_route
@@ -71,19 +71,27 @@ class FusedResult:
     norms: torch.Tensor
     total_norm: torch.Tensor
     clip_coef: torch.Tensor
+    numel: torch.Tensor | None = None  # global counts, when the pass was given local ones
 
 
 def fused_pass(
     grads: list[torch.Tensor], p: float, *, num_bins: int, min_exp: int, max_norm: float,
     route: dispatch.Route | None = None,
+    sharding: distributed.ShardedLayout | None = None, numel: torch.Tensor | None = None,
 ) -> FusedResult:
     """Statistics of non-empty ``grads``; results on the first gradient's device.
-    ``route``: this call's ``ops.route(grads)``, when the caller has it."""
+    ``route``: this call's ``ops.route(grads)``, when the caller has it. ``sharding``:
+    ``grads`` are local shards (``sharding.tensors``), whose partials (and ``numel``) are
+    combined across ranks before the norms are taken."""
+    distributed.check_norm_type(sharding, p)
     first_device = grads[0].device
     if route is not None and route.backend is not None:  # one device, resolved already
         power, nonfinite, hist = ops.accumulate_stats(grads, p, num_bins, min_exp, route)
     else:
         power, nonfinite, hist = _accumulate_on_each_device(grads, p, num_bins, min_exp)
+    if sharding is not None:
+        power, nonfinite, hist, numel = distributed.reduce_partials(
+            sharding, p, power, nonfinite, hist, numel)
     dtypes = route.dtypes if route is not None else {g.dtype for g in grads}
     norms_dtype = (torch.float64 if torch.float64 in dtypes or torch.complex128 in dtypes
                    else torch.float32)
@@ -95,7 +103,7 @@ def fused_pass(
     else:
         norms, total, clip_coef = ops.finalize(power, p, max_norm, norms_dtype)
     return FusedResult(nonfinite=nonfinite, hist=hist, norms=norms, total_norm=total,
-                       clip_coef=clip_coef)
+                       clip_coef=clip_coef, numel=numel)
 
 
 def _accumulate_on_each_device(grads, p, num_bins, min_exp):
@@ -150,6 +158,7 @@ def grad_stats(
     histogram: bool = True,
     num_bins: int = 64,
     min_exp: int = -40,
+    process_group=None,
 ) -> GradStats:
     r"""Per-gradient norms, non-finite counts and log2-magnitude histograms in one pass.
 
@@ -168,9 +177,13 @@ def grad_stats(
         num_bins (int): histogram columns, including column 0 for exact zeros. Default: 64
         min_exp (int): the exponent of column 1: it counts ``2^min_exp <= |x| < 2^(min_exp+1)``
             (and everything smaller but non-zero). Default: -40
+        process_group (ProcessGroup, optional): the group plain gradients are sharded
+            over by hand (ZeRO-style flat buffers): their partials are summed over it.
+            ``DTensor`` gradients are combined over their own mesh without it. Default: None
 
     Returns:
-        GradStats: device tensors, one row per gradient.
+        GradStats: device tensors, one row per gradient. With ``DTensor`` gradients or a
+        ``process_group``, plain tensors holding the global figures, the same on every rank.
 
     Example::
 
@@ -184,15 +197,20 @@ def grad_stats(
         check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
     grads, names, route = gradients_and_route(params, param_names)
+    sharding = distributed.local_view(grads, process_group) if grads else None
+    if sharding is not None:
+        grads = sharding.tensors
+        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
     check_norm_inputs(grads, names, "parameter", p, params, route and route.dtypes)
     if max_norm is not None:
         check_updatable(grads, names, params, route and route.all_contiguous)
     stats = collect_stats(grads, names, p, max_norm=max_norm_value, histogram=histogram,
-                          num_bins=num_bins, min_exp=min_exp, route=route)
+                          num_bins=num_bins, min_exp=min_exp, route=route, sharding=sharding)
     if max_norm_value == math.inf:  # nothing to clip, as in clip.py: the factor applied is 1
         stats.clip_coef.fill_(1.0)
     elif grads:
-        ops.scale_(grads, stats.clip_coef, route)
+        targets = grads if sharding is None else sharding.targets
+        ops.scale_(targets, stats.clip_coef, route if targets is grads else None)
     if max_norm is None:
         stats.clip_coef = None
     return stats
@@ -208,25 +226,27 @@ def collect_stats(
     num_bins: int,
     min_exp: int,
     route: dispatch.Route | None = None,
+    sharding: distributed.ShardedLayout | None = None,
 ) -> GradStats:
     """``grad_stats`` on checked inputs, without touching the gradients: ``clip_coef`` is
     the coefficient clipping to ``max_norm`` (``inf``: none) would apply. ``route``: this
-    call's ``ops.route(grads)``, when the caller has it."""
+    call's ``ops.route(grads)``, when the caller has it. ``sharding``: ``grads`` are its
+    local tensors, and the statistics are combined across ranks."""
     if not grads:
         return _empty_stats(p, num_bins, min_exp, histogram, names, clipped=True)
     bins = num_bins if histogram else 0
-    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm,
-                        route=route)
     if route is not None and route.plan is not None:
         numel = route.plan.numel.clone()  # the plan's key fixes every shape
     else:
         numel = _numel_tensor(tuple(g.numel() for g in grads), grads[0].device).clone()
+    result = fused_pass(grads, p, num_bins=bins, min_exp=min_exp, max_norm=max_norm,
+                        route=route, sharding=sharding, numel=numel)
     return GradStats(
         norms=result.norms,
         total_norm=result.total_norm,
         nonfinite=result.nonfinite,
         hist=result.hist if histogram else None,
-        numel=numel,
+        numel=result.numel,
         names=names,
         clip_coef=result.clip_coef,
         norm_type=p,

@@ -1,0 +1,714 @@
+"""Sharded and replicated gradients across processes (gloo on the CPU): DTensor on 1-D and
+2-D meshes, FSDP2, DDP, hand-sharded buffers (``process_group=``), NaN on one rank.
+
+Each suite is one group of processes this file spawns itself (a spawn costs seconds), which
+runs every check of the suite in order and writes each one's outcome to a file per rank;
+the tests below read them. A suite that does not finish in time is killed and its
+unfinished checks fail: a hang never blocks the run. Every check compares with one process
+computing on the unsharded tensors (gradstats and torch), and with torch on the same
+DTensors where torch can.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+SUITE_TIMEOUT_S = 150  # whole suite, spawn included; a collective times out after 30 s
+BINS, MIN_EXP = 16, -8
+NORM_TYPES = (2.0, 1.0, 3.0, math.inf)
+
+
+# -- spawning ---------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(suite: str, rank: int, world: int, port: int, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GRADSTATS_TEST_OUTDIR=outdir)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    outcomes = {}
+    path = os.path.join(outdir, f"{suite}-{rank}.json")
+    try:
+        for check in SUITES[suite]:
+            try:
+                check(rank, world)
+                outcomes[check.__name__] = "ok"
+            except Exception:  # reported to the parent, which fails the test
+                outcomes[check.__name__] = traceback.format_exc()
+            with open(path, "w") as file:
+                json.dump(outcomes, file)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_suite(suite: str, world: int) -> dict[str, list[str]]:
+    """Each check's outcome on every rank ("ok" or a traceback; "unfinished")."""
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as outdir:
+        processes = [context.Process(target=_rank_main, args=(suite, rank, world, port, outdir))
+                     for rank in range(world)]
+        for process in processes:
+            process.start()
+        deadline = _now() + SUITE_TIMEOUT_S
+        for process in processes:
+            process.join(max(0.0, deadline - _now()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        outcomes = {check.__name__: [] for check in SUITES[suite]}
+        for rank in range(world):
+            path = os.path.join(outdir, f"{suite}-{rank}.json")
+            done = json.load(open(path)) if os.path.exists(path) else {}
+            for name in outcomes:
+                outcomes[name].append(done.get(name, f"unfinished on rank {rank} (timeout "
+                                                      "or crash)"))
+    return outcomes
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+_suite_cache: dict[str, dict[str, list[str]]] = {}
+
+
+def _outcome(suite: str, world: int, check) -> None:
+    if suite not in _suite_cache:
+        _suite_cache[suite] = _run_suite(suite, world)
+    failures = [o for o in _suite_cache[suite][check.__name__] if o != "ok"]
+    assert not failures, failures[0]
+
+
+# -- helpers run on each rank -------------------------------------------------------------
+def _gradstats():
+    import gradstats
+    return gradstats
+
+
+def _dparam(full_grad, mesh, placements):
+    """A DTensor parameter (zeros) whose gradient is ``full_grad`` distributed."""
+    from torch.distributed.tensor import distribute_tensor
+    param = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full_grad), mesh, placements))
+    param.grad = distribute_tensor(full_grad.clone(), mesh, placements)
+    return param
+
+
+def _plain_params(full_grads):
+    params = []
+    for grad in full_grads:
+        param = torch.nn.Parameter(torch.zeros_like(grad))
+        param.grad = grad.clone()
+        params.append(param)
+    return params
+
+
+def _full(tensor):
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _close(actual, expected, rtol=2e-6, atol=1e-7):
+    torch.testing.assert_close(_full(actual).double(), _full(expected).double(), rtol=rtol,
+                               atol=atol, equal_nan=True)
+
+
+def _check_stats_equal_one_process(dparams, full_grads, p):
+    """grad_stats on the sharded params equals grad_stats and torch on the full grads."""
+    gradstats = _gradstats()
+    sharded = gradstats.grad_stats(dparams, p, num_bins=BINS, min_exp=MIN_EXP)
+    single = gradstats.grad_stats(_plain_params(full_grads), p, num_bins=BINS, min_exp=MIN_EXP)
+    torch.testing.assert_close(sharded.hist, single.hist, rtol=0, atol=0)
+    torch.testing.assert_close(sharded.nonfinite, single.nonfinite, rtol=0, atol=0)
+    torch.testing.assert_close(sharded.numel, single.numel, rtol=0, atol=0)
+    _close(sharded.norms, single.norms)
+    _close(sharded.total_norm, single.total_norm)
+    torch_norms = torch.stack([torch.linalg.vector_norm(g.double(), p) for g in full_grads])
+    _close(sharded.norms, torch_norms, rtol=1e-5)
+
+
+class _CountCollectives:
+    """Records the op of every ``dist.all_reduce`` call (what gradstats issues) while active."""
+
+    def __enter__(self):
+        self.calls = []
+        self._original = original = dist.all_reduce
+
+        def counted(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            self.calls.append(op)
+            return original(tensor, op=op, group=group, async_op=async_op)
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._original
+
+
+# -- suite "mesh1d": 2 ranks ---------------------------------------------------------------
+def _mesh1d_grads():
+    torch.manual_seed(0)
+    return {  # name: (full gradient, placements), uneven and empty shards on 2 ranks
+        "uneven": (torch.randn(5, 3), "S0"),      # rows 3 + 2
+        "one_row": (torch.randn(1, 4) * 3, "S0"),  # rows 1 + 0: an empty shard
+        "replicated": (torch.randn(3) * 0.5, "R"),
+        "cols": (torch.randn(4, 6) * 1e-3, "S1"),
+        "zeros": (torch.zeros(2, 2), "S0"),
+    }
+
+
+def _mesh1d_params(mesh, grads):
+    from torch.distributed.tensor import Replicate, Shard
+    placements = {"S0": [Shard(0)], "S1": [Shard(1)], "R": [Replicate()]}
+    return [_dparam(grad, mesh, placements[kind]) for grad, kind in grads.values()]
+
+
+def check_mesh1d_stats_equal_one_process(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    params = _mesh1d_params(mesh, grads)
+    assert params[1].grad.to_local().numel() == (4 if rank == 0 else 0)  # an empty shard
+    for p in NORM_TYPES:
+        _check_stats_equal_one_process(params, [g for g, _ in grads.values()], p)
+
+
+def check_mesh1d_total_norm_type_and_value(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    params = _mesh1d_params(mesh, grads)
+    full = [g for g, _ in grads.values()]
+    for p in NORM_TYPES:
+        total = gradstats.get_total_norm([q.grad for q in params], p)
+        assert isinstance(total, DTensor) and total.placements == (Replicate(),), total
+        assert total.device_mesh == mesh
+        _close(total, torch.nn.utils.get_total_norm(full, p))
+        _close(total.to_local(), total.full_tensor())  # no communication needed to read it
+        if p != math.inf:  # torch raises on the empty shard for the inf-norm
+            _close(total, torch.nn.utils.get_total_norm([q.grad for q in params], p))
+
+
+def check_mesh1d_inf_norm_empty_shard_where_torch_raises(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    params = _mesh1d_params(mesh, grads)
+    if rank == 1:  # torch's own failure, on the rank with the empty shard only
+        with pytest.raises(RuntimeError, match="empty tensor"):
+            torch.nn.utils.get_total_norm([params[1].grad.to_local()], math.inf)
+    total = gradstats.fused_clip_grad_norm_(params, 0.1, math.inf)
+    expected_params = _plain_params([g for g, _ in grads.values()])
+    expected = torch.nn.utils.clip_grad_norm_(expected_params, 0.1, math.inf)
+    _close(total, expected)
+    for param, reference in zip(params, expected_params):
+        _close(param.grad, reference.grad)
+
+
+def check_mesh1d_clip_equals_torch_on_dtensors_and_one_process(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    full = [g for g, _ in grads.values()]
+    for p in (2.0, 1.0, 3.0):
+        ours = _mesh1d_params(mesh, grads)
+        theirs = _mesh1d_params(mesh, grads)
+        single = _plain_params(full)
+        total = gradstats.fused_clip_grad_norm_(ours, 0.05, p)
+        torch_total = torch.nn.utils.clip_grad_norm_(theirs, 0.05, p)
+        single_total = torch.nn.utils.clip_grad_norm_(single, 0.05, p)
+        _close(total, torch_total)
+        _close(total, single_total)
+        for a, b, c in zip(ours, theirs, single):
+            assert a.grad.placements == b.grad.placements  # scaled in place, no redistribution
+            _close(a.grad, b.grad)
+            _close(a.grad, c.grad)
+
+
+def check_mesh1d_clip_grads_with_norm_takes_torch_dtensor_total(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    ours, theirs = _mesh1d_params(mesh, grads), _mesh1d_params(mesh, grads)
+    even = [0, 2, 3]  # no empty shard: torch's inf-norm works (and is a Partial(max) DTensor)
+    for p in (2.0, math.inf):
+        torch_total = torch.nn.utils.get_total_norm([theirs[i].grad for i in even], p)
+        gradstats.clip_grads_with_norm_([ours[i] for i in even], 0.01, torch_total)
+        torch.nn.utils.clip_grads_with_norm_([theirs[i] for i in even], 0.01, torch_total)
+        for i in even:
+            _close(ours[i].grad, theirs[i].grad)
+
+
+def check_mesh1d_partial_gradient(rank, world):
+    """A Partial gradient: statistics of the sum, scaled as partials (their sum scales)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(1)
+    full = torch.randn(3, 5)
+    local = full * (0.25 if rank == 0 else 0.75)  # the two partials add up to `full`
+    partial = DTensor.from_local(local, mesh, [Partial()], run_check=False)
+    for p in (2.0, math.inf):
+        stats = gradstats.grad_stats(_with_grad(partial), p,
+                                     num_bins=BINS, min_exp=MIN_EXP)
+        single = gradstats.grad_stats(_plain_params([full]), p, num_bins=BINS, min_exp=MIN_EXP)
+        _close(stats.total_norm, single.total_norm)
+        torch.testing.assert_close(stats.hist, single.hist, rtol=0, atol=0)
+    param = _with_grad(DTensor.from_local(local.clone(), mesh, [Partial()], run_check=False))
+    total = gradstats.fused_clip_grad_norm_(param, 0.5)
+    reference = _plain_params([full])
+    expected = torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    _close(total, expected)
+    assert param[0].grad.placements == (Partial(),)
+    _close(param[0].grad.full_tensor(), reference[0].grad)
+
+
+def _with_grad(grad):
+    param = torch.nn.Parameter(torch.zeros_like(grad))
+    param.grad = grad
+    return [param]
+
+
+def check_mesh1d_nan_on_one_rank_every_rank_raises(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    params = _mesh1d_params(mesh, grads)
+    if rank == 1:
+        params[0].grad.to_local()[0, 1] = math.nan  # rank 1's shard of "uneven" only
+    before = [q.grad.to_local().clone() for q in params]
+    for p in (2.0, math.inf):
+        with pytest.raises(RuntimeError, match=r"parameter 0 \(1 NaN/Inf\)"):
+            gradstats.fused_clip_grad_norm_(params, 0.1, p, error_if_nonfinite=True)
+        for param, saved in zip(params, before):  # nothing modified, on any rank
+            torch.testing.assert_close(param.grad.to_local(), saved, equal_nan=True)
+        stats = gradstats.grad_stats(params, p)
+        assert stats.nonfinite.tolist() == [1, 0, 0, 0, 0]
+        assert math.isnan(stats.total_norm.item()) and math.isnan(stats.norms[0].item())
+        total = gradstats.get_total_norm([q.grad for q in params], p)
+        assert math.isnan(total.to_local().item())  # the same on every rank
+
+
+def check_mesh1d_one_collective_per_kind(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    params = _mesh1d_params(mesh, _mesh1d_grads())
+    SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+    for p, for_stats, for_clip in ((2.0, [SUM], [SUM]), (math.inf, [MAX, SUM], [MAX])):
+        with _CountCollectives() as counted:
+            gradstats.grad_stats(params, p, max_norm=1.0)
+        assert counted.calls == for_stats, counted.calls
+        with _CountCollectives() as counted:
+            gradstats.fused_clip_grad_norm_(params, 1.0, p)
+            gradstats.get_total_norm([q.grad for q in params], p).full_tensor()
+        assert counted.calls == for_clip * 2, counted.calls
+
+
+def check_mesh1d_no_more_collectives_than_torch(rank, world):
+    """torch's clip and total norm on the same DTensors (no empty shard: torch's inf-norm
+    fails there), counted by DTensor's own CommDebugMode, which sees both kinds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _mesh1d_grads()
+    del grads["one_row"]
+    for p in (2.0, math.inf):
+        counts = []
+        for module in (torch.nn.utils, gradstats):
+            params = _mesh1d_params(mesh, grads)
+            with CommDebugMode() as comm:
+                module.clip_grad_norm_(params, 0.01, p).full_tensor()
+                module.get_total_norm([q.grad for q in params], p).full_tensor()
+            counts.append(comm.get_total_counts())
+        torch_count, ours = counts
+        assert 0 < ours <= torch_count, (p, counts)
+
+
+# -- hand-sharded buffers (process_group=) ---------------------------------------------------
+def check_process_group_hand_sharded(rank, world):
+    gradstats = _gradstats()
+    torch.manual_seed(2)
+    full = [torch.randn(7), torch.randn(3) * 10, torch.randn(1)]
+    # ZeRO-style: rank r keeps its slice of each flat gradient (uneven, one empty)
+    bounds = [(0, 4, 7), (0, 3, 3), (0, 1, 1)]
+    local = [g[b[rank]:b[rank + 1]] for g, b in zip(full, bounds)]
+    group = dist.group.WORLD
+    for p in NORM_TYPES:
+        stats = gradstats.grad_stats(_plain_params(local), p, num_bins=BINS, min_exp=MIN_EXP,
+                                     process_group=group)
+        single = gradstats.grad_stats(_plain_params(full), p, num_bins=BINS, min_exp=MIN_EXP)
+        torch.testing.assert_close(stats.hist, single.hist, rtol=0, atol=0)
+        torch.testing.assert_close(stats.numel, single.numel, rtol=0, atol=0)
+        _close(stats.norms, single.norms)
+        total = gradstats.get_total_norm(local, p, process_group=group)
+        assert type(total) is torch.Tensor
+        _close(total, torch.nn.utils.get_total_norm(full, p))
+        params, reference = _plain_params(local), _plain_params(full)
+        total = gradstats.fused_clip_grad_norm_(params, 0.2, p, process_group=group)
+        _close(total, torch.nn.utils.clip_grad_norm_(reference, 0.2, p))
+        for param, ref, b in zip(params, reference, bounds):
+            _close(param.grad, ref.grad[b[rank]:b[rank + 1]])
+    with pytest.raises(ValueError, match="norm_type 0.0"):
+        gradstats.get_total_norm(local, 0.0, process_group=group)
+    monitor = gradstats.GradMonitor(_plain_params(local), sinks=None, process_group=group)
+    _close(monitor.step(), torch.nn.utils.get_total_norm(full))
+    monitor.close()
+
+
+def _torchtitan_clip(parameters, max_norm, norm_type, pp_group, module):
+    """torchtitan's ``clip_grad_norm_`` (its dist utils) with ``module``'s two functions:
+    the DTensor total made plain, combined over the pipeline group, then the scale."""
+    from torch.distributed.tensor import DTensor
+    parameters = list(parameters)
+    total = module.get_total_norm([q.grad for q in parameters], norm_type)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if norm_type == math.inf:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+    else:
+        total **= norm_type
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+        total **= 1.0 / norm_type
+    module.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
+def check_torchtitan_style_loop_with_pipeline_stages(rank, world):
+    """A (pp, dp) world mesh as torchtitan builds it, one stage per rank: each stage's
+    DTensor parameters on its dp sub-mesh; gradstats' two functions in place of torch's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    gradstats = _gradstats()
+    world_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("pp", "dp"))
+    dp_mesh, pp_group = world_mesh["dp"], world_mesh["pp"].get_group()
+    full = [g for g, _ in _mesh1d_grads().values()]
+    stage = full[:3] if rank == 0 else full[3:]
+    for p in (2.0, math.inf):
+        ours = [_dparam(g, dp_mesh, [Shard(0)]) for g in stage]
+        theirs = [_dparam(g, dp_mesh, [Shard(0)]) for g in stage]
+        total = _torchtitan_clip(ours, 0.05, p, pp_group, gradstats)
+        expected = _torchtitan_clip(theirs, 0.05, p, pp_group, torch.nn.utils)
+        _close(total, expected)
+        _close(total, torch.nn.utils.get_total_norm(full, p))
+        for a, b in zip(ours, theirs):
+            _close(a.grad, b.grad)
+
+
+# -- DDP: plain tensors, no communication ----------------------------------------------------
+def _mlp():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3),
+                               torch.nn.Linear(3, 1, bias=False))
+
+
+def check_ddp_with_and_without_bucket_view(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+    gradstats = _gradstats()
+    torch.manual_seed(4)
+    batches = torch.randn(world, 6, 5)
+    for as_view in (False, True):
+        model = DistributedDataParallel(_mlp(), gradient_as_bucket_view=as_view,
+                                        bucket_cap_mb=1)
+        model(batches[rank]).square().mean().backward()
+        reference = _mlp()  # one process: the mean loss over every rank's batch
+        reference(batches.reshape(-1, 5)).square().mean().backward()
+        grads = [q.grad for q in model.parameters()]
+        if as_view:  # views into one flat bucket: most start off a 16-byte boundary
+            assert any(g.data_ptr() % 16 for g in grads)
+        torch_params = [_with_grad(g.clone())[0] for g in grads]
+        for p in NORM_TYPES:
+            with _CountCollectives() as counted:
+                stats = gradstats.grad_stats(model, p, num_bins=BINS, min_exp=MIN_EXP)
+            assert counted.calls == []  # already identical after DDP's all-reduce
+            assert stats.names == [name for name, _ in reference.named_parameters()]
+            single = gradstats.grad_stats(reference, p, num_bins=BINS, min_exp=MIN_EXP)
+            _close(stats.norms, single.norms, rtol=1e-5)
+            local = gradstats.grad_stats(_plain_params(grads), p, num_bins=BINS,
+                                         min_exp=MIN_EXP)
+            torch.testing.assert_close(stats.hist, local.hist, rtol=0, atol=0)
+            _close(stats.norms, local.norms)
+        total = gradstats.fused_clip_grad_norm_(model.parameters(), 0.01)
+        expected = torch.nn.utils.clip_grad_norm_(torch_params, 0.01)
+        _close(total, expected)
+        for param, ref in zip(model.parameters(), torch_params):
+            _close(param.grad, ref.grad)
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------
+class _Block(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 3 * dim), torch.nn.GELU(),
+                                       torch.nn.Linear(3 * dim, dim))
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class _TinyTransformer(torch.nn.Module):
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.blocks = torch.nn.ModuleList([_Block(dim), _Block(dim)])
+        self.head = torch.nn.Linear(dim, 1)  # a 1-row weight: empty shards on other ranks
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).mean()
+
+
+def check_fsdp2_equals_torch_and_one_process(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    gradstats = _gradstats()
+    torch.manual_seed(5)
+    reference = _TinyTransformer()
+    model = copy.deepcopy(reference)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    tokens = torch.randint(0, 11, (2, 5))  # the same batch on every rank: grads as one process
+    model(tokens).backward()
+    reference(tokens).backward()
+    assert model.head.weight.grad.to_local().numel() == (6 if rank == 0 else 0)
+    names = [name for name, _ in reference.named_parameters()]
+    full = [q.grad for q in reference.parameters()]
+    saved = [q.grad.to_local().clone() for q in model.parameters()]
+    for p in NORM_TYPES:
+        stats = gradstats.grad_stats(model, p, num_bins=BINS, min_exp=MIN_EXP)
+        assert stats.names == names  # the unsharded model's names
+        single = gradstats.grad_stats(reference, p, num_bins=BINS, min_exp=MIN_EXP)
+        _close(stats.norms, single.norms, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.numel, single.numel, rtol=0, atol=0)
+        # FSDP averages identical gradients: the same values up to a rounding at most
+        assert (stats.hist - single.hist).abs().sum() <= 2
+    for p in (2.0, math.inf):
+        total = gradstats.fused_clip_grad_norm_(model, 0.05, p)
+        ours = [q.grad.full_tensor() for q in model.parameters()]
+        for param, values in zip(model.parameters(), saved):
+            param.grad.to_local().copy_(values)
+        if p != math.inf:  # torch raises on the empty shards for the inf-norm
+            torch_total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, p)
+            _close(total, torch_total)
+            for mine, param in zip(ours, model.parameters()):
+                _close(mine, param.grad, atol=1e-6)
+        for param, values in zip(model.parameters(), saved):
+            param.grad.to_local().copy_(values)
+        single_params = _plain_params(full)
+        single_total = torch.nn.utils.clip_grad_norm_(single_params, 0.05, p)
+        _close(total, single_total, rtol=1e-5)
+        for mine, ref in zip(ours, single_params):
+            _close(mine, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def _fsdp_pair(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(7)
+    reference = _TinyTransformer()
+    model = copy.deepcopy(reference)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, reference
+
+
+def check_monitor_fsdp2_records_equal_one_process(rank, world):
+    """Rank 0 writes the global figures, equal to one process's; all_ranks: each writes."""
+    from torch.distributed.tensor import DTensor
+    gradstats = _gradstats()
+    outdir = os.environ["GRADSTATS_TEST_OUTDIR"]
+    model, reference = _fsdp_pair(world)
+    shared = os.path.join(outdir, "fsdp.jsonl")
+    options = dict(hist_every=1, num_bins=BINS, min_exp=MIN_EXP)
+    monitor = gradstats.GradMonitor(model, sinks=[f"jsonl:{shared}"], **options)
+    own = os.path.join(outdir, f"ref-{rank}.jsonl")
+    single = gradstats.GradMonitor(reference, sinks=[f"jsonl:{own}"], all_ranks=True, **options)
+    each = os.path.join(outdir, f"each-{rank}.jsonl")
+    every_rank = gradstats.GradMonitor(model, sinks=[f"jsonl:{each}"], all_ranks=True,
+                                       **options)
+    for step in range(2):
+        tokens = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(step))
+        model(tokens).backward()
+        reference(tokens).backward()
+        every_rank.step()
+        total = monitor.step(max_norm=0.05)
+        assert isinstance(total, DTensor)
+        single.step(max_norm=0.05)
+        model.zero_grad()
+        reference.zero_grad()
+    for m in (monitor, single, every_rank):
+        m.close()
+    dist.barrier()
+    records, expected = gradstats.read_jsonl(shared), gradstats.read_jsonl(own)
+    assert len(records) == 2  # rank 0 alone wrote the shared file
+    assert len(gradstats.read_jsonl(each)) == 2  # and every rank its own when asked
+    for record, ref in zip(records, expected):
+        assert record.norms.keys() == ref.norms.keys()
+        for name, norm in ref.norms.items():
+            assert math.isclose(record.norms[name], norm, rel_tol=1e-5, abs_tol=1e-7), name
+        assert math.isclose(record.total_norm, ref.total_norm, rel_tol=1e-5)
+        assert math.isclose(record.clip_coef, ref.clip_coef, rel_tol=1e-5)
+        assert record.nonfinite == ref.nonfinite == {}
+        for name, counts in ref.hist.items():
+            assert sum(abs(a - b) for a, b in zip(record.hist[name], counts)) <= 2, name
+
+
+def check_monitor_nan_on_one_rank_every_rank_raises_or_skips(rank, world):
+    gradstats = _gradstats()
+    model, _ = _fsdp_pair(world)
+    model(torch.arange(10).reshape(2, 5)).backward()
+    if rank == 1:  # rank 1's shard of one gradient only
+        next(iter(model.parameters())).grad.to_local().view(-1)[0] = math.nan
+    raising = gradstats.GradMonitor(model, sinks=None, on_nonfinite="raise")
+    with pytest.raises(RuntimeError, match="non-finite gradients at step 0"):
+        raising.step(max_norm=1.0)
+    raising.close()
+    before = [q.to_local().clone() for q in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(gradstats.NonFiniteGradientWarning):
+        skipping = gradstats.GradMonitor(model, sinks=None, on_nonfinite="skip",
+                                         optimizer=optimizer)
+        skipping.step(max_norm=1.0)
+        optimizer.step()
+        skipping.close()
+    for param, saved in zip(model.parameters(), before):  # no rank updated
+        torch.testing.assert_close(param.to_local(), saved)
+
+
+# -- suite "mesh2d": 4 ranks -----------------------------------------------------------------
+def _mesh2d_setup(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    mesh1d = init_device_mesh("cpu", (world,))
+    torch.manual_seed(6)
+    R, S0, S1 = Replicate(), Shard(0), Shard(1)
+    layout = [  # (full gradient, mesh, placements)
+        (torch.randn(6, 4), mesh2d, [S0, R]),
+        (torch.randn(5, 3) * 2, mesh2d, [R, S0]),    # uneven over tp
+        (torch.randn(4, 4), mesh2d, [S0, S1]),       # sharded on both dims
+        (torch.randn(3) * 0.1, mesh2d, [R, R]),
+        (torch.randn(1, 2) * 5, mesh2d, [R, S0]),    # an empty shard on tp rank 1
+        (torch.randn(7, 2), mesh1d, [S0]),           # another mesh (a pipeline stage, EP)
+        (torch.randn(2, 3), mesh1d, [S0]),           # empty on ranks 2 and 3
+    ]
+    params = [_dparam(grad, mesh, placements) for grad, mesh, placements in layout]
+    return params, [grad for grad, _, _ in layout]
+
+
+def check_mesh2d_and_two_meshes_equal_one_process(rank, world):
+    params, full = _mesh2d_setup(world)
+    for p in NORM_TYPES:
+        _check_stats_equal_one_process(params, full, p)
+
+
+def check_mesh2d_clip_equals_torch_and_one_process(rank, world):
+    gradstats = _gradstats()
+    _, full = _mesh2d_setup(world)
+    for p in (2.0, math.inf):
+        ours, _ = _mesh2d_setup(world)
+        theirs, _ = _mesh2d_setup(world)
+        total = gradstats.fused_clip_grad_norm_(ours, 0.1, p)
+        single = _plain_params(full)
+        _close(total, torch.nn.utils.clip_grad_norm_(single, 0.1, p))
+        for mine, ref in zip(ours, single):
+            _close(mine.grad, ref.grad)
+        if p == 2.0:  # torch takes one mesh at a time; the 2-D mesh alone:
+            torch_total = torch.nn.utils.get_total_norm([q.grad for q in theirs[:5]], p)
+            ours_total = gradstats.get_total_norm([q.grad for q in theirs[:5]], p)
+            assert ours_total.placements == torch_total.placements
+            _close(ours_total, torch_total)
+
+
+def check_mesh2d_one_collective_per_mesh_dim(rank, world):
+    gradstats = _gradstats()
+    params, _ = _mesh2d_setup(world)
+    # dp and tp of the 2-D mesh, and the 1-D mesh: three groups, one vector each.
+    with _CountCollectives() as counted:
+        gradstats.grad_stats(params, 2.0)
+    assert counted.calls == [dist.ReduceOp.SUM] * 3, counted.calls
+    with _CountCollectives() as counted:
+        gradstats.get_total_norm([q.grad for q in params[:5]], math.inf)
+    assert counted.calls == [dist.ReduceOp.MAX] * 2, counted.calls  # dp, tp
+
+
+def check_mesh2d_nan_on_one_rank_every_rank_raises(rank, world):
+    gradstats = _gradstats()
+    params, _ = _mesh2d_setup(world)
+    if rank == 3:
+        params[2].grad.to_local()[0, 0] = math.inf
+    with pytest.raises(RuntimeError, match=r"parameter 2 \(1 NaN/Inf\)"):
+        gradstats.fused_clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+
+
+SUITES = {
+    "mesh1d": [
+        check_mesh1d_stats_equal_one_process,
+        check_mesh1d_total_norm_type_and_value,
+        check_mesh1d_inf_norm_empty_shard_where_torch_raises,
+        check_mesh1d_clip_equals_torch_on_dtensors_and_one_process,
+        check_mesh1d_clip_grads_with_norm_takes_torch_dtensor_total,
+        check_mesh1d_partial_gradient,
+        check_mesh1d_nan_on_one_rank_every_rank_raises,
+        check_mesh1d_one_collective_per_kind,
+        check_mesh1d_no_more_collectives_than_torch,
+        check_process_group_hand_sharded,
+        check_torchtitan_style_loop_with_pipeline_stages,
+        check_ddp_with_and_without_bucket_view,
+        check_fsdp2_equals_torch_and_one_process,
+        check_monitor_fsdp2_records_equal_one_process,
+        check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
+    ],
+    "mesh2d": [
+        check_mesh2d_and_two_meshes_equal_one_process,
+        check_mesh2d_clip_equals_torch_and_one_process,
+        check_mesh2d_one_collective_per_mesh_dim,
+        check_mesh2d_nan_on_one_rank_every_rank_raises,
+    ],
+}
+WORLD = {"mesh1d": 2, "mesh2d": 4}
+
+
+@pytest.mark.parametrize("suite,check", [
+    pytest.param(suite, check, id=check.__name__.removeprefix("check_"))
+    for suite, checks in SUITES.items() for check in checks])
+def test_distributed(suite, check):
+    _outcome(suite, WORLD[suite], check)
