@@ -30,6 +30,7 @@
 #include <c10/core/Scalar.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
@@ -329,8 +330,15 @@ void run_clamp_items(const Pass& pass, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) run_item<Update::CLAMP>(pass, pass.items[i]);
 }
 
+// Every refusal of the two ops comes from here, before anything is written: the Python
+// caller reads an error as "nothing changed" and sends the list another way.
 void check_tensors(const char* op, at::TensorList tensors) {
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   for (const at::Tensor& t : tensors) {
+    // Bumping an inference tensor's version counter outside inference mode throws: refused
+    // here, or the error would come after the write.
+    TORCH_CHECK(inference_mode || !t.is_inference(), op,
+                ": an inference tensor can only be updated in place under inference mode");
     TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got one on ", t.device());
     TORCH_CHECK(t.layout() == at::kStrided, op, ": expected strided tensors, got ", t.layout());
     const auto dtype = t.scalar_type();

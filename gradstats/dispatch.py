@@ -20,6 +20,7 @@ the compiled kernel it needs, so a kernel never compiles inside CUDA-graph captu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -322,26 +323,27 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
             reference.clamp_(left_over, lo, hi)
 
 
-def _native_split(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """CPU ``tensors`` split into those the C++ updates read (:func:`triton_can_read`: a
-    dtype they know, one dense block) and the rest, for the reference."""
-    readable, rest = [], []
-    for tensor in tensors:
-        (readable if triton_can_read(tensor) else rest).append(tensor)
-    return readable, rest
-
-
 def _native_took_all(update, tensors: list[torch.Tensor], *args) -> bool:
-    """Try the C++ update on the whole list: True when it did it. It checks every tensor
-    before it changes any, so False (a tensor it cannot read) means nothing was changed,
-    and the caller splits the list. The common case, every gradient readable, so costs no
-    per-tensor Python: the split costs as much host time as the update of thousands of
-    small tensors."""
+    """Try the C++ update on the whole list: True when it did it. The ops refuse only
+    before they write anything (csrc/cpu_apply.cpp ``check_tensors``), so False (a tensor
+    they cannot read) means nothing was changed. The common case, every gradient readable,
+    so costs no per-tensor Python: a split costs as much host time as the update of
+    thousands of small tensors."""
     try:
         update(tensors, *args)
     except RuntimeError:  # also NotImplementedError: no kernel for sparse tensors
         return False
     return True
+
+
+def _update_in_runs(native_update, reference_update, tensors: list[torch.Tensor],
+                    *args) -> None:
+    """A list the C++ ops cannot read whole: each view once, then runs of consecutive
+    tensors, the readable ones (:func:`triton_can_read`: a dtype the ops know, one dense
+    block) by the C++ op and the others by the reference, in list order, so overlapping
+    views end as torch's loop leaves them."""
+    for readable, run in itertools.groupby(_each_view_once(tensors), key=triton_can_read):
+        (native_update if readable else reference_update)(list(run), *args)
 
 
 def _scale_on_native(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
@@ -354,21 +356,11 @@ def _scale_on_native(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
     value = coef.item()  # a CPU tensor: no device sync
     if not (value < 1 or value != value):
         return  # no clipping needed: nothing to read or write (a NaN does scale)
-    if _native_took_all(native.cpu_scale_, tensors, coef):
-        return
-    readable, rest = _native_split(tensors)
-    if readable:
-        native.cpu_scale_(readable, coef)
-    if rest:
-        reference.scale_(_each_view_once(rest), coef)
+    if not _native_took_all(native.cpu_scale_, tensors, coef):
+        _update_in_runs(native.cpu_scale_, reference.scale_, tensors, coef)
 
 
 def _clamp_on_native(tensors: list[torch.Tensor], lo: float, hi: float) -> None:
     """As :func:`_scale_on_native`, for ``clamp_``."""
-    if _native_took_all(native.cpu_clamp_, tensors, lo, hi):
-        return
-    readable, rest = _native_split(tensors)
-    if readable:
-        native.cpu_clamp_(readable, lo, hi)
-    if rest:
-        reference.clamp_(_each_view_once(rest), lo, hi)
+    if not _native_took_all(native.cpu_clamp_, tensors, lo, hi):
+        _update_in_runs(native.cpu_clamp_, reference.clamp_, tensors, lo, hi)

@@ -271,14 +271,43 @@ def test_dispatch_sends_what_cpp_reads_to_it_and_the_rest_to_the_reference(monke
     dispatch.clamp_(clampable, -0.05, 0.05)
     for got, want in zip(clampable, expected):
         assert torch.equal(got, want)
-    readable = [id(tensors[i]) for i in (0, 4, 5)]
-    assert [[id(t) for t in call] for call in seen] == [readable, readable]
+    # In list order: runs of readable tensors to C++, the others to the reference.
+    runs = [[id(tensors[0])], [id(tensors[4]), id(tensors[5])]]
+    assert [[id(t) for t in call] for call in seen] == runs + runs
+
+
+def test_a_partly_readable_list_is_updated_in_list_order_as_torchs_loop(monkeypatch):
+    """Overlapping views of one buffer in two dtypes, one the C++ op cannot read (strided
+    with gaps) before one it can: updated in list order, each result as torch's loop."""
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    buffer = torch.randn(64)
+    twin = buffer.clone()
+    coef = torch.tensor(0.3)
+    dispatch.scale_([buffer.view(torch.bfloat16)[::2], buffer], coef)
+    for view in (twin.view(torch.bfloat16)[::2], twin):
+        view.mul_(coef)
+    assert_same_bits(buffer, twin)
+
+
+def test_an_inference_gradient_is_refused_before_anything_is_scaled(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    param = torch.nn.Parameter(torch.zeros(4))
+    with torch.inference_mode():
+        param.grad = torch.full((4,), 3.0)
+    with pytest.raises(RuntimeError, match="inference"):
+        gradstats.clip_grads_with_norm_([param], max_norm=1.0, total_norm=torch.tensor(6.0))
+    assert torch.equal(param.grad, torch.full((4,), 3.0))
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        native.cpu_scale_([param.grad], torch.tensor(0.5))
+    with torch.inference_mode():  # where torch allows the update, so does the op
+        native.cpu_scale_([param.grad], torch.tensor(0.5))
+    assert torch.equal(param.grad, torch.full((4,), 1.5))
 
 
 def test_no_clipping_needed_reads_no_tensor_in_python(monkeypatch):
     """coef >= 1: dispatch returns before splitting the list (no per-tensor Python)."""
     monkeypatch.setenv("GRADSTATS_BACKEND", "native")
-    monkeypatch.setattr(dispatch, "_native_split", lambda tensors: pytest.fail("split"))
+    monkeypatch.setattr(dispatch, "_update_in_runs", lambda *args: pytest.fail("split"))
     tensors = [torch.randn(10)]
     before = tensors[0].clone()
     dispatch.scale_(tensors, torch.tensor(1.0))
