@@ -27,6 +27,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -60,6 +61,11 @@ constexpr int HIST_COPIES = 4;
 #define GRADSTATS_VECTOR_CLONES
 #endif
 #define GRADSTATS_INLINE __attribute__((always_inline)) inline
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#include <immintrin.h>
+#define GRADSTATS_AVX512_HISTOGRAM 1
+#endif
 
 // Must match gradstats.norms.NormKind.
 enum NormKind : int64_t { INF = 0, L1 = 1, L2 = 2, LP = 3 };
@@ -113,6 +119,7 @@ struct Widen<c10::Half> {
 struct ChunkResult {
   double power;
   int64_t nonfinite;
+  int64_t zeros;  // exact zeros, counted only for the histogram
 };
 
 // LANES values of the accumulation type as one GCC vector: the compiler splits it into
@@ -155,10 +162,11 @@ GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T
 // One chunk's running sums, one per lane. The inf-norm keeps the largest magnitude as its
 // bits: for non-negative floats integer order is float order, and every NaN's bits exceed
 // Inf's, so an integer max propagates NaN as torch's inf-norm does, and vectorises.
-template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
+template <int64_t Kind, bool CountZeros, typename T, typename Acc = typename Widen<T>::Acc>
 GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& sum,
                                        typename Vec<Acc>::Bits& max_bits,
-                                       typename Vec<Acc>::Bits& nonfinite, Acc p) {
+                                       typename Vec<Acc>::Bits& nonfinite,
+                                       typename Vec<Acc>::Bits& zeros, Acc p) {
   using L = Layout<Acc>;
   using V = typename Vec<Acc>::Values;
   using B = typename Vec<Acc>::Bits;
@@ -179,75 +187,272 @@ GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& su
   // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
   nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
                (sizeof(typename L::Bits) * 8 - 1);
+  // A vector compare gives all ones (-1) where true.
+  if constexpr (CountZeros) zeros -= reinterpret_cast<B>(magnitude == 0);
 }
 
-template <typename T, int64_t Kind>
+template <typename T, int64_t Kind, bool CountZeros>
 GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p) {
   using Acc = typename Widen<T>::Acc;
   typename Vec<Acc>::Values sum = {};
-  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {};
+  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {}, zero_lanes = {};
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
-    accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
+    accumulate_lanes<Kind, CountZeros>(x + i, sum, max_bits, nonfinite_lanes, zero_lanes, p);
   }
+  int64_t padding = 0;
   if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
     T padded[LANES];
     std::fill(padded, padded + LANES, T(0));
     std::copy(x + i, x + n, padded);
-    accumulate_lanes<Kind>(padded, sum, max_bits, nonfinite_lanes, p);
+    accumulate_lanes<Kind, CountZeros>(padded, sum, max_bits, nonfinite_lanes, zero_lanes, p);
+    padding = LANES - (n - i);
   }
   Acc total = 0;
   typename Layout<Acc>::Bits largest = 0;
-  int64_t nonfinite = 0;
+  int64_t nonfinite = 0, zeros = -padding;
   for (int lane = 0; lane < LANES; ++lane) {
     total += sum[lane];
     largest = std::max(largest, max_bits[lane]);
     nonfinite += static_cast<int64_t>(nonfinite_lanes[lane]);
+    zeros += static_cast<int64_t>(zero_lanes[lane]);
   }
   if constexpr (Kind == INF) total = std::bit_cast<Acc>(largest);
-  return {static_cast<double>(total), nonfinite};
+  return {static_cast<double>(total), nonfinite, zeros};
 }
 
-// Elements whose histogram columns are computed together (vectorised) before counting.
-constexpr int64_t COLUMN_BLOCK = 256;
-
-// Adds one chunk's histogram to counts[HIST_COPIES][num_bins + 1]: column 0 exact zeros,
-// column k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1]; NaN and
-// Inf go to the extra column num_bins, which is never read.
+// The bit layout of each stored dtype, for counting by exponent field.
 template <typename T>
-GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
-                                      int64_t min_exp, uint32_t* counts) {
-  using Acc = typename Widen<T>::Acc;
+struct Stored;
+template <>
+struct Stored<float> {
+  using Bits = uint32_t;
+  static constexpr int kMantissa = 23, kExponentBits = 8, kBias = 127;
+};
+template <>
+struct Stored<double> {
+  using Bits = uint64_t;
+  static constexpr int kMantissa = 52, kExponentBits = 11, kBias = 1023;
+};
+template <>
+struct Stored<c10::BFloat16> {
+  using Bits = uint16_t;
+  static constexpr int kMantissa = 7, kExponentBits = 8, kBias = 127;
+};
+template <>
+struct Stored<c10::Half> {
+  using Bits = uint16_t;
+  static constexpr int kMantissa = 10, kExponentBits = 5, kBias = 15;
+};
+
+// Biased exponent fields: one table slot each (the all-ones field is NaN/Inf).
+template <typename T>
+constexpr int64_t kExponents = int64_t{1} << Stored<T>::kExponentBits;
+
+template <typename T>
+GRADSTATS_INLINE uint32_t exponent_field(const T* x) {
+  using S = Stored<T>;
+  typename S::Bits bits;
+  std::memcpy(&bits, x, sizeof bits);
+  return static_cast<uint32_t>(bits >> S::kMantissa) & (kExponents<T> - 1);
+}
+
+// The histogram column of a finite non-zero magnitude a (widened, so exact): floor(log2 a)
+// from its exponent, clamped into [1, last]. A subnormal is m * 2^(1 - bias - mantissa bits)
+// with m = its bits: converting m (exact, and a normal number) gives floor(log2 m) from its
+// exponent. No float arithmetic on the subnormal itself, so flush-to-zero changes nothing.
+template <typename Acc>
+GRADSTATS_INLINE int64_t column_of(Acc a, int64_t min_exp, int64_t last) {
   using L = Layout<Acc>;
   using Bits = typename L::Bits;
   using SBits = std::make_signed_t<Bits>;
-  const SBits offset = L::kBias + min_exp - 1;  // biased exponent -> column
-  const SBits last = num_bins - 1;
-  const int64_t stride = num_bins + 1;
-  SBits columns[COLUMN_BLOCK];
-  for (int64_t begin = 0; begin < n; begin += COLUMN_BLOCK) {
-    const int64_t size = std::min(COLUMN_BLOCK, n - begin);
-    for (int64_t j = 0; j < size; ++j) {  // branch-free: the compiler vectorises it
-      Acc a = std::abs(Widen<T>::to_acc(x[begin + j]));
-      Bits bits = std::bit_cast<Bits>(a);
-      SBits biased = static_cast<SBits>(bits >> L::kMantissa);
-      // A subnormal is m * 2^(1 - bias - mantissa bits) with m = its bits: converting m
-      // (exact, and a normal number) gives floor(log2 m) from its exponent. No float
-      // arithmetic on the subnormal itself, so flush-to-zero modes change nothing.
-      SBits from_mantissa = static_cast<SBits>(
-          std::bit_cast<Bits>(static_cast<Acc>(static_cast<SBits>(bits))) >> L::kMantissa);
-      SBits exponent =
-          biased == 0 ? from_mantissa - L::kBias + 1 - L::kMantissa : biased;
-      SBits column = std::min(std::max(exponent - offset, SBits{1}), last);
-      column = bits == 0 ? SBits{0} : column;
-      columns[j] = biased == static_cast<SBits>(L::kAllOnes) ? last + 1 : column;
+  const Bits bits = std::bit_cast<Bits>(a);
+  int64_t exponent = static_cast<int64_t>(bits >> L::kMantissa) - L::kBias;
+  if ((bits >> L::kMantissa) == 0) {
+    const Bits m = std::bit_cast<Bits>(static_cast<Acc>(static_cast<SBits>(bits)));
+    exponent = static_cast<int64_t>(m >> L::kMantissa) - L::kBias + 1 - L::kBias - L::kMantissa;
+  }
+  return std::min(std::max(exponent - min_exp + 1, int64_t{1}), last);
+}
+
+// Counts the exponent fields of x[0, n) into table's HIST_COPIES interleaved copies of
+// kExponents<T> 16-bit slots (a chunk fits): gradients crowd into a few exponents, and one
+// copy would chain every increment of one slot through memory.
+template <typename T>
+GRADSTATS_INLINE void count_exponents(const T* x, int64_t n, uint16_t* table) {
+  constexpr int64_t kSlots = kExponents<T>;
+  int64_t i = 0;
+  for (; i + HIST_COPIES <= n; i += HIST_COPIES) {
+    for (int copy = 0; copy < HIST_COPIES; ++copy) {
+      ++table[copy * kSlots + exponent_field(x + i + copy)];
     }
-    // Consecutive elements to different copies: increments of one column do not queue.
-    int64_t j = 0;
-    for (; j + HIST_COPIES <= size; j += HIST_COPIES) {
-      for (int copy = 0; copy < HIST_COPIES; ++copy) ++counts[copy * stride + columns[j + copy]];
+  }
+  for (; i < n; ++i) ++table[exponent_field(x + i)];
+}
+
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+// Exponents counted in vector lanes at once: the WINDOW exponents ending at a chunk's
+// largest finite one.
+constexpr int WINDOW = 16;
+// Byte lanes gain at most 8 a group: they are widened into 16-bit lanes every this many
+// groups, before they can overflow (31 * 8 < 256).
+constexpr int64_t FLUSH_GROUPS = 31;
+
+// count_exponents for float32 and bfloat16 (8-bit exponent fields) with AVX-512BW, GFNI and
+// BITALG, into table's first copy; the same counts, exactly. Gradients crowd into a few
+// octaves below their largest magnitude, so the WINDOW exponents ending at the chunk's
+// largest finite one are counted in vector lanes, 64 elements a step: each element's
+// exponent becomes a one-hot byte (1 << offset in the window's low or high half), one
+// GF(2) affine transform per half transposes every 8 x 8 bit block (8 elements x 8 window
+// slots), and a byte popcount then gives per 8 elements how many sit in each slot. The
+// few elements outside the window (the far low tail, zeros and subnormals when it does not
+// reach them, NaN/Inf) are counted one by one.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponents_avx512(
+    const T* x, int64_t n, uint16_t* table) {
+  constexpr int64_t kGroup = 64;
+  alignas(64) uint8_t exponents[CHUNK];  // one byte per element, in packus lane order
+  const int64_t groups = std::min(n, CHUNK) / kGroup;
+  const __m512i one = _mm512_set1_epi8(1);
+  // The largest finite exponent, kept as (exponent + 1) mod 256 so NaN/Inf (255) count as 0.
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i fields;
+    if constexpr (std::is_same_v<T, float>) {
+      __m512i quarter[4];
+      for (int q = 0; q < 4; ++q) {  // shift out the sign, then the mantissa
+        const __m512i bits = _mm512_loadu_si512(x + g * kGroup + q * 16);
+        quarter[q] = _mm512_srli_epi32(_mm512_slli_epi32(bits, 1), 24);
+      }
+      fields = _mm512_packus_epi16(_mm512_packus_epi32(quarter[0], quarter[1]),
+                                   _mm512_packus_epi32(quarter[2], quarter[3]));
+    } else {
+      __m512i half[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i bits = _mm512_loadu_si512(x + g * kGroup + h * 32);
+        half[h] = _mm512_srli_epi16(_mm512_slli_epi16(bits, 1), 8);
+      }
+      fields = _mm512_packus_epi16(half[0], half[1]);
     }
-    for (; j < size; ++j) ++counts[columns[j]];
+    _mm512_store_si512(exponents + g * kGroup, fields);
+    top = _mm512_max_epu8(top, _mm512_add_epi8(fields, one));
+  }
+  alignas(64) uint8_t top_lanes[kGroup];
+  _mm512_store_si512(top_lanes, top);
+  const int largest = *std::max_element(top_lanes, top_lanes + kGroup) - 1;  // -1: none
+  const int base = std::max(largest - WINDOW + 1, 0);  // base + WINDOW - 1 <= 254
+
+  const __m512i window_base = _mm512_set1_epi8(static_cast<char>(base));
+  const __m512i window = _mm512_set1_epi8(WINDOW);
+  // Byte k of each 16: 1 << k (low half) or 1 << (k - 8) (high half); vpshufb picks byte
+  // `offset` (its low 4 bits: in-window offsets are below 16).
+  const __m512i low_one_hot = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __m512i high_one_hot = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128));
+  // As gf2p8affine's data operand, byte j = 1 << j: result byte j of each qword gathers
+  // bit j of the matrix operand's 8 bytes (the transpose).
+  const __m512i transpose = _mm512_set1_epi64(0x8040201008040201);
+  const __m512i zero = _mm512_setzero_si512();
+  // Byte/word lane i counts window slot i % 8 of its half.
+  __m512i low_bytes = zero, high_bytes = zero, low_words = zero, high_words = zero;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i offset =
+        _mm512_sub_epi8(_mm512_load_si512(exponents + g * kGroup), window_base);
+    const __mmask64 inside = _mm512_cmplt_epu8_mask(offset, window);
+    const __m512i low = _mm512_maskz_shuffle_epi8(inside, low_one_hot, offset);
+    const __m512i high = _mm512_maskz_shuffle_epi8(inside, high_one_hot, offset);
+    low_bytes = _mm512_add_epi8(
+        low_bytes, _mm512_popcnt_epi8(_mm512_gf2p8affine_epi64_epi8(transpose, low, 0)));
+    high_bytes = _mm512_add_epi8(
+        high_bytes, _mm512_popcnt_epi8(_mm512_gf2p8affine_epi64_epi8(transpose, high, 0)));
+    for (__mmask64 outside = ~inside; outside; outside &= outside - 1) {
+      ++table[exponents[g * kGroup + __builtin_ctzll(outside)]];
+    }
+    if (g % FLUSH_GROUPS == FLUSH_GROUPS - 1 || g == groups - 1) {
+      // Bytes k and 8 + k of each 16 land in word k of each 8: slot k % 8 either way.
+      low_words = _mm512_add_epi16(low_words, _mm512_add_epi16(
+          _mm512_unpacklo_epi8(low_bytes, zero), _mm512_unpackhi_epi8(low_bytes, zero)));
+      high_words = _mm512_add_epi16(high_words, _mm512_add_epi16(
+          _mm512_unpacklo_epi8(high_bytes, zero), _mm512_unpackhi_epi8(high_bytes, zero)));
+      low_bytes = high_bytes = zero;
+    }
+  }
+  alignas(64) uint16_t words[2][32];
+  _mm512_store_si512(words[0], low_words);
+  _mm512_store_si512(words[1], high_words);
+  for (int half = 0; half < 2; ++half) {
+    for (int lane = 0; lane < 32; ++lane) table[base + 8 * half + lane % 8] += words[half][lane];
+  }
+  for (int64_t i = groups * kGroup; i < n; ++i) ++table[exponent_field(x + i)];
+}
+#endif
+
+// Adds one chunk's log2-magnitude histogram to hist_row (column 0 exact zeros, column
+// k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1], NaN/Inf not
+// counted). The column depends on the exponent field alone (and, for a subnormal, its
+// leading mantissa bit), so the hot loop only counts exponent fields into a small table;
+// the table maps to columns once per chunk. `zeros` (counted by the power loop) tells exact
+// zeros from subnormals in the exponent-0 slot; subnormals, rare, are binned by a rescan.
+// `table` (see count_exponents) is zero on entry and on return. `vector_counting`: count
+// with count_exponents_avx512 where it applies (the CPU has AVX-512BW).
+template <typename T>
+GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t zeros, int64_t num_bins,
+                                      int64_t min_exp, bool vector_counting, uint16_t* table,
+                                      int64_t* hist_row) {
+  using S = Stored<T>;
+  constexpr int64_t kSlots = kExponents<T>;
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (vector_counting) {
+      count_exponents_avx512(x, n, table);
+    } else {
+      count_exponents(x, n, table);
+    }
+  } else {
+    count_exponents(x, n, table);
+  }
+#else
+  count_exponents(x, n, table);
+#endif
+
+  const int64_t last = num_bins - 1;
+  int64_t row[1024 + 1] = {};  // num_bins <= 1024, checked by cpu_stats
+  int64_t low = num_bins, high = -1;  // the columns touched
+  auto add = [&](int64_t column, int64_t count) {
+    row[column] += count;
+    low = std::min(low, column);
+    high = std::max(high, column);
+  };
+  if (zeros) add(0, zeros);
+  int64_t exponent_zero = 0;
+  for (int copy = 0; copy < HIST_COPIES; ++copy) {
+    exponent_zero += table[copy * kSlots];
+    table[copy * kSlots] = 0;
+  }
+  if (exponent_zero > zeros) {  // subnormals: their columns from the mantissa
+    using Acc = typename Widen<T>::Acc;
+    using Bits = typename Layout<Acc>::Bits;
+    for (int64_t j = 0; j < n; ++j) {
+      // Bits, never float compares: under flush-to-zero (DAZ) a subnormal compares equal
+      // to zero.
+      const Bits magnitude = std::bit_cast<Bits>(Widen<T>::to_acc(x[j])) << 1 >> 1;
+      if (exponent_field(x + j) == 0 && magnitude != 0) {
+        add(column_of(std::bit_cast<Acc>(magnitude), min_exp, last), 1);
+      }
+    }
+  }
+  for (int64_t e = 1; e < kSlots - 1; ++e) {
+    int64_t count = 0;
+    for (int copy = 0; copy < HIST_COPIES; ++copy) {
+      count += table[copy * kSlots + e];
+      table[copy * kSlots + e] = 0;
+    }
+    if (count) add(std::min(std::max(e - S::kBias - min_exp + 1, int64_t{1}), last), count);
+  }
+  for (int copy = 0; copy < HIST_COPIES; ++copy) table[copy * kSlots + kSlots - 1] = 0;
+  for (int64_t column = low; column <= high; ++column) {
+    if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
   }
 }
 
@@ -257,14 +462,14 @@ struct WorkItem {
   int64_t size;
 };
 
-template <typename T>
+template <typename T, bool CountZeros>
 GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p) {
   using Acc = typename Widen<T>::Acc;
   switch (kind) {
-    case INF: return chunk_power<T, INF>(x, n, static_cast<Acc>(p));
-    case L1: return chunk_power<T, L1>(x, n, static_cast<Acc>(p));
-    case L2: return chunk_power<T, L2>(x, n, static_cast<Acc>(p));
-    default: return chunk_power<T, LP>(x, n, static_cast<Acc>(p));
+    case INF: return chunk_power<T, INF, CountZeros>(x, n, static_cast<Acc>(p));
+    case L1: return chunk_power<T, L1, CountZeros>(x, n, static_cast<Acc>(p));
+    case L2: return chunk_power<T, L2, CountZeros>(x, n, static_cast<Acc>(p));
+    default: return chunk_power<T, LP, CountZeros>(x, n, static_cast<Acc>(p));
   }
 }
 
@@ -273,19 +478,15 @@ template <typename T>
 GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind,
                                  double p, int64_t num_bins, int64_t min_exp,
                                  double* partial_power, int64_t* nonfinite, int64_t* hist_row,
-                                 std::vector<uint32_t>& counts) {
+                                 bool vector_counting, uint16_t* table) {
   const T* x = static_cast<const T*>(tensor.const_data_ptr()) + item.start;
-  ChunkResult result = dispatch_power(x, item.size, kind, p);
+  const ChunkResult result = num_bins ? dispatch_power<T, true>(x, item.size, kind, p)
+                                      : dispatch_power<T, false>(x, item.size, kind, p);
   *partial_power = result.power;
   if (result.nonfinite) std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
   if (num_bins == 0) return;
-  std::fill(counts.begin(), counts.end(), 0u);
-  chunk_histogram(x, item.size, num_bins, min_exp, counts.data());
-  for (int64_t column = 0; column < num_bins; ++column) {
-    int64_t count = 0;
-    for (int copy = 0; copy < HIST_COPIES; ++copy) count += counts[copy * (num_bins + 1) + column];
-    if (count) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(count);
-  }
+  chunk_histogram(x, item.size, result.zeros, num_bins, min_exp, vector_counting, table,
+                  hist_row);
 }
 
 // What every work item of one call reads and writes.
@@ -296,6 +497,7 @@ struct Pass {
   double p;
   int64_t num_bins;
   int64_t min_exp;
+  bool vector_counting;  // count histogram exponents in AVX-512 lanes (see chunk_histogram)
   double* partial_power;  // one slot per work item
   int64_t* nonfinite;     // one per tensor
   int64_t* hist;          // [tensors, num_bins]
@@ -304,7 +506,8 @@ struct Pass {
 // Work items [begin, end) of one parallel_for task.
 GRADSTATS_VECTOR_CLONES
 void run_items(const Pass& pass, int64_t begin, int64_t end) {
-  std::vector<uint32_t> counts(HIST_COPIES * (pass.num_bins + 1));
+  // The exponent table of chunk_histogram, large enough for float64's 11-bit exponents.
+  std::vector<uint16_t> table(HIST_COPIES * kExponents<double>);
   for (int64_t k = begin; k < end; ++k) {
     const WorkItem& item = pass.items[k];
     const at::Tensor& g = pass.grads[item.tensor];
@@ -314,20 +517,37 @@ void run_items(const Pass& pass, int64_t begin, int64_t end) {
     const int64_t kind = pass.norm_kind, num_bins = pass.num_bins, min_exp = pass.min_exp;
     switch (g.scalar_type()) {
       case at::kFloat:
-        item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row, counts);
+        item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+                              pass.vector_counting, table.data());
         break;
       case at::kDouble:
-        item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row, counts);
+        item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+                              pass.vector_counting, table.data());
         break;
       case at::kBFloat16:
         item_stats<c10::BFloat16>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                                  counts);
+                                  pass.vector_counting, table.data());
         break;
       default:
         item_stats<c10::Half>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                              counts);
+                              pass.vector_counting, table.data());
     }
   }
+}
+
+// Whether histograms count exponents in AVX-512 lanes: where the CPU has AVX-512BW, GFNI
+// and BITALG (Ice Lake, Zen 4 and later), unless
+// GRADSTATS_NATIVE_HISTOGRAM=scalar (read on every call: tests compare both ways).
+bool vector_counting() {
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+  static const bool supported = __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("gfni") &&
+                                __builtin_cpu_supports("avx512bitalg");
+  const char* choice = std::getenv("GRADSTATS_NATIVE_HISTOGRAM");
+  return supported && !(choice && std::strcmp(choice, "scalar") == 0);
+#else
+  return false;
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
@@ -366,7 +586,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   first_item[n] = static_cast<int64_t>(items.size());
 
   std::vector<double> partial_power(items.size());
-  const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, partial_power.data(),
+  const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, vector_counting(),
+                  partial_power.data(),
                   nonfinite.data_ptr<int64_t>(), hist.data_ptr<int64_t>()};
   at::parallel_for(0, static_cast<int64_t>(items.size()), GRAIN_ITEMS,
                    [&](int64_t begin, int64_t end) { run_items(pass, begin, end); });
