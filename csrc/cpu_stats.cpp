@@ -119,7 +119,6 @@ struct Widen<c10::Half> {
 struct ChunkResult {
   double power;
   int64_t nonfinite;
-  int64_t zeros;  // exact zeros, counted only for the histogram
 };
 
 // LANES values of the accumulation type as one GCC vector: the compiler splits it into
@@ -162,11 +161,10 @@ GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T
 // One chunk's running sums, one per lane. The inf-norm keeps the largest magnitude as its
 // bits: for non-negative floats integer order is float order, and every NaN's bits exceed
 // Inf's, so an integer max propagates NaN as torch's inf-norm does, and vectorises.
-template <int64_t Kind, bool CountZeros, typename T, typename Acc = typename Widen<T>::Acc>
+template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
 GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& sum,
                                        typename Vec<Acc>::Bits& max_bits,
-                                       typename Vec<Acc>::Bits& nonfinite,
-                                       typename Vec<Acc>::Bits& zeros, Acc p) {
+                                       typename Vec<Acc>::Bits& nonfinite, Acc p) {
   using L = Layout<Acc>;
   using V = typename Vec<Acc>::Values;
   using B = typename Vec<Acc>::Bits;
@@ -187,38 +185,46 @@ GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& su
   // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
   nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
                (sizeof(typename L::Bits) * 8 - 1);
-  // A vector compare gives all ones (-1) where true.
-  if constexpr (CountZeros) zeros -= reinterpret_cast<B>(magnitude == 0);
 }
 
-template <typename T, int64_t Kind, bool CountZeros>
-GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p) {
+// Elements per sub-block of a chunk: the histogram counts each sub-block right after the
+// power loop has read it (still in L1), so reading memory and counting alternate finely
+// and the hardware prefetchers keep streaming. A multiple of LANES: the lanes run through
+// the sub-blocks as through one loop, in the same order.
+constexpr int64_t SUB_BLOCK = 4096;
+
+// The power and non-finite count of one chunk; visit(begin, end) is called on every
+// sub-block [begin, end) once the power loop has read it.
+template <typename T, int64_t Kind, typename Visit>
+GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p,
+                                         Visit&& visit) {
   using Acc = typename Widen<T>::Acc;
   typename Vec<Acc>::Values sum = {};
-  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {}, zero_lanes = {};
+  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {};
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    accumulate_lanes<Kind, CountZeros>(x + i, sum, max_bits, nonfinite_lanes, zero_lanes, p);
+  for (int64_t begin = 0; begin < n; begin += SUB_BLOCK) {
+    const int64_t end = std::min(n, begin + SUB_BLOCK);
+    for (; i + LANES <= end; i += LANES) {
+      accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
+    }
+    visit(begin, end);
   }
-  int64_t padding = 0;
   if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
     T padded[LANES];
     std::fill(padded, padded + LANES, T(0));
     std::copy(x + i, x + n, padded);
-    accumulate_lanes<Kind, CountZeros>(padded, sum, max_bits, nonfinite_lanes, zero_lanes, p);
-    padding = LANES - (n - i);
+    accumulate_lanes<Kind>(padded, sum, max_bits, nonfinite_lanes, p);
   }
   Acc total = 0;
   typename Layout<Acc>::Bits largest = 0;
-  int64_t nonfinite = 0, zeros = -padding;
+  int64_t nonfinite = 0;
   for (int lane = 0; lane < LANES; ++lane) {
     total += sum[lane];
     largest = std::max(largest, max_bits[lane]);
     nonfinite += static_cast<int64_t>(nonfinite_lanes[lane]);
-    zeros += static_cast<int64_t>(zero_lanes[lane]);
   }
   if constexpr (Kind == INF) total = std::bit_cast<Acc>(largest);
-  return {static_cast<double>(total), nonfinite, zeros};
+  return {static_cast<double>(total), nonfinite};
 }
 
 // The bit layout of each stored dtype, for counting by exponent field.
@@ -311,8 +317,8 @@ template <typename T>
 __attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponents_avx512(
     const T* x, int64_t n, uint16_t* table) {
   constexpr int64_t kGroup = 64;
-  alignas(64) uint8_t exponents[CHUNK];  // one byte per element, in packus lane order
-  const int64_t groups = std::min(n, CHUNK) / kGroup;
+  alignas(64) uint8_t exponents[SUB_BLOCK];  // one byte per element, in packus lane order
+  const int64_t groups = std::min(n, SUB_BLOCK) / kGroup;
   const __m512i one = _mm512_set1_epi8(1);
   // The largest finite exponent, kept as (exponent + 1) mod 256 so NaN/Inf (255) count as 0.
   __m512i top = _mm512_setzero_si512();
@@ -388,71 +394,80 @@ __attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponen
 }
 #endif
 
+// count_exponents, in AVX-512 lanes where vector_counting allows (see vector_counting).
+template <typename T>
+GRADSTATS_INLINE void count_block(const T* x, int64_t n, bool vector_counting,
+                                  uint16_t* table) {
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (vector_counting) return count_exponents_avx512(x, n, table);
+  }
+#endif
+  count_exponents(x, n, table);
+}
+
 // Adds one chunk's log2-magnitude histogram to hist_row (column 0 exact zeros, column
 // k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1], NaN/Inf not
-// counted). The column depends on the exponent field alone (and, for a subnormal, its
-// leading mantissa bit), so the hot loop only counts exponent fields into a small table;
-// the table maps to columns once per chunk. `zeros` (counted by the power loop) tells exact
-// zeros from subnormals in the exponent-0 slot; subnormals, rare, are binned by a rescan.
-// `table` (see count_exponents) is zero on entry and on return. `vector_counting`: count
-// with count_exponents_avx512 where it applies (the CPU has AVX-512BW).
+// counted), from `table`, its exponent fields counted by count_block. The column depends
+// on the exponent field alone, except in the exponent-0 slot: zeros, and subnormals, whose
+// columns come from their mantissas; both are counted by rescanning the chunk, only when
+// the slot is not empty. `table` and `row` (num_bins) are zero again on return.
 template <typename T>
-GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t zeros, int64_t num_bins,
-                                      int64_t min_exp, bool vector_counting, uint16_t* table,
+GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
+                                      int64_t min_exp, uint16_t* table, int64_t* row,
                                       int64_t* hist_row) {
   using S = Stored<T>;
   constexpr int64_t kSlots = kExponents<T>;
-#ifdef GRADSTATS_AVX512_HISTOGRAM
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-    if (vector_counting) {
-      count_exponents_avx512(x, n, table);
-    } else {
-      count_exponents(x, n, table);
-    }
-  } else {
-    count_exponents(x, n, table);
+  // The copies merged (a chunk's counts fit 16 bits), the table cleared for the next chunk.
+  uint16_t merged[kSlots];
+  for (int64_t e = 0; e < kSlots; ++e) {
+    uint16_t count = 0;
+    for (int copy = 0; copy < HIST_COPIES; ++copy) count += table[copy * kSlots + e];
+    merged[e] = count;
   }
-#else
-  count_exponents(x, n, table);
-#endif
+  std::memset(table, 0, HIST_COPIES * kSlots * sizeof *table);
 
-  const int64_t last = num_bins - 1;
-  int64_t row[1024 + 1] = {};  // num_bins <= 1024, checked by cpu_stats
-  int64_t low = num_bins, high = -1;  // the columns touched
-  auto add = [&](int64_t column, int64_t count) {
-    row[column] += count;
-    low = std::min(low, column);
-    high = std::max(high, column);
-  };
-  if (zeros) add(0, zeros);
-  int64_t exponent_zero = 0;
-  for (int copy = 0; copy < HIST_COPIES; ++copy) {
-    exponent_zero += table[copy * kSlots];
-    table[copy * kSlots] = 0;
+  // Finite exponents: column e - shift, clamped. Sums for the clamped ends, so that no
+  // chain of increments runs through one memory slot.
+  const int64_t last = num_bins - 1, shift = S::kBias + min_exp - 1;
+  int64_t below = 0, above = 0;
+  for (int64_t e = 1; e < kSlots - 1; ++e) {
+    const int64_t column = e - shift;
+    if (column <= 1) {
+      below += merged[e];
+    } else if (column >= last) {
+      above += merged[e];
+    } else {
+      row[column] += merged[e];
+    }
   }
-  if (exponent_zero > zeros) {  // subnormals: their columns from the mantissa
-    using Acc = typename Widen<T>::Acc;
-    using Bits = typename Layout<Acc>::Bits;
+  row[1] += below;
+  row[last] += above;
+  if (merged[0]) {  // zeros and subnormals share the exponent-0 slot: look at the bits
+    using Bits = typename S::Bits;
+    int64_t zeros = 0;
     for (int64_t j = 0; j < n; ++j) {
-      // Bits, never float compares: under flush-to-zero (DAZ) a subnormal compares equal
-      // to zero.
-      const Bits magnitude = std::bit_cast<Bits>(Widen<T>::to_acc(x[j])) << 1 >> 1;
-      if (exponent_field(x + j) == 0 && magnitude != 0) {
-        add(column_of(std::bit_cast<Acc>(magnitude), min_exp, last), 1);
+      Bits bits;
+      std::memcpy(&bits, x + j, sizeof bits);
+      zeros += static_cast<Bits>(bits << 1) == 0;
+    }
+    row[0] = zeros;
+    if (merged[0] > zeros) {
+      using Acc = typename Widen<T>::Acc;
+      using AccBits = typename Layout<Acc>::Bits;
+      for (int64_t j = 0; j < n; ++j) {
+        // Bits, never float compares: under flush-to-zero (DAZ) a subnormal compares equal
+        // to zero.
+        const AccBits magnitude = std::bit_cast<AccBits>(Widen<T>::to_acc(x[j])) << 1 >> 1;
+        if (exponent_field(x + j) == 0 && magnitude != 0) {
+          ++row[column_of(std::bit_cast<Acc>(magnitude), min_exp, last)];
+        }
       }
     }
   }
-  for (int64_t e = 1; e < kSlots - 1; ++e) {
-    int64_t count = 0;
-    for (int copy = 0; copy < HIST_COPIES; ++copy) {
-      count += table[copy * kSlots + e];
-      table[copy * kSlots + e] = 0;
-    }
-    if (count) add(std::min(std::max(e - S::kBias - min_exp + 1, int64_t{1}), last), count);
-  }
-  for (int copy = 0; copy < HIST_COPIES; ++copy) table[copy * kSlots + kSlots - 1] = 0;
-  for (int64_t column = low; column <= high; ++column) {
+  for (int64_t column = 0; column < num_bins; ++column) {
     if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
+    row[column] = 0;
   }
 }
 
@@ -462,14 +477,15 @@ struct WorkItem {
   int64_t size;
 };
 
-template <typename T, bool CountZeros>
-GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p) {
+template <typename T, typename Visit>
+GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p,
+                                            Visit&& visit) {
   using Acc = typename Widen<T>::Acc;
   switch (kind) {
-    case INF: return chunk_power<T, INF, CountZeros>(x, n, static_cast<Acc>(p));
-    case L1: return chunk_power<T, L1, CountZeros>(x, n, static_cast<Acc>(p));
-    case L2: return chunk_power<T, L2, CountZeros>(x, n, static_cast<Acc>(p));
-    default: return chunk_power<T, LP, CountZeros>(x, n, static_cast<Acc>(p));
+    case INF: return chunk_power<T, INF>(x, n, static_cast<Acc>(p), visit);
+    case L1: return chunk_power<T, L1>(x, n, static_cast<Acc>(p), visit);
+    case L2: return chunk_power<T, L2>(x, n, static_cast<Acc>(p), visit);
+    default: return chunk_power<T, LP>(x, n, static_cast<Acc>(p), visit);
   }
 }
 
@@ -478,15 +494,16 @@ template <typename T>
 GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind,
                                  double p, int64_t num_bins, int64_t min_exp,
                                  double* partial_power, int64_t* nonfinite, int64_t* hist_row,
-                                 bool vector_counting, uint16_t* table) {
+                                 bool vector_counting, uint16_t* table, int64_t* row) {
   const T* x = static_cast<const T*>(tensor.const_data_ptr()) + item.start;
-  const ChunkResult result = num_bins ? dispatch_power<T, true>(x, item.size, kind, p)
-                                      : dispatch_power<T, false>(x, item.size, kind, p);
+  const ChunkResult result =
+      num_bins == 0 ? dispatch_power(x, item.size, kind, p, [](int64_t, int64_t) {})
+                    : dispatch_power(x, item.size, kind, p, [&](int64_t begin, int64_t end) {
+                        count_block(x + begin, end - begin, vector_counting, table);
+                      });
   *partial_power = result.power;
   if (result.nonfinite) std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
-  if (num_bins == 0) return;
-  chunk_histogram(x, item.size, result.zeros, num_bins, min_exp, vector_counting, table,
-                  hist_row);
+  if (num_bins) chunk_histogram(x, item.size, num_bins, min_exp, table, row, hist_row);
 }
 
 // What every work item of one call reads and writes.
@@ -508,6 +525,7 @@ GRADSTATS_VECTOR_CLONES
 void run_items(const Pass& pass, int64_t begin, int64_t end) {
   // The exponent table of chunk_histogram, large enough for float64's 11-bit exponents.
   std::vector<uint16_t> table(HIST_COPIES * kExponents<double>);
+  std::vector<int64_t> chunk_row(pass.num_bins);  // one chunk's histogram
   for (int64_t k = begin; k < end; ++k) {
     const WorkItem& item = pass.items[k];
     const at::Tensor& g = pass.grads[item.tensor];
@@ -518,19 +536,19 @@ void run_items(const Pass& pass, int64_t begin, int64_t end) {
     switch (g.scalar_type()) {
       case at::kFloat:
         item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                              pass.vector_counting, table.data());
+                              pass.vector_counting, table.data(), chunk_row.data());
         break;
       case at::kDouble:
         item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                              pass.vector_counting, table.data());
+                              pass.vector_counting, table.data(), chunk_row.data());
         break;
       case at::kBFloat16:
         item_stats<c10::BFloat16>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                                  pass.vector_counting, table.data());
+                                  pass.vector_counting, table.data(), chunk_row.data());
         break;
       default:
         item_stats<c10::Half>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                              pass.vector_counting, table.data());
+                              pass.vector_counting, table.data(), chunk_row.data());
     }
   }
 }
