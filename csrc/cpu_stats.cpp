@@ -1,7 +1,9 @@
 // gradstats::cpu_stats: the fused statistics pass for CPU tensors.
 //
-// Reads: contiguous fp32/fp64/bf16/fp16 tensors (the Python caller sends anything else to
-// the reference path). Writes, per tensor: the norm power (sum |x|^p, or the NaN-propagating
+// Reads: fp32/fp64/bf16/fp16 CPU tensors that are contiguous or permuted-dense (transposed,
+// channels-last: each is read as the flat block it fills, in memory order, as the Triton
+// kernels read it); the Python caller sends anything else to the reference path. Every
+// size and index is int64: tensors may exceed 2^31 elements. Writes, per tensor: the norm power (sum |x|^p, or the NaN-propagating
 // max |x| for the inf-norm) as float64, the NaN/Inf count as int64, and when num_bins > 0 the
 // log2-magnitude histogram as int64 [n, num_bins]. Same contracts and numerics as
 // gradstats/reference.py and the Triton kernels (gradstats/kernels/stats.py).
@@ -590,8 +592,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   std::vector<int64_t> first_item(n + 1);
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& g = grads[t];
-    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided && g.is_contiguous(),
-                "gradstats::cpu_stats reads contiguous CPU tensors");
+    // A permuted-dense tensor (transposed, channels-last) fills numel slots from its
+    // data_ptr, its lowest address: it is read as that flat block, in memory order, as the
+    // Triton kernels read it, so its chunks are theirs (and the reference's).
+    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided &&
+                    (g.is_contiguous() || g.is_non_overlapping_and_dense()),
+                "gradstats::cpu_stats reads CPU tensors that are contiguous or permuted-dense "
+                "(non-overlapping and dense)");
     auto dtype = g.scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                     dtype == at::kHalf,
