@@ -414,10 +414,11 @@ GRADSTATS_INLINE void count_block(const T* x, int64_t n, bool vector_counting,
 // on the exponent field alone, except in the exponent-0 slot: zeros, and subnormals, whose
 // columns come from their mantissas; both are counted by rescanning the chunk, only when
 // the slot is not empty. `table` and `row` (num_bins) are zero again on return.
+// `exclusive`: the chunk is its tensor's only one, so hist_row needs no atomic adds.
 template <typename T>
 GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
                                       int64_t min_exp, uint16_t* table, int64_t* row,
-                                      int64_t* hist_row) {
+                                      int64_t* hist_row, bool exclusive) {
   using S = Stored<T>;
   constexpr int64_t kSlots = kExponents<T>;
   // The copies merged (a chunk's counts fit 16 bits), the table cleared for the next chunk.
@@ -429,20 +430,15 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
   }
   std::memset(table, 0, HIST_COPIES * kSlots * sizeof *table);
 
-  // Finite exponents: column e - shift, clamped. Sums for the clamped ends, so that no
-  // chain of increments runs through one memory slot.
+  // Finite exponents e in [1, kSlots - 2]: column e - shift, clamped into [1, last]. Three
+  // runs of slots (clamped low, one to one, clamped high), each a plain loop that vectorises.
   const int64_t last = num_bins - 1, shift = S::kBias + min_exp - 1;
+  const int64_t low_end = std::clamp(shift + 2, int64_t{1}, kSlots - 1);  // first unclamped
+  const int64_t high_begin = std::clamp(shift + last, low_end, kSlots - 1);  // first at last
   int64_t below = 0, above = 0;
-  for (int64_t e = 1; e < kSlots - 1; ++e) {
-    const int64_t column = e - shift;
-    if (column <= 1) {
-      below += merged[e];
-    } else if (column >= last) {
-      above += merged[e];
-    } else {
-      row[column] += merged[e];
-    }
-  }
+  for (int64_t e = 1; e < low_end; ++e) below += merged[e];
+  for (int64_t e = low_end; e < high_begin; ++e) row[e - shift] += merged[e];
+  for (int64_t e = high_begin; e < kSlots - 1; ++e) above += merged[e];
   row[1] += below;
   row[last] += above;
   if (merged[0]) {  // zeros and subnormals share the exponent-0 slot: look at the bits
@@ -467,10 +463,14 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
       }
     }
   }
-  for (int64_t column = 0; column < num_bins; ++column) {
-    if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
-    row[column] = 0;
+  if (exclusive) {  // the tensor's only chunk: no other thread writes its row
+    for (int64_t column = 0; column < num_bins; ++column) hist_row[column] += row[column];
+  } else {
+    for (int64_t column = 0; column < num_bins; ++column) {
+      if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
+    }
   }
+  std::memset(row, 0, num_bins * sizeof *row);
 }
 
 struct WorkItem {
@@ -504,8 +504,16 @@ GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item,
                         count_block(x + begin, end - begin, vector_counting, table);
                       });
   *partial_power = result.power;
-  if (result.nonfinite) std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
-  if (num_bins) chunk_histogram(x, item.size, num_bins, min_exp, table, row, hist_row);
+  // A tensor of one chunk (most of them, in number) has its outputs to itself.
+  const bool exclusive = item.start == 0 && item.size == tensor.numel();
+  if (exclusive) {
+    *nonfinite += result.nonfinite;
+  } else if (result.nonfinite) {
+    std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
+  }
+  if (num_bins) {
+    chunk_histogram(x, item.size, num_bins, min_exp, table, row, hist_row, exclusive);
+  }
 }
 
 // What every work item of one call reads and writes.
