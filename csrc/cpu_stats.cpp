@@ -139,17 +139,12 @@ struct Vec<double> {
   typedef uint64_t Bits __attribute__((vector_size(LANES * sizeof(double))));
 };
 
-// LANES elements widened exactly to the accumulation type.
+// LANES elements widened exactly to the accumulation type (bf16 has its own step, see
+// accumulate_step).
 template <typename T>
 GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T* x) {
   using V = typename Vec<typename Widen<T>::Acc>::Values;
-  using B = typename Vec<typename Widen<T>::Acc>::Bits;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the top half of a float32
-    typedef uint16_t Halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
-    Halves halves;
-    std::memcpy(&halves, x, sizeof halves);
-    return reinterpret_cast<V>(__builtin_convertvector(halves, B) << 16);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
     V values;
     for (int lane = 0; lane < LANES; ++lane) values[lane] = static_cast<float>(x[lane]);
     return values;
@@ -160,19 +155,24 @@ GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T
   }
 }
 
-// One chunk's running sums, one per lane. The inf-norm keeps the largest magnitude as its
-// bits: for non-negative floats integer order is float order, and every NaN's bits exceed
-// Inf's, so an integer max propagates NaN as torch's inf-norm does, and vectorises.
-template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
-GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& sum,
-                                       typename Vec<Acc>::Bits& max_bits,
-                                       typename Vec<Acc>::Bits& nonfinite, Acc p) {
-  using L = Layout<Acc>;
-  using V = typename Vec<Acc>::Values;
-  using B = typename Vec<Acc>::Bits;
-  constexpr typename L::Bits kSign = typename L::Bits{1} << (sizeof(typename L::Bits) * 8 - 1);
-  const V v = load_lanes(x);
-  const B magnitude = reinterpret_cast<B>(v) & ~kSign;
+// Vectors of lanes per step: bfloat16 reads 2 * LANES elements at once (see accumulate_step).
+template <typename T>
+constexpr int kParts = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+
+// One chunk's running sums, one per lane and part; the lanes (and parts) fix the order.
+template <typename T, typename Acc = typename Widen<T>::Acc>
+struct Sums {
+  typename Vec<Acc>::Values sum[kParts<T>] = {};
+  typename Vec<Acc>::Bits max_bits[kParts<T>] = {};
+  typename Vec<Acc>::Bits nonfinite = {};
+};
+
+// |v|^p added to sum. The inf-norm keeps the largest magnitude as its bits: for
+// non-negative floats integer order is float order, and every NaN's bits exceed Inf's, so
+// an integer max propagates NaN as torch's inf-norm does, and vectorises.
+template <int64_t Kind, typename Acc, typename V = typename Vec<Acc>::Values,
+          typename B = typename Vec<Acc>::Bits>
+GRADSTATS_INLINE void add_power(V v, B magnitude, V& sum, B& max_bits, Acc p) {
   if constexpr (Kind == INF) {
     max_bits = magnitude > max_bits ? magnitude : max_bits;
   } else if constexpr (Kind == L1) {
@@ -183,16 +183,45 @@ GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& su
     const V a = reinterpret_cast<V>(magnitude);
     for (int lane = 0; lane < LANES; ++lane) sum[lane] += std::pow(a[lane], p);
   }
-  // With the sign cleared, adding one to the exponent field carries into the top bit
-  // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
-  nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
-               (sizeof(typename L::Bits) * 8 - 1);
+}
+
+// LANES * kParts<T> elements into the sums.
+template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
+GRADSTATS_INLINE void accumulate_step(const T* x, Sums<T>& sums, Acc p) {
+  using L = Layout<Acc>;
+  using V = typename Vec<Acc>::Values;
+  using B = typename Vec<Acc>::Bits;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // 2 * LANES bf16 read as LANES 32-bit words: element 2k is the low half of word k,
+    // element 2k + 1 the high half, and each is the top half of its float32. No widening
+    // shuffles: one shift or mask per half.
+    B words;
+    std::memcpy(&words, x, sizeof words);
+    const B magnitudes = words & 0x7FFF7FFFu;
+    add_power<Kind>(reinterpret_cast<V>(words << 16), magnitudes << 16, sums.sum[0],
+                    sums.max_bits[0], p);
+    add_power<Kind>(reinterpret_cast<V>(words & 0xFFFF0000u), magnitudes & 0xFFFF0000u,
+                    sums.sum[1], sums.max_bits[1], p);
+    // Both halves at once: adding one to an exponent field carries into bit 15 of its half
+    // exactly when the field is all ones (NaN, Inf); no carry crosses the halves.
+    sums.nonfinite += ((magnitudes + 0x00800080u) >> 15) & 0x00010001u;
+  } else {
+    constexpr typename L::Bits kSign = typename L::Bits{1}
+                                       << (sizeof(typename L::Bits) * 8 - 1);
+    const V v = load_lanes(x);
+    const B magnitude = reinterpret_cast<B>(v) & ~kSign;
+    add_power<Kind>(v, magnitude, sums.sum[0], sums.max_bits[0], p);
+    // With the sign cleared, adding one to the exponent field carries into the top bit
+    // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
+    sums.nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
+                      (sizeof(typename L::Bits) * 8 - 1);
+  }
 }
 
 // Elements per sub-block of a chunk: the histogram counts each sub-block right after the
 // power loop has read it (still in L1), so reading memory and counting alternate finely
-// and the hardware prefetchers keep streaming. A multiple of LANES: the lanes run through
-// the sub-blocks as through one loop, in the same order.
+// and the hardware prefetchers keep streaming. A multiple of every step: the lanes run
+// through the sub-blocks as through one loop, in the same order.
 constexpr int64_t SUB_BLOCK = 4096;
 
 // The power and non-finite count of one chunk; visit(begin, end) is called on every
@@ -201,29 +230,34 @@ template <typename T, int64_t Kind, typename Visit>
 GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p,
                                          Visit&& visit) {
   using Acc = typename Widen<T>::Acc;
-  typename Vec<Acc>::Values sum = {};
-  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {};
+  constexpr int64_t kStep = LANES * kParts<T>;
+  Sums<T> sums;
   int64_t i = 0;
   for (int64_t begin = 0; begin < n; begin += SUB_BLOCK) {
     const int64_t end = std::min(n, begin + SUB_BLOCK);
-    for (; i + LANES <= end; i += LANES) {
-      accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
-    }
+    for (; i + kStep <= end; i += kStep) accumulate_step<Kind>(x + i, sums, p);
     visit(begin, end);
   }
   if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
-    T padded[LANES];
-    std::fill(padded, padded + LANES, T(0));
+    T padded[kStep];
+    std::fill(padded, padded + kStep, T(0));
     std::copy(x + i, x + n, padded);
-    accumulate_lanes<Kind>(padded, sum, max_bits, nonfinite_lanes, p);
+    accumulate_step<Kind>(padded, sums, p);
   }
   Acc total = 0;
   typename Layout<Acc>::Bits largest = 0;
   int64_t nonfinite = 0;
+  for (int part = 0; part < kParts<T>; ++part) {
+    for (int lane = 0; lane < LANES; ++lane) {
+      total += sums.sum[part][lane];
+      largest = std::max(largest, sums.max_bits[part][lane]);
+    }
+  }
   for (int lane = 0; lane < LANES; ++lane) {
-    total += sum[lane];
-    largest = std::max(largest, max_bits[lane]);
-    nonfinite += static_cast<int64_t>(nonfinite_lanes[lane]);
+    const uint64_t count = sums.nonfinite[lane];
+    // bf16 counts in both 16-bit halves (at most a chunk / (2 * LANES) each: no overflow).
+    nonfinite += static_cast<int64_t>(
+        std::is_same_v<T, c10::BFloat16> ? (count & 0xFFFF) + (count >> 16) : count);
   }
   if constexpr (Kind == INF) total = std::bit_cast<Acc>(largest);
   return {static_cast<double>(total), nonfinite};
