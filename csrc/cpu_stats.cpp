@@ -3,16 +3,20 @@
 // Reads: fp32/fp64/bf16/fp16 CPU tensors that are contiguous or permuted-dense (transposed,
 // channels-last: each is read as the flat block it fills, in memory order, as the Triton
 // kernels read it); the Python caller sends anything else to the reference path. Every
-// size and index is int64: tensors may exceed 2^31 elements. Writes, per tensor: the norm power (sum |x|^p, or the NaN-propagating
-// max |x| for the inf-norm) as float64, the NaN/Inf count as int64, and when num_bins > 0 the
-// log2-magnitude histogram as int64 [n, num_bins]. Same contracts and numerics as
-// gradstats/reference.py and the Triton kernels (gradstats/kernels/stats.py).
+// size and index is int64: tensors may exceed 2^31 elements. Writes, per tensor: the norm
+// power (sum |x|^p, or the NaN-propagating max |x| for the inf-norm) as float64, the NaN/Inf
+// count as int64, and when num_bins > 0 the log2-magnitude histogram as int64
+// [n, num_bins]. Same contracts and numerics as gradstats/reference.py and the Triton
+// kernels (gradstats/kernels/stats.py).
 //
 // Work split: every tensor is cut into CHUNK-element work items, as the kernels do. Items
 // run in parallel (at::parallel_for); each writes its power into its own slot (float32 sum
 // per chunk, float64 for float64 input), and the slots are summed per tensor in float64 in
 // index order afterwards. So the result is bit-identical whatever the thread count.
-// Histogram and non-finite counts are integers: exact in any order, added atomically.
+// Histogram and non-finite counts are integers: exact in any order, added atomically (or
+// plainly, for a tensor of one chunk). The histogram counts exponent fields while each
+// 4096-element sub-block is still in L1 (see chunk_histogram): in AVX-512 lanes where the
+// CPU has AVX-512BW, GFNI and BITALG, into a small scalar table elsewhere; the same counts.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,20 +51,19 @@ constexpr int64_t GRAIN_ITEMS = 4;
 // Elements per inner step: one accumulator per lane (a GCC vector, see Vec). The lanes
 // fix the summation order within a chunk, so vector code needs no -ffast-math.
 constexpr int LANES = 16;
-// Histogram counts go to several interleaved copies: gradients crowd into a few columns,
-// and one copy would chain every increment on the last one through memory.
+// Scalar exponent counts go to several interleaved copies: gradients crowd into a few
+// exponents, and one copy would chain every increment of one slot through memory.
 constexpr int HIST_COPIES = 4;
 
-// The per-element code is compiled once per x86-64 vector width and picked at load time
-// (function multiversioning): a build for the baseline CPU still runs AVX2/AVX-512 loops
-// where the CPU has them. Everything below the cloned function is forced inline into it,
-// so each clone gets its own vector code. AVX-512F brings its own FMA instructions, and g++
-// contracts a*b+c into them by default in C++: setup.py passes -ffp-contract=off, so with
-// the lanes fixing the summation order every clone gives the same bits.
+// The per-element code is compiled once per x86-64 vector width (AVX-512F, AVX2, the
+// baseline) and picked at run time (see run_items_for_this_cpu): a build for the baseline
+// CPU still runs AVX2/AVX-512 loops where the CPU has them. Everything below run_items is
+// forced inline into each version, so each gets its own vector code. AVX-512F brings its
+// own FMA instructions, and g++ contracts a*b+c into them by default in C++: setup.py
+// passes -ffp-contract=off, so with the lanes fixing the summation order every version
+// gives the same bits (tests/test_native.py runs each one).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define GRADSTATS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GRADSTATS_VECTOR_CLONES
+#define GRADSTATS_X86_VERSIONS 1
 #endif
 #define GRADSTATS_INLINE __attribute__((always_inline)) inline
 
@@ -564,9 +567,8 @@ struct Pass {
   int64_t* hist;          // [tensors, num_bins]
 };
 
-// Work items [begin, end) of one parallel_for task.
-GRADSTATS_VECTOR_CLONES
-void run_items(const Pass& pass, int64_t begin, int64_t end) {
+// Work items [begin, end) of one parallel_for task (inlined into each version below).
+GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
   // The exponent table of chunk_histogram, large enough for float64's 11-bit exponents.
   std::vector<uint16_t> table(HIST_COPIES * kExponents<double>);
   std::vector<int64_t> chunk_row(pass.num_bins);  // one chunk's histogram
@@ -595,6 +597,37 @@ void run_items(const Pass& pass, int64_t begin, int64_t end) {
                               pass.vector_counting, table.data(), chunk_row.data());
     }
   }
+}
+
+using RunItems = void (*)(const Pass&, int64_t, int64_t);
+
+#ifdef GRADSTATS_X86_VERSIONS
+__attribute__((target("avx512f"))) void run_items_avx512(const Pass& pass, int64_t begin,
+                                                          int64_t end) {
+  run_items(pass, begin, end);
+}
+__attribute__((target("avx2"))) void run_items_avx2(const Pass& pass, int64_t begin,
+                                                     int64_t end) {
+  run_items(pass, begin, end);
+}
+#endif
+void run_items_baseline(const Pass& pass, int64_t begin, int64_t end) {
+  run_items(pass, begin, end);
+}
+
+// The widest version this CPU runs; GRADSTATS_NATIVE_ISA=avx2 or baseline picks a narrower
+// one (read on every call: tests check that every version gives the same bits).
+RunItems run_items_for_this_cpu() {
+#ifdef GRADSTATS_X86_VERSIONS
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const char* choice = std::getenv("GRADSTATS_NATIVE_ISA");
+  const bool baseline = choice && std::strcmp(choice, "baseline") == 0;
+  const bool at_most_avx2 = baseline || (choice && std::strcmp(choice, "avx2") == 0);
+  if (avx512 && !at_most_avx2) return run_items_avx512;
+  if (avx2 && !baseline) return run_items_avx2;
+#endif
+  return run_items_baseline;
 }
 
 // Whether histograms count exponents in AVX-512 lanes: where the CPU has AVX-512BW, GFNI
@@ -656,8 +689,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, vector_counting(),
                   partial_power.data(),
                   nonfinite.data_ptr<int64_t>(), hist.data_ptr<int64_t>()};
+  const RunItems run = run_items_for_this_cpu();
   at::parallel_for(0, static_cast<int64_t>(items.size()), GRAIN_ITEMS,
-                   [&](int64_t begin, int64_t end) { run_items(pass, begin, end); });
+                   [&](int64_t begin, int64_t end) { run(pass, begin, end); });
 
   // Chunk partials summed per tensor in index order (the max for the inf-norm, NaN first).
   double* power_out = power.data_ptr<double>();

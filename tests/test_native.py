@@ -324,3 +324,24 @@ def test_grad_stats_sends_only_unreadable_tensors_to_the_reference(monkeypatch, 
     assert torch.equal(stats.nonfinite, expected.nonfinite)
     if num_bins:
         assert torch.equal(stats.hist, expected.hist)
+
+
+@pytest.mark.parametrize("num_bins", [0, 64])
+def test_every_vector_width_gives_the_same_bits(monkeypatch, num_bins):
+    """The per-element code is compiled for AVX-512F, AVX2 and the baseline x86-64
+    (GRADSTATS_NATIVE_ISA picks a narrower one than the CPU's), each with both histogram
+    counting paths: every combination gives the same bits, for every norm type and dtype."""
+    tensors = [sample(n, dtype, spread=spread) for n in (3 * CHUNK + 7, 4097, 33)
+               for dtype in FLOAT_DTYPES for spread in (False, True)]
+    for dtype in FLOAT_DTYPES:
+        tensors += extremes(dtype)
+    for p in NORM_TYPES:
+        results = []
+        for isa in ("widest", "avx2", "baseline"):
+            for counting in COUNTING:
+                monkeypatch.setenv("GRADSTATS_NATIVE_ISA", isa)
+                monkeypatch.setenv("GRADSTATS_NATIVE_HISTOGRAM", counting)
+                results.append(stats_of(tensors, p, num_bins, -40, on_native=True))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
