@@ -57,7 +57,7 @@ constexpr int HIST_COPIES = 4;
 
 // The per-element code is compiled once per x86-64 vector width (AVX-512F, AVX2, the
 // baseline) and picked at run time (see run_items_for_this_cpu): a build for the baseline
-// CPU still runs AVX2/AVX-512 loops where the CPU has them. Everything below run_items is
+// CPU still runs AVX-512 loops where the CPU has them. Everything below run_items is
 // forced inline into each version, so each gets its own vector code. AVX-512F brings its
 // own FMA instructions, and g++ contracts a*b+c into them by default in C++: setup.py
 // passes -ffp-contract=off, so with the lanes fixing the summation order every version
@@ -162,13 +162,10 @@ GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T
 template <typename T>
 constexpr int kParts = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
 
-// One chunk's running sums, one per lane and part; the lanes (and parts) fix the order.
-template <typename T, typename Acc = typename Widen<T>::Acc>
-struct Sums {
-  typename Vec<Acc>::Values sum[kParts<T>] = {};
-  typename Vec<Acc>::Bits max_bits[kParts<T>] = {};
-  typename Vec<Acc>::Bits nonfinite = {};
-};
+// One chunk's running sums are one per lane (and part: `high` holds bf16's odd elements);
+// the lanes fix the order. Separate local vectors, not a struct: g++ keeps a struct of
+// 64-byte vectors in memory where they are wider than the registers (the AVX2 version),
+// copying it through the stack on every step.
 
 // |v|^p added to sum. The inf-norm keeps the largest magnitude as its bits: for
 // non-negative floats integer order is float order, and every NaN's bits exceed Inf's, so
@@ -189,11 +186,11 @@ GRADSTATS_INLINE void add_power(V v, B magnitude, V& sum, B& max_bits, Acc p) {
 }
 
 // LANES * kParts<T> elements into the sums.
-template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
-GRADSTATS_INLINE void accumulate_step(const T* x, Sums<T>& sums, Acc p) {
+template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc,
+          typename V = typename Vec<Acc>::Values, typename B = typename Vec<Acc>::Bits>
+GRADSTATS_INLINE void accumulate_step(const T* x, V& sum, V& sum_high, B& max_bits,
+                                      B& max_bits_high, B& nonfinite, Acc p) {
   using L = Layout<Acc>;
-  using V = typename Vec<Acc>::Values;
-  using B = typename Vec<Acc>::Bits;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // 2 * LANES bf16 read as LANES 32-bit words: element 2k is the low half of word k,
     // element 2k + 1 the high half, and each is the top half of its float32. No widening
@@ -201,23 +198,22 @@ GRADSTATS_INLINE void accumulate_step(const T* x, Sums<T>& sums, Acc p) {
     B words;
     std::memcpy(&words, x, sizeof words);
     const B magnitudes = words & 0x7FFF7FFFu;
-    add_power<Kind>(reinterpret_cast<V>(words << 16), magnitudes << 16, sums.sum[0],
-                    sums.max_bits[0], p);
+    add_power<Kind>(reinterpret_cast<V>(words << 16), magnitudes << 16, sum, max_bits, p);
     add_power<Kind>(reinterpret_cast<V>(words & 0xFFFF0000u), magnitudes & 0xFFFF0000u,
-                    sums.sum[1], sums.max_bits[1], p);
+                    sum_high, max_bits_high, p);
     // Both halves at once: adding one to an exponent field carries into bit 15 of its half
     // exactly when the field is all ones (NaN, Inf); no carry crosses the halves.
-    sums.nonfinite += ((magnitudes + 0x00800080u) >> 15) & 0x00010001u;
+    nonfinite += ((magnitudes + 0x00800080u) >> 15) & 0x00010001u;
   } else {
     constexpr typename L::Bits kSign = typename L::Bits{1}
                                        << (sizeof(typename L::Bits) * 8 - 1);
     const V v = load_lanes(x);
     const B magnitude = reinterpret_cast<B>(v) & ~kSign;
-    add_power<Kind>(v, magnitude, sums.sum[0], sums.max_bits[0], p);
+    add_power<Kind>(v, magnitude, sum, max_bits, p);
     // With the sign cleared, adding one to the exponent field carries into the top bit
     // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
-    sums.nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
-                      (sizeof(typename L::Bits) * 8 - 1);
+    nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
+                 (sizeof(typename L::Bits) * 8 - 1);
   }
 }
 
@@ -234,30 +230,35 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
                                          Visit&& visit) {
   using Acc = typename Widen<T>::Acc;
   constexpr int64_t kStep = LANES * kParts<T>;
-  Sums<T> sums;
+  typename Vec<Acc>::Values sum = {}, sum_high = {};
+  typename Vec<Acc>::Bits max_bits = {}, max_bits_high = {}, nonfinite_lanes = {};
   int64_t i = 0;
   for (int64_t begin = 0; begin < n; begin += SUB_BLOCK) {
     const int64_t end = std::min(n, begin + SUB_BLOCK);
-    for (; i + kStep <= end; i += kStep) accumulate_step<Kind>(x + i, sums, p);
+    for (; i + kStep <= end; i += kStep) {
+      accumulate_step<Kind>(x + i, sum, sum_high, max_bits, max_bits_high, nonfinite_lanes, p);
+    }
     visit(begin, end);
   }
   if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
     T padded[kStep];
     std::fill(padded, padded + kStep, T(0));
     std::copy(x + i, x + n, padded);
-    accumulate_step<Kind>(padded, sums, p);
+    accumulate_step<Kind>(padded, sum, sum_high, max_bits, max_bits_high, nonfinite_lanes, p);
   }
   Acc total = 0;
   typename Layout<Acc>::Bits largest = 0;
   int64_t nonfinite = 0;
-  for (int part = 0; part < kParts<T>; ++part) {
-    for (int lane = 0; lane < LANES; ++lane) {
-      total += sums.sum[part][lane];
-      largest = std::max(largest, sums.max_bits[part][lane]);
-    }
+  for (int lane = 0; lane < LANES; ++lane) {
+    total += sum[lane];
+    largest = std::max(largest, max_bits[lane]);
+  }
+  for (int lane = 0; lane < LANES && kParts<T> == 2; ++lane) {
+    total += sum_high[lane];
+    largest = std::max(largest, max_bits_high[lane]);
   }
   for (int lane = 0; lane < LANES; ++lane) {
-    const uint64_t count = sums.nonfinite[lane];
+    const uint64_t count = nonfinite_lanes[lane];
     // bf16 counts in both 16-bit halves (at most a chunk / (2 * LANES) each: no overflow).
     nonfinite += static_cast<int64_t>(
         std::is_same_v<T, c10::BFloat16> ? (count & 0xFFFF) + (count >> 16) : count);
@@ -615,17 +616,20 @@ void run_items_baseline(const Pass& pass, int64_t begin, int64_t end) {
   run_items(pass, begin, end);
 }
 
-// The widest version this CPU runs; GRADSTATS_NATIVE_ISA=avx2 or baseline picks a narrower
-// one (read on every call: tests check that every version gives the same bits).
+// The AVX-512F version where the CPU has it, the baseline one elsewhere. Not the AVX2 one
+// by default: g++ 12 keeps the 64-byte lane vectors in memory when they are wider than the
+// registers, and that version ran 2x slower than the baseline one (85 vs 45 ms, float32
+// GPT-2 small statistics, one thread; the target_clones build before it did the same).
+// GRADSTATS_NATIVE_ISA=avx2 or baseline picks that version (read on every call: tests
+// check that every version gives the same bits).
 RunItems run_items_for_this_cpu() {
 #ifdef GRADSTATS_X86_VERSIONS
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   static const bool avx2 = __builtin_cpu_supports("avx2");
   const char* choice = std::getenv("GRADSTATS_NATIVE_ISA");
-  const bool baseline = choice && std::strcmp(choice, "baseline") == 0;
-  const bool at_most_avx2 = baseline || (choice && std::strcmp(choice, "avx2") == 0);
-  if (avx512 && !at_most_avx2) return run_items_avx512;
-  if (avx2 && !baseline) return run_items_avx2;
+  if (choice && std::strcmp(choice, "baseline") == 0) return run_items_baseline;
+  if (choice && std::strcmp(choice, "avx2") == 0 && avx2) return run_items_avx2;
+  if (avx512) return run_items_avx512;
 #endif
   return run_items_baseline;
 }
