@@ -1,35 +1,54 @@
-"""The CPU statistics pass before and after the native C++ layer, against one plain sum.
+"""The native CPU statistics pass against one plain sum and against the per-tensor torch loop.
 
-For each workload and dtype, three pairs measured in the same run (timing.paired_ms):
-native / sum, reference / sum, native / reference, where "sum" is one ``sum()`` over a
-flat buffer holding as many bytes as all the gradients (the cost of reading them once),
-"reference" the PyTorch twin (``GRADSTATS_BACKEND=torch``) and "native" ``gradstats._C``
-(``GRADSTATS_BACKEND=native``).
+For each workload, dtype and case (statistics + 64-bin log2 histogram, statistics only),
+two pairs measured in the same run: native / sum (timing.paired_ms), where "sum" is one
+``sum()`` over a flat buffer holding as many bytes as all the gradients (the cost of reading
+them once: the floor), and native / torch loop, where the loop is what users write today
+without gradstats (baselines.python_loop_log2_stats: per tensor a norm, a NaN/Inf count and,
+with the histogram, a histc of log2|grad|), alternating LOOP_ROUNDS times. "native" is
+``gradstats.grad_stats`` with ``GRADSTATS_BACKEND=native`` (``gradstats._C``), its Python
+overhead included.
 
-    python -m benchmarks.native_cpu [--workloads gpt2-small] [--dtypes fp32,bf16]
+    python -m benchmarks.native_cpu [--workloads gpt2-small,many-small] [--dtypes fp32,bf16]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 import torch
 
 import gradstats
+from benchmarks.baselines import python_loop_log2_stats
 from benchmarks.timing import paired_ms
 from benchmarks.workloads import WORKLOADS, make_params
 from gradstats import backend, native
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
+CASES = (("stats + histogram", True), ("stats only", False))
+# The torch loop is 10-100x slower than the native pass: a few alternating rounds give its
+# ratio well enough and keep a full run within a few minutes.
+LOOP_ROUNDS = 3
 
 
-def on_backend(name: str, fn):
-    """``fn`` run with ``GRADSTATS_BACKEND=name`` (read on every call)."""
-    def run():
-        os.environ[backend.BACKEND_ENV] = name
-        fn()
-    return run
+def paired_few(ours, baseline, rounds: int) -> tuple[float, float, float]:
+    """(ours ms, baseline ms, median per-round ratio), the two alternating ``rounds`` times
+    after one warm-up call each."""
+    ours(), baseline()
+    samples = []
+    for _ in range(rounds):
+        times = []
+        for fn in (ours, baseline):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        samples.append(times)
+    ours_ms = statistics.median(a for a, _ in samples)
+    baseline_ms = statistics.median(b for _, b in samples)
+    return ours_ms, baseline_ms, statistics.median(a / b for a, b in samples)
 
 
 def measure(workload: str, dtype_name: str) -> list[str]:
@@ -39,31 +58,36 @@ def measure(workload: str, dtype_name: str) -> list[str]:
     flat = torch.randn(numel).to(dtype)
     plain_sum = lambda: flat.sum()  # noqa: E731
     lines = []
-    for case, histogram in (("stats + histogram", True), ("stats only", False)):
-        call = lambda: gradstats.grad_stats(params, histogram=histogram)  # noqa: E731
-        ours, reference = on_backend("native", call), on_backend("torch", call)
+    for case, histogram in CASES:
+        ours = lambda: gradstats.grad_stats(params, histogram=histogram)  # noqa: E731
+        loop = lambda: python_loop_log2_stats(params, histogram=histogram)  # noqa: E731
         vs_sum = paired_ms(ours, plain_sum, flat.device)
-        ref_vs_sum = paired_ms(reference, plain_sum, flat.device)
-        vs_ref = paired_ms(ours, reference, flat.device)
+        _, loop_ms, vs_loop = paired_few(ours, loop, LOOP_ROUNDS)
         lines.append(
-            f"| {workload} | {dtype_name} | {case} | {vs_sum.ours_ms:.1f} | "
-            f"{ref_vs_sum.ours_ms:.1f} | {vs_sum.baseline_ms:.1f} | {vs_sum.ratio:.2f}x | "
-            f"{ref_vs_sum.ratio:.2f}x | {vs_ref.ratio:.3f} |")
+            f"| {workload} | {dtype_name} | {case} | {vs_sum.ours_ms:.2f} | "
+            f"{vs_sum.baseline_ms:.2f} | {loop_ms:.1f} | {vs_sum.ratio:.2f}x "
+            f"(±{vs_sum.spread:.0%}) | {vs_loop:.3f} |")
     return lines
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="gpt2-small")
+    parser.add_argument("--workloads", default="gpt2-small,many-small")
     parser.add_argument("--dtypes", default="fp32,bf16")
     args = parser.parse_args(argv)
     if not native.available():
         raise SystemExit(f"no native layer: {native.unavailable_reason()}")
     saved = os.environ.get(backend.BACKEND_ENV)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| workload | dtype | case | native ms | reference ms | sum ms | native / sum "
-          "| reference / sum | native / reference |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    os.environ[backend.BACKEND_ENV] = "native"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {load_average()}")
+    print("| workload | dtype | case | native ms | sum ms | torch loop ms | native / sum "
+          "| native / torch loop |")
+    print("|---|---|---|---|---|---|---|---|")
     try:
         for workload in args.workloads.split(","):
             for dtype_name in args.dtypes.split(","):
@@ -74,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.pop(backend.BACKEND_ENV, None)
         else:
             os.environ[backend.BACKEND_ENV] = saved
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

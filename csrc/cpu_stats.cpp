@@ -1,16 +1,22 @@
 // gradstats::cpu_stats: the fused statistics pass for CPU tensors.
 //
-// Reads: contiguous fp32/fp64/bf16/fp16 tensors (the Python caller sends anything else to
-// the reference path). Writes, per tensor: the norm power (sum |x|^p, or the NaN-propagating
-// max |x| for the inf-norm) as float64, the NaN/Inf count as int64, and when num_bins > 0 the
-// log2-magnitude histogram as int64 [n, num_bins]. Same contracts and numerics as
-// gradstats/reference.py and the Triton kernels (gradstats/kernels/stats.py).
+// Reads: fp32/fp64/bf16/fp16 CPU tensors that are contiguous or permuted-dense (transposed,
+// channels-last: each is read as the flat block it fills, in memory order, as the Triton
+// kernels read it); the Python caller sends anything else to the reference path. Every
+// size and index is int64: tensors may exceed 2^31 elements. Writes, per tensor: the norm
+// power (sum |x|^p, or the NaN-propagating max |x| for the inf-norm) as float64, the NaN/Inf
+// count as int64, and when num_bins > 0 the log2-magnitude histogram as int64
+// [n, num_bins]. Same contracts and numerics as gradstats/reference.py and the Triton
+// kernels (gradstats/kernels/stats.py).
 //
 // Work split: every tensor is cut into CHUNK-element work items, as the kernels do. Items
 // run in parallel (at::parallel_for); each writes its power into its own slot (float32 sum
 // per chunk, float64 for float64 input), and the slots are summed per tensor in float64 in
 // index order afterwards. So the result is bit-identical whatever the thread count.
-// Histogram and non-finite counts are integers: exact in any order, added atomically.
+// Histogram and non-finite counts are integers: exact in any order, added atomically (or
+// plainly, for a tensor of one chunk). The histogram counts exponent fields while each
+// 4096-element sub-block is still in L1 (see chunk_histogram): in AVX-512 lanes where the
+// CPU has AVX-512BW, GFNI and BITALG, into a small scalar table elsewhere; the same counts.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -27,6 +33,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -44,22 +51,26 @@ constexpr int64_t GRAIN_ITEMS = 4;
 // Elements per inner step: one accumulator per lane (a GCC vector, see Vec). The lanes
 // fix the summation order within a chunk, so vector code needs no -ffast-math.
 constexpr int LANES = 16;
-// Histogram counts go to several interleaved copies: gradients crowd into a few columns,
-// and one copy would chain every increment on the last one through memory.
+// Scalar exponent counts go to several interleaved copies: gradients crowd into a few
+// exponents, and one copy would chain every increment of one slot through memory.
 constexpr int HIST_COPIES = 4;
 
-// The per-element code is compiled once per x86-64 vector width and picked at load time
-// (function multiversioning): a build for the baseline CPU still runs AVX2/AVX-512 loops
-// where the CPU has them. Everything below the cloned function is forced inline into it,
-// so each clone gets its own vector code. AVX-512F brings its own FMA instructions, and g++
-// contracts a*b+c into them by default in C++: setup.py passes -ffp-contract=off, so with
-// the lanes fixing the summation order every clone gives the same bits.
+// The per-element code is compiled once per x86-64 vector width (AVX-512F, AVX2, the
+// baseline) and picked at run time (see run_items_for_this_cpu): a build for the baseline
+// CPU still runs AVX-512 loops where the CPU has them. Everything below run_items is
+// forced inline into each version, so each gets its own vector code. AVX-512F brings its
+// own FMA instructions, and g++ contracts a*b+c into them by default in C++: setup.py
+// passes -ffp-contract=off, so with the lanes fixing the summation order every version
+// gives the same bits (tests/test_native.py runs each one).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define GRADSTATS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GRADSTATS_VECTOR_CLONES
+#define GRADSTATS_X86_VERSIONS 1
 #endif
 #define GRADSTATS_INLINE __attribute__((always_inline)) inline
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#include <immintrin.h>
+#define GRADSTATS_AVX512_HISTOGRAM 1
+#endif
 
 // Must match gradstats.norms.NormKind.
 enum NormKind : int64_t { INF = 0, L1 = 1, L2 = 2, LP = 3 };
@@ -131,17 +142,12 @@ struct Vec<double> {
   typedef uint64_t Bits __attribute__((vector_size(LANES * sizeof(double))));
 };
 
-// LANES elements widened exactly to the accumulation type.
+// LANES elements widened exactly to the accumulation type (bf16 has its own step, see
+// accumulate_step).
 template <typename T>
 GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T* x) {
   using V = typename Vec<typename Widen<T>::Acc>::Values;
-  using B = typename Vec<typename Widen<T>::Acc>::Bits;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the top half of a float32
-    typedef uint16_t Halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
-    Halves halves;
-    std::memcpy(&halves, x, sizeof halves);
-    return reinterpret_cast<V>(__builtin_convertvector(halves, B) << 16);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
     V values;
     for (int lane = 0; lane < LANES; ++lane) values[lane] = static_cast<float>(x[lane]);
     return values;
@@ -152,19 +158,21 @@ GRADSTATS_INLINE typename Vec<typename Widen<T>::Acc>::Values load_lanes(const T
   }
 }
 
-// One chunk's running sums, one per lane. The inf-norm keeps the largest magnitude as its
-// bits: for non-negative floats integer order is float order, and every NaN's bits exceed
-// Inf's, so an integer max propagates NaN as torch's inf-norm does, and vectorises.
-template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc>
-GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& sum,
-                                       typename Vec<Acc>::Bits& max_bits,
-                                       typename Vec<Acc>::Bits& nonfinite, Acc p) {
-  using L = Layout<Acc>;
-  using V = typename Vec<Acc>::Values;
-  using B = typename Vec<Acc>::Bits;
-  constexpr typename L::Bits kSign = typename L::Bits{1} << (sizeof(typename L::Bits) * 8 - 1);
-  const V v = load_lanes(x);
-  const B magnitude = reinterpret_cast<B>(v) & ~kSign;
+// Vectors of lanes per step: bfloat16 reads 2 * LANES elements at once (see accumulate_step).
+template <typename T>
+constexpr int kParts = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+
+// One chunk's running sums are one per lane (and part: `high` holds bf16's odd elements);
+// the lanes fix the order. Separate local vectors, not a struct: g++ keeps a struct of
+// 64-byte vectors in memory where they are wider than the registers (the AVX2 version),
+// copying it through the stack on every step.
+
+// |v|^p added to sum. The inf-norm keeps the largest magnitude as its bits: for
+// non-negative floats integer order is float order, and every NaN's bits exceed Inf's, so
+// an integer max propagates NaN as torch's inf-norm does, and vectorises.
+template <int64_t Kind, typename Acc, typename V = typename Vec<Acc>::Values,
+          typename B = typename Vec<Acc>::Bits>
+GRADSTATS_INLINE void add_power(V v, B magnitude, V& sum, B& max_bits, Acc p) {
   if constexpr (Kind == INF) {
     max_bits = magnitude > max_bits ? magnitude : max_bits;
   } else if constexpr (Kind == L1) {
@@ -175,26 +183,68 @@ GRADSTATS_INLINE void accumulate_lanes(const T* x, typename Vec<Acc>::Values& su
     const V a = reinterpret_cast<V>(magnitude);
     for (int lane = 0; lane < LANES; ++lane) sum[lane] += std::pow(a[lane], p);
   }
-  // With the sign cleared, adding one to the exponent field carries into the top bit
-  // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
-  nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
-               (sizeof(typename L::Bits) * 8 - 1);
 }
 
-template <typename T, int64_t Kind>
-GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p) {
+// LANES * kParts<T> elements into the sums.
+template <int64_t Kind, typename T, typename Acc = typename Widen<T>::Acc,
+          typename V = typename Vec<Acc>::Values, typename B = typename Vec<Acc>::Bits>
+GRADSTATS_INLINE void accumulate_step(const T* x, V& sum, V& sum_high, B& max_bits,
+                                      B& max_bits_high, B& nonfinite, Acc p) {
+  using L = Layout<Acc>;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // 2 * LANES bf16 read as LANES 32-bit words: element 2k is the low half of word k,
+    // element 2k + 1 the high half, and each is the top half of its float32. No widening
+    // shuffles: one shift or mask per half.
+    B words;
+    std::memcpy(&words, x, sizeof words);
+    const B magnitudes = words & 0x7FFF7FFFu;
+    add_power<Kind>(reinterpret_cast<V>(words << 16), magnitudes << 16, sum, max_bits, p);
+    add_power<Kind>(reinterpret_cast<V>(words & 0xFFFF0000u), magnitudes & 0xFFFF0000u,
+                    sum_high, max_bits_high, p);
+    // Both halves at once: adding one to an exponent field carries into bit 15 of its half
+    // exactly when the field is all ones (NaN, Inf); no carry crosses the halves.
+    nonfinite += ((magnitudes + 0x00800080u) >> 15) & 0x00010001u;
+  } else {
+    constexpr typename L::Bits kSign = typename L::Bits{1}
+                                       << (sizeof(typename L::Bits) * 8 - 1);
+    const V v = load_lanes(x);
+    const B magnitude = reinterpret_cast<B>(v) & ~kSign;
+    add_power<Kind>(v, magnitude, sum, max_bits, p);
+    // With the sign cleared, adding one to the exponent field carries into the top bit
+    // exactly when the field is all ones (NaN, Inf): integer-only, so it vectorises.
+    nonfinite += (magnitude + (typename L::Bits{1} << L::kMantissa)) >>
+                 (sizeof(typename L::Bits) * 8 - 1);
+  }
+}
+
+// Elements per sub-block of a chunk: the histogram counts each sub-block right after the
+// power loop has read it (still in L1), so reading memory and counting alternate finely
+// and the hardware prefetchers keep streaming. A multiple of every step: the lanes run
+// through the sub-blocks as through one loop, in the same order.
+constexpr int64_t SUB_BLOCK = 4096;
+
+// The power and non-finite count of one chunk; visit(begin, end) is called on every
+// sub-block [begin, end) once the power loop has read it.
+template <typename T, int64_t Kind, typename Visit>
+GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p,
+                                         Visit&& visit) {
   using Acc = typename Widen<T>::Acc;
-  typename Vec<Acc>::Values sum = {};
-  typename Vec<Acc>::Bits max_bits = {}, nonfinite_lanes = {};
+  constexpr int64_t kStep = LANES * kParts<T>;
+  typename Vec<Acc>::Values sum = {}, sum_high = {};
+  typename Vec<Acc>::Bits max_bits = {}, max_bits_high = {}, nonfinite_lanes = {};
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    accumulate_lanes<Kind>(x + i, sum, max_bits, nonfinite_lanes, p);
+  for (int64_t begin = 0; begin < n; begin += SUB_BLOCK) {
+    const int64_t end = std::min(n, begin + SUB_BLOCK);
+    for (; i + kStep <= end; i += kStep) {
+      accumulate_step<Kind>(x + i, sum, sum_high, max_bits, max_bits_high, nonfinite_lanes, p);
+    }
+    visit(begin, end);
   }
   if (i < n) {  // the tail, padded with zeros: they add nothing to any statistic
-    T padded[LANES];
-    std::fill(padded, padded + LANES, T(0));
+    T padded[kStep];
+    std::fill(padded, padded + kStep, T(0));
     std::copy(x + i, x + n, padded);
-    accumulate_lanes<Kind>(padded, sum, max_bits, nonfinite_lanes, p);
+    accumulate_step<Kind>(padded, sum, sum_high, max_bits, max_bits_high, nonfinite_lanes, p);
   }
   Acc total = 0;
   typename Layout<Acc>::Bits largest = 0;
@@ -202,53 +252,263 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
   for (int lane = 0; lane < LANES; ++lane) {
     total += sum[lane];
     largest = std::max(largest, max_bits[lane]);
-    nonfinite += static_cast<int64_t>(nonfinite_lanes[lane]);
+  }
+  for (int lane = 0; lane < LANES && kParts<T> == 2; ++lane) {
+    total += sum_high[lane];
+    largest = std::max(largest, max_bits_high[lane]);
+  }
+  for (int lane = 0; lane < LANES; ++lane) {
+    const uint64_t count = nonfinite_lanes[lane];
+    // bf16 counts in both 16-bit halves (at most a chunk / (2 * LANES) each: no overflow).
+    nonfinite += static_cast<int64_t>(
+        std::is_same_v<T, c10::BFloat16> ? (count & 0xFFFF) + (count >> 16) : count);
   }
   if constexpr (Kind == INF) total = std::bit_cast<Acc>(largest);
   return {static_cast<double>(total), nonfinite};
 }
 
-// Elements whose histogram columns are computed together (vectorised) before counting.
-constexpr int64_t COLUMN_BLOCK = 256;
-
-// Adds one chunk's histogram to counts[HIST_COPIES][num_bins + 1]: column 0 exact zeros,
-// column k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1]; NaN and
-// Inf go to the extra column num_bins, which is never read.
+// The bit layout of each stored dtype, for counting by exponent field.
 template <typename T>
-GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
-                                      int64_t min_exp, uint32_t* counts) {
-  using Acc = typename Widen<T>::Acc;
+struct Stored;
+template <>
+struct Stored<float> {
+  using Bits = uint32_t;
+  static constexpr int kMantissa = 23, kExponentBits = 8, kBias = 127;
+};
+template <>
+struct Stored<double> {
+  using Bits = uint64_t;
+  static constexpr int kMantissa = 52, kExponentBits = 11, kBias = 1023;
+};
+template <>
+struct Stored<c10::BFloat16> {
+  using Bits = uint16_t;
+  static constexpr int kMantissa = 7, kExponentBits = 8, kBias = 127;
+};
+template <>
+struct Stored<c10::Half> {
+  using Bits = uint16_t;
+  static constexpr int kMantissa = 10, kExponentBits = 5, kBias = 15;
+};
+
+// Biased exponent fields: one table slot each (the all-ones field is NaN/Inf).
+template <typename T>
+constexpr int64_t kExponents = int64_t{1} << Stored<T>::kExponentBits;
+
+template <typename T>
+GRADSTATS_INLINE uint32_t exponent_field(const T* x) {
+  using S = Stored<T>;
+  typename S::Bits bits;
+  std::memcpy(&bits, x, sizeof bits);
+  return static_cast<uint32_t>(bits >> S::kMantissa) & (kExponents<T> - 1);
+}
+
+// The histogram column of a finite non-zero magnitude a (widened, so exact): floor(log2 a)
+// from its exponent, clamped into [1, last]. A subnormal is m * 2^(1 - bias - mantissa bits)
+// with m = its bits: converting m (exact, and a normal number) gives floor(log2 m) from its
+// exponent. No float arithmetic on the subnormal itself, so flush-to-zero changes nothing.
+template <typename Acc>
+GRADSTATS_INLINE int64_t column_of(Acc a, int64_t min_exp, int64_t last) {
   using L = Layout<Acc>;
   using Bits = typename L::Bits;
   using SBits = std::make_signed_t<Bits>;
-  const SBits offset = L::kBias + min_exp - 1;  // biased exponent -> column
-  const SBits last = num_bins - 1;
-  const int64_t stride = num_bins + 1;
-  SBits columns[COLUMN_BLOCK];
-  for (int64_t begin = 0; begin < n; begin += COLUMN_BLOCK) {
-    const int64_t size = std::min(COLUMN_BLOCK, n - begin);
-    for (int64_t j = 0; j < size; ++j) {  // branch-free: the compiler vectorises it
-      Acc a = std::abs(Widen<T>::to_acc(x[begin + j]));
-      Bits bits = std::bit_cast<Bits>(a);
-      SBits biased = static_cast<SBits>(bits >> L::kMantissa);
-      // A subnormal is m * 2^(1 - bias - mantissa bits) with m = its bits: converting m
-      // (exact, and a normal number) gives floor(log2 m) from its exponent. No float
-      // arithmetic on the subnormal itself, so flush-to-zero modes change nothing.
-      SBits from_mantissa = static_cast<SBits>(
-          std::bit_cast<Bits>(static_cast<Acc>(static_cast<SBits>(bits))) >> L::kMantissa);
-      SBits exponent =
-          biased == 0 ? from_mantissa - L::kBias + 1 - L::kMantissa : biased;
-      SBits column = std::min(std::max(exponent - offset, SBits{1}), last);
-      column = bits == 0 ? SBits{0} : column;
-      columns[j] = biased == static_cast<SBits>(L::kAllOnes) ? last + 1 : column;
-    }
-    // Consecutive elements to different copies: increments of one column do not queue.
-    int64_t j = 0;
-    for (; j + HIST_COPIES <= size; j += HIST_COPIES) {
-      for (int copy = 0; copy < HIST_COPIES; ++copy) ++counts[copy * stride + columns[j + copy]];
-    }
-    for (; j < size; ++j) ++counts[columns[j]];
+  const Bits bits = std::bit_cast<Bits>(a);
+  int64_t exponent = static_cast<int64_t>(bits >> L::kMantissa) - L::kBias;
+  if ((bits >> L::kMantissa) == 0) {
+    const Bits m = std::bit_cast<Bits>(static_cast<Acc>(static_cast<SBits>(bits)));
+    exponent = static_cast<int64_t>(m >> L::kMantissa) - L::kBias + 1 - L::kBias - L::kMantissa;
   }
+  return std::min(std::max(exponent - min_exp + 1, int64_t{1}), last);
+}
+
+// Counts the exponent fields of x[0, n) into table's HIST_COPIES interleaved copies of
+// kExponents<T> 16-bit slots (a chunk fits): gradients crowd into a few exponents, and one
+// copy would chain every increment of one slot through memory.
+template <typename T>
+GRADSTATS_INLINE void count_exponents(const T* x, int64_t n, uint16_t* table) {
+  constexpr int64_t kSlots = kExponents<T>;
+  int64_t i = 0;
+  for (; i + HIST_COPIES <= n; i += HIST_COPIES) {
+    for (int copy = 0; copy < HIST_COPIES; ++copy) {
+      ++table[copy * kSlots + exponent_field(x + i + copy)];
+    }
+  }
+  for (; i < n; ++i) ++table[exponent_field(x + i)];
+}
+
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+// Exponents counted in vector lanes at once: the WINDOW exponents ending at a chunk's
+// largest finite one.
+constexpr int WINDOW = 16;
+// Byte lanes gain at most 8 a group: they are widened into 16-bit lanes every this many
+// groups, before they can overflow (31 * 8 < 256).
+constexpr int64_t FLUSH_GROUPS = 31;
+
+// count_exponents for float32 and bfloat16 (8-bit exponent fields) with AVX-512BW, GFNI and
+// BITALG, into table's first copy; the same counts, exactly. Gradients crowd into a few
+// octaves below their largest magnitude, so the WINDOW exponents ending at the chunk's
+// largest finite one are counted in vector lanes, 64 elements a step: each element's
+// exponent becomes a one-hot byte (1 << offset in the window's low or high half), one
+// GF(2) affine transform per half transposes every 8 x 8 bit block (8 elements x 8 window
+// slots), and a byte popcount then gives per 8 elements how many sit in each slot. The
+// few elements outside the window (the far low tail, zeros and subnormals when it does not
+// reach them, NaN/Inf) are counted one by one.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponents_avx512(
+    const T* x, int64_t n, uint16_t* table) {
+  constexpr int64_t kGroup = 64;
+  alignas(64) uint8_t exponents[SUB_BLOCK];  // one byte per element, in packus lane order
+  const int64_t groups = std::min(n, SUB_BLOCK) / kGroup;
+  const __m512i one = _mm512_set1_epi8(1);
+  // The largest finite exponent, kept as (exponent + 1) mod 256 so NaN/Inf (255) count as 0.
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i fields;
+    if constexpr (std::is_same_v<T, float>) {
+      __m512i quarter[4];
+      for (int q = 0; q < 4; ++q) {  // shift out the sign, then the mantissa
+        const __m512i bits = _mm512_loadu_si512(x + g * kGroup + q * 16);
+        quarter[q] = _mm512_srli_epi32(_mm512_slli_epi32(bits, 1), 24);
+      }
+      fields = _mm512_packus_epi16(_mm512_packus_epi32(quarter[0], quarter[1]),
+                                   _mm512_packus_epi32(quarter[2], quarter[3]));
+    } else {
+      __m512i half[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i bits = _mm512_loadu_si512(x + g * kGroup + h * 32);
+        half[h] = _mm512_srli_epi16(_mm512_slli_epi16(bits, 1), 8);
+      }
+      fields = _mm512_packus_epi16(half[0], half[1]);
+    }
+    _mm512_store_si512(exponents + g * kGroup, fields);
+    top = _mm512_max_epu8(top, _mm512_add_epi8(fields, one));
+  }
+  alignas(64) uint8_t top_lanes[kGroup];
+  _mm512_store_si512(top_lanes, top);
+  const int largest = *std::max_element(top_lanes, top_lanes + kGroup) - 1;  // -1: none
+  const int base = std::max(largest - WINDOW + 1, 0);  // base + WINDOW - 1 <= 254
+
+  const __m512i window_base = _mm512_set1_epi8(static_cast<char>(base));
+  const __m512i window = _mm512_set1_epi8(WINDOW);
+  // Byte k of each 16: 1 << k (low half) or 1 << (k - 8) (high half); vpshufb picks byte
+  // `offset` (its low 4 bits: in-window offsets are below 16).
+  const __m512i low_one_hot = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __m512i high_one_hot = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128));
+  // As gf2p8affine's data operand, byte j = 1 << j: result byte j of each qword gathers
+  // bit j of the matrix operand's 8 bytes (the transpose).
+  const __m512i transpose = _mm512_set1_epi64(0x8040201008040201);
+  const __m512i zero = _mm512_setzero_si512();
+  // Byte/word lane i counts window slot i % 8 of its half.
+  __m512i low_bytes = zero, high_bytes = zero, low_words = zero, high_words = zero;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i offset =
+        _mm512_sub_epi8(_mm512_load_si512(exponents + g * kGroup), window_base);
+    const __mmask64 inside = _mm512_cmplt_epu8_mask(offset, window);
+    const __m512i low = _mm512_maskz_shuffle_epi8(inside, low_one_hot, offset);
+    const __m512i high = _mm512_maskz_shuffle_epi8(inside, high_one_hot, offset);
+    low_bytes = _mm512_add_epi8(
+        low_bytes, _mm512_popcnt_epi8(_mm512_gf2p8affine_epi64_epi8(transpose, low, 0)));
+    high_bytes = _mm512_add_epi8(
+        high_bytes, _mm512_popcnt_epi8(_mm512_gf2p8affine_epi64_epi8(transpose, high, 0)));
+    for (__mmask64 outside = ~inside; outside; outside &= outside - 1) {
+      ++table[exponents[g * kGroup + __builtin_ctzll(outside)]];
+    }
+    if (g % FLUSH_GROUPS == FLUSH_GROUPS - 1 || g == groups - 1) {
+      // Bytes k and 8 + k of each 16 land in word k of each 8: slot k % 8 either way.
+      low_words = _mm512_add_epi16(low_words, _mm512_add_epi16(
+          _mm512_unpacklo_epi8(low_bytes, zero), _mm512_unpackhi_epi8(low_bytes, zero)));
+      high_words = _mm512_add_epi16(high_words, _mm512_add_epi16(
+          _mm512_unpacklo_epi8(high_bytes, zero), _mm512_unpackhi_epi8(high_bytes, zero)));
+      low_bytes = high_bytes = zero;
+    }
+  }
+  alignas(64) uint16_t words[2][32];
+  _mm512_store_si512(words[0], low_words);
+  _mm512_store_si512(words[1], high_words);
+  for (int half = 0; half < 2; ++half) {
+    for (int lane = 0; lane < 32; ++lane) table[base + 8 * half + lane % 8] += words[half][lane];
+  }
+  for (int64_t i = groups * kGroup; i < n; ++i) ++table[exponent_field(x + i)];
+}
+#endif
+
+// count_exponents, in AVX-512 lanes where vector_counting allows (see vector_counting).
+template <typename T>
+GRADSTATS_INLINE void count_block(const T* x, int64_t n, bool vector_counting,
+                                  uint16_t* table) {
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (vector_counting) return count_exponents_avx512(x, n, table);
+  }
+#endif
+  count_exponents(x, n, table);
+}
+
+// Adds one chunk's log2-magnitude histogram to hist_row (column 0 exact zeros, column
+// k >= 1 floor(log2|x|) == min_exp + k - 1 clamped into [1, num_bins - 1], NaN/Inf not
+// counted), from `table`, its exponent fields counted by count_block. The column depends
+// on the exponent field alone, except in the exponent-0 slot: zeros, and subnormals, whose
+// columns come from their mantissas; both are counted by rescanning the chunk, only when
+// the slot is not empty. `table` and `row` (num_bins) are zero again on return.
+// `exclusive`: the chunk is its tensor's only one, so hist_row needs no atomic adds.
+template <typename T>
+GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
+                                      int64_t min_exp, uint16_t* table, int64_t* row,
+                                      int64_t* hist_row, bool exclusive) {
+  using S = Stored<T>;
+  constexpr int64_t kSlots = kExponents<T>;
+  // The copies merged (a chunk's counts fit 16 bits), the table cleared for the next chunk.
+  uint16_t merged[kSlots];
+  for (int64_t e = 0; e < kSlots; ++e) {
+    uint16_t count = 0;
+    for (int copy = 0; copy < HIST_COPIES; ++copy) count += table[copy * kSlots + e];
+    merged[e] = count;
+  }
+  std::memset(table, 0, HIST_COPIES * kSlots * sizeof *table);
+
+  // Finite exponents e in [1, kSlots - 2]: column e - shift, clamped into [1, last]. Three
+  // runs of slots (clamped low, one to one, clamped high), each a plain loop that vectorises.
+  const int64_t last = num_bins - 1, shift = S::kBias + min_exp - 1;
+  const int64_t low_end = std::clamp(shift + 2, int64_t{1}, kSlots - 1);  // first unclamped
+  const int64_t high_begin = std::clamp(shift + last, low_end, kSlots - 1);  // first at last
+  int64_t below = 0, above = 0;
+  for (int64_t e = 1; e < low_end; ++e) below += merged[e];
+  for (int64_t e = low_end; e < high_begin; ++e) row[e - shift] += merged[e];
+  for (int64_t e = high_begin; e < kSlots - 1; ++e) above += merged[e];
+  row[1] += below;
+  row[last] += above;
+  if (merged[0]) {  // zeros and subnormals share the exponent-0 slot: look at the bits
+    using Bits = typename S::Bits;
+    int64_t zeros = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      Bits bits;
+      std::memcpy(&bits, x + j, sizeof bits);
+      zeros += static_cast<Bits>(bits << 1) == 0;
+    }
+    row[0] = zeros;
+    if (merged[0] > zeros) {
+      using Acc = typename Widen<T>::Acc;
+      using AccBits = typename Layout<Acc>::Bits;
+      for (int64_t j = 0; j < n; ++j) {
+        // Bits, never float compares: under flush-to-zero (DAZ) a subnormal compares equal
+        // to zero.
+        const AccBits magnitude = std::bit_cast<AccBits>(Widen<T>::to_acc(x[j])) << 1 >> 1;
+        if (exponent_field(x + j) == 0 && magnitude != 0) {
+          ++row[column_of(std::bit_cast<Acc>(magnitude), min_exp, last)];
+        }
+      }
+    }
+  }
+  if (exclusive) {  // the tensor's only chunk: no other thread writes its row
+    for (int64_t column = 0; column < num_bins; ++column) hist_row[column] += row[column];
+  } else {
+    for (int64_t column = 0; column < num_bins; ++column) {
+      if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
+    }
+  }
+  std::memset(row, 0, num_bins * sizeof *row);
 }
 
 struct WorkItem {
@@ -257,14 +517,15 @@ struct WorkItem {
   int64_t size;
 };
 
-template <typename T>
-GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p) {
+template <typename T, typename Visit>
+GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p,
+                                            Visit&& visit) {
   using Acc = typename Widen<T>::Acc;
   switch (kind) {
-    case INF: return chunk_power<T, INF>(x, n, static_cast<Acc>(p));
-    case L1: return chunk_power<T, L1>(x, n, static_cast<Acc>(p));
-    case L2: return chunk_power<T, L2>(x, n, static_cast<Acc>(p));
-    default: return chunk_power<T, LP>(x, n, static_cast<Acc>(p));
+    case INF: return chunk_power<T, INF>(x, n, static_cast<Acc>(p), visit);
+    case L1: return chunk_power<T, L1>(x, n, static_cast<Acc>(p), visit);
+    case L2: return chunk_power<T, L2>(x, n, static_cast<Acc>(p), visit);
+    default: return chunk_power<T, LP>(x, n, static_cast<Acc>(p), visit);
   }
 }
 
@@ -273,18 +534,23 @@ template <typename T>
 GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind,
                                  double p, int64_t num_bins, int64_t min_exp,
                                  double* partial_power, int64_t* nonfinite, int64_t* hist_row,
-                                 std::vector<uint32_t>& counts) {
+                                 bool vector_counting, uint16_t* table, int64_t* row) {
   const T* x = static_cast<const T*>(tensor.const_data_ptr()) + item.start;
-  ChunkResult result = dispatch_power(x, item.size, kind, p);
+  const ChunkResult result =
+      num_bins == 0 ? dispatch_power(x, item.size, kind, p, [](int64_t, int64_t) {})
+                    : dispatch_power(x, item.size, kind, p, [&](int64_t begin, int64_t end) {
+                        count_block(x + begin, end - begin, vector_counting, table);
+                      });
   *partial_power = result.power;
-  if (result.nonfinite) std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
-  if (num_bins == 0) return;
-  std::fill(counts.begin(), counts.end(), 0u);
-  chunk_histogram(x, item.size, num_bins, min_exp, counts.data());
-  for (int64_t column = 0; column < num_bins; ++column) {
-    int64_t count = 0;
-    for (int copy = 0; copy < HIST_COPIES; ++copy) count += counts[copy * (num_bins + 1) + column];
-    if (count) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(count);
+  // A tensor of one chunk (most of them, in number) has its outputs to itself.
+  const bool exclusive = item.start == 0 && item.size == tensor.numel();
+  if (exclusive) {
+    *nonfinite += result.nonfinite;
+  } else if (result.nonfinite) {
+    std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
+  }
+  if (num_bins) {
+    chunk_histogram(x, item.size, num_bins, min_exp, table, row, hist_row, exclusive);
   }
 }
 
@@ -296,15 +562,17 @@ struct Pass {
   double p;
   int64_t num_bins;
   int64_t min_exp;
+  bool vector_counting;  // count histogram exponents in AVX-512 lanes (see chunk_histogram)
   double* partial_power;  // one slot per work item
   int64_t* nonfinite;     // one per tensor
   int64_t* hist;          // [tensors, num_bins]
 };
 
-// Work items [begin, end) of one parallel_for task.
-GRADSTATS_VECTOR_CLONES
-void run_items(const Pass& pass, int64_t begin, int64_t end) {
-  std::vector<uint32_t> counts(HIST_COPIES * (pass.num_bins + 1));
+// Work items [begin, end) of one parallel_for task (inlined into each version below).
+GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
+  // The exponent table of chunk_histogram, large enough for float64's 11-bit exponents.
+  std::vector<uint16_t> table(HIST_COPIES * kExponents<double>);
+  std::vector<int64_t> chunk_row(pass.num_bins);  // one chunk's histogram
   for (int64_t k = begin; k < end; ++k) {
     const WorkItem& item = pass.items[k];
     const at::Tensor& g = pass.grads[item.tensor];
@@ -314,20 +582,71 @@ void run_items(const Pass& pass, int64_t begin, int64_t end) {
     const int64_t kind = pass.norm_kind, num_bins = pass.num_bins, min_exp = pass.min_exp;
     switch (g.scalar_type()) {
       case at::kFloat:
-        item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row, counts);
+        item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+                              pass.vector_counting, table.data(), chunk_row.data());
         break;
       case at::kDouble:
-        item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row, counts);
+        item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+                              pass.vector_counting, table.data(), chunk_row.data());
         break;
       case at::kBFloat16:
         item_stats<c10::BFloat16>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                                  counts);
+                                  pass.vector_counting, table.data(), chunk_row.data());
         break;
       default:
         item_stats<c10::Half>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
-                              counts);
+                              pass.vector_counting, table.data(), chunk_row.data());
     }
   }
+}
+
+using RunItems = void (*)(const Pass&, int64_t, int64_t);
+
+#ifdef GRADSTATS_X86_VERSIONS
+__attribute__((target("avx512f"))) void run_items_avx512(const Pass& pass, int64_t begin,
+                                                          int64_t end) {
+  run_items(pass, begin, end);
+}
+__attribute__((target("avx2"))) void run_items_avx2(const Pass& pass, int64_t begin,
+                                                     int64_t end) {
+  run_items(pass, begin, end);
+}
+#endif
+void run_items_baseline(const Pass& pass, int64_t begin, int64_t end) {
+  run_items(pass, begin, end);
+}
+
+// The AVX-512F version where the CPU has it, the baseline one elsewhere. Not the AVX2 one
+// by default: g++ 12 keeps the 64-byte lane vectors in memory when they are wider than the
+// registers, and that version ran 2x slower than the baseline one (85 vs 45 ms, float32
+// GPT-2 small statistics, one thread; the target_clones build before it did the same).
+// GRADSTATS_NATIVE_ISA=avx2 or baseline picks that version (read on every call: tests
+// check that every version gives the same bits).
+RunItems run_items_for_this_cpu() {
+#ifdef GRADSTATS_X86_VERSIONS
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const char* choice = std::getenv("GRADSTATS_NATIVE_ISA");
+  if (choice && std::strcmp(choice, "baseline") == 0) return run_items_baseline;
+  if (choice && std::strcmp(choice, "avx2") == 0 && avx2) return run_items_avx2;
+  if (avx512) return run_items_avx512;
+#endif
+  return run_items_baseline;
+}
+
+// Whether histograms count exponents in AVX-512 lanes: where the CPU has AVX-512BW, GFNI
+// and BITALG (Ice Lake, Zen 4 and later), unless
+// GRADSTATS_NATIVE_HISTOGRAM=scalar (read on every call: tests compare both ways).
+bool vector_counting() {
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+  static const bool supported = __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("gfni") &&
+                                __builtin_cpu_supports("avx512bitalg");
+  const char* choice = std::getenv("GRADSTATS_NATIVE_HISTOGRAM");
+  return supported && !(choice && std::strcmp(choice, "scalar") == 0);
+#else
+  return false;
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
@@ -352,8 +671,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   std::vector<int64_t> first_item(n + 1);
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& g = grads[t];
-    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided && g.is_contiguous(),
-                "gradstats::cpu_stats reads contiguous CPU tensors");
+    // A permuted-dense tensor (transposed, channels-last) fills numel slots from its
+    // data_ptr, its lowest address: it is read as that flat block, in memory order, as the
+    // Triton kernels read it, so its chunks are theirs (and the reference's).
+    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided &&
+                    (g.is_contiguous() || g.is_non_overlapping_and_dense()),
+                "gradstats::cpu_stats reads CPU tensors that are contiguous or permuted-dense "
+                "(non-overlapping and dense)");
     auto dtype = g.scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                     dtype == at::kHalf,
@@ -366,10 +690,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   first_item[n] = static_cast<int64_t>(items.size());
 
   std::vector<double> partial_power(items.size());
-  const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, partial_power.data(),
+  const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, vector_counting(),
+                  partial_power.data(),
                   nonfinite.data_ptr<int64_t>(), hist.data_ptr<int64_t>()};
+  const RunItems run = run_items_for_this_cpu();
   at::parallel_for(0, static_cast<int64_t>(items.size()), GRAIN_ITEMS,
-                   [&](int64_t begin, int64_t end) { run_items(pass, begin, end); });
+                   [&](int64_t begin, int64_t end) { run(pass, begin, end); });
 
   // Chunk partials summed per tensor in index order (the max for the inf-norm, NaN first).
   double* power_out = power.data_ptr<double>();

@@ -182,11 +182,21 @@ def _fill_from_reference(tensors, positions, p, kind, num_bins, min_exp, power, 
 
 
 def _accumulate_on_native(tensors, p, kind, num_bins, min_exp):
-    """The C++ pass over every contiguous tensor of a dtype it reads; the reference over
-    the rest (sparse, complex, other dtypes, strided: the chunks of a permuted tensor would
-    not be the reference's, so its float32 sums would round differently)."""
+    """The C++ pass over every tensor of a dtype it reads that is contiguous or
+    permuted-dense (transposed, channels-last: read as the flat block it fills, as the
+    Triton kernels read it, and chunked as the reference chunks it); the reference over the
+    rest (sparse, complex, other dtypes, strided with gaps or overlaps)."""
+    try:  # the common case, decided with C-level per-tensor reads only
+        everything = (all(map(torch.Tensor.is_contiguous, tensors))
+                      and set(map(_DTYPE_OF, tensors)).issubset(TRITON_DTYPES))
+    except RuntimeError:  # sparse CSR tensors have no is_contiguous
+        everything = False
+    if everything:  # (a sparse COO tensor is never contiguous)
+        return native.cpu_stats(list(map(torch.Tensor.detach, tensors)), p, kind, num_bins,
+                                min_exp)
     readable = [i for i, t in enumerate(tensors)
-                if t.dtype in TRITON_DTYPES and t.layout is torch.strided and t.is_contiguous()]
+                if t.dtype in TRITON_DTYPES and t.layout is torch.strided
+                and (t.is_contiguous() or triton_can_read(t))]
     if len(readable) == len(tensors):
         return native.cpu_stats([t.detach() for t in tensors], p, kind, num_bins, min_exp)
     n = len(tensors)

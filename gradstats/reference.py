@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from . import launch_config as config  # chunk sizes: the reference sums per kernel chunk
 from .norms import NormKind
@@ -24,6 +25,12 @@ def _flat_values(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if tensor.is_sparse:
         values = tensor.coalesce().values().reshape(-1)
         return values, tensor.numel() - values.numel()
+    if (tensor.layout is torch.strided and not tensor.is_contiguous()
+            and is_non_overlapping_and_dense_or_false(tensor)):
+        # A permuted-dense tensor (transposed, channels-last) in memory order, the flat
+        # block the kernels read from its data_ptr: its chunks, hence its float32 sums, are
+        # theirs. (Logical order would put other elements in each chunk.)
+        return tensor.as_strided((tensor.numel(),), (1,)), 0
     return tensor.reshape(-1), 0
 
 

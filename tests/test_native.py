@@ -7,7 +7,7 @@ import torch
 from helpers import FLOAT_DTYPES, as_float64, np_histogram, np_power, with_grads
 
 import gradstats
-from gradstats import backend, native, reference
+from gradstats import backend, dispatch, native, reference
 from gradstats.norms import norm_kind
 
 pytestmark = pytest.mark.skipif(not native.available(),
@@ -18,6 +18,11 @@ CHUNK = native.NATIVE_CHUNK
 # Empty, one element, odd sizes around the 16-element inner step, one chunk exactly, and
 # several chunks with a ragged tail.
 SIZES = [0, 1, 15, 17, 1000, CHUNK, 3 * CHUNK + 5]
+# Around the histogram's 64-element vector step and 4096-element sub-block, and the chunk.
+EDGE_SIZES = [63, 64, 65, 4095, 4096, 4097, CHUNK - 1, CHUNK, CHUNK + 1]
+# GRADSTATS_NATIVE_HISTOGRAM: "scalar" forces the scalar exponent count; "auto" (anything
+# else) counts in AVX-512 lanes where the CPU can.
+COUNTING = ["auto", "scalar"]
 
 
 def mantissa_bits(dtype: torch.dtype) -> int:
@@ -42,6 +47,23 @@ def stats_of(tensors, p, num_bins, min_exp, on_native):
     if on_native:
         return native.cpu_stats(tensors, p, kind, num_bins, min_exp)
     return reference.accumulate_stats(tensors, p, kind, num_bins, min_exp)
+
+
+def extremes(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Tensors at the ends of the exponent range: all zeros, all NaN, all Inf, only
+    subnormals, only the largest binade, and zeros, subnormals, huge values and NaN/Inf
+    mixed in one chunk (a block whose exponent range is as wide as the dtype's)."""
+    finfo = torch.finfo(dtype)
+    tiny = finfo.smallest_normal * finfo.eps  # the smallest subnormal
+    n = CHUNK + 1
+    subnormals = (torch.arange(n, dtype=torch.float64) % 64 + 1) * tiny
+    huge = torch.full((n,), finfo.max, dtype=torch.float64) / (torch.arange(n) % 3 + 1)
+    mixed = sample(n, dtype, spread=True).to(torch.float64)
+    mixed[::97], mixed[1::89], mixed[2::83] = finfo.max, math.nan, -math.inf
+    mixed[3::79] = tiny
+    values = [torch.zeros(n), torch.full((n,), math.nan), torch.full((n,), -math.inf),
+              subnormals, -huge, mixed]
+    return [v.to(dtype) for v in values]
 
 
 def assert_power_close(got, expected, dtype, p):
@@ -119,8 +141,8 @@ def test_histogram_of_subnormals_ignores_flush_to_zero(dtype):
 
 @pytest.mark.parametrize("num_bins", [0, 64])
 def test_bit_identical_whatever_the_thread_count(num_bins):
-    tensors = [sample(n, dtype, spread=False) for n in (7 * CHUNK + 11, 5, CHUNK)
-               for dtype in (torch.float32, torch.bfloat16)]
+    tensors = [sample(n, dtype, spread=spread) for n in (7 * CHUNK + 11, 5, CHUNK)
+               for dtype in FLOAT_DTYPES for spread in (False, True)]
     threads = torch.get_num_threads()
     try:
         results = []
@@ -143,8 +165,10 @@ def test_opcheck():
 
 
 def test_rejects_what_it_cannot_read():
-    with pytest.raises(RuntimeError, match="contiguous"):
-        native.cpu_stats([torch.ones(4, 4).t()], 2.0, norm_kind(2.0), 0, 0)
+    with pytest.raises(RuntimeError, match="permuted-dense"):
+        native.cpu_stats([torch.ones(4, 4)[:, ::2]], 2.0, norm_kind(2.0), 0, 0)
+    with pytest.raises(RuntimeError, match="permuted-dense"):
+        native.cpu_stats([torch.ones(4, 1).expand(4, 3)], 2.0, norm_kind(2.0), 0, 0)
     with pytest.raises(RuntimeError, match="float32"):
         native.cpu_stats([torch.ones(4, dtype=torch.int32)], 2.0, norm_kind(2.0), 0, 0)
 
@@ -184,3 +208,140 @@ def test_native_requested_but_not_built_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GRADSTATS_BACKEND", "native")
     with pytest.raises(RuntimeError, match="not built: test"):
         gradstats.grad_stats(with_grads([torch.ones(3)]))
+
+
+@pytest.mark.parametrize("counting", COUNTING)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_histogram_counting_paths_are_exact_at_every_edge(monkeypatch, counting, dtype):
+    """Both exponent-counting paths (AVX-512 lanes where the CPU has them, and the scalar
+    table) against float64 NumPy: sizes around the vector step, sub-block and chunk, a
+    narrow and a wide exponent range per block, and the extremes."""
+    monkeypatch.setenv("GRADSTATS_NATIVE_HISTOGRAM", counting)
+    tensors = [sample(n, dtype, spread=spread) for n in EDGE_SIZES for spread in (False, True)]
+    tensors += extremes(dtype)
+    finfo = torch.finfo(dtype)
+    lowest = round(math.log2(finfo.smallest_normal)) - mantissa_bits(dtype)
+    for num_bins, min_exp in ((64, -30), (1024, lowest - 3), (2, 0)):
+        _, nonfinite, hist = stats_of(tensors, 2.0, num_bins, min_exp, on_native=True)
+        expected = np.stack([np_histogram(as_float64(t), num_bins, min_exp) for t in tensors])
+        np.testing.assert_array_equal(hist.numpy(), expected)
+        expected_nonfinite = [int((~torch.isfinite(t)).sum()) for t in tensors]
+        assert nonfinite.tolist() == expected_nonfinite
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_histogram_counting_paths_agree_bit_for_bit(monkeypatch, dtype):
+    tensors = [sample(n, dtype, spread=True) for n in (5 * CHUNK + 77, 4096, 100)]
+    tensors += extremes(dtype)
+    results = []
+    for counting in COUNTING:
+        monkeypatch.setenv("GRADSTATS_NATIVE_HISTOGRAM", counting)
+        results.append(stats_of(tensors, 2.0, 64, -40, on_native=True))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("counting", COUNTING)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_histogram_under_flush_to_zero_on_both_paths(monkeypatch, counting, dtype):
+    monkeypatch.setenv("GRADSTATS_NATIVE_HISTOGRAM", counting)
+    finfo = torch.finfo(dtype)
+    lowest = round(math.log2(finfo.smallest_normal)) - mantissa_bits(dtype)
+    tensors = [sample(n, dtype, spread=True) for n in (CHUNK + 3, 65)] + extremes(dtype)
+    expected = np.stack([np_histogram(as_float64(t), 64, lowest - 3) for t in tensors])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        _, _, hist = stats_of(tensors, 2.0, 64, lowest - 3, on_native=True)
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(hist.numpy(), expected)
+
+
+def permuted_dense(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Non-contiguous tensors that fill their memory: transposed, channels-last (more than
+    a chunk, so chunking order matters), a permuted 3-D view, and a size-1 dimension."""
+    return [
+        sample(300 * 70, dtype, spread=False).view(70, 300).t(),
+        sample(3 * 40 * 30 * 20, dtype, spread=False).view(3, 40, 30, 20).to(
+            memory_format=torch.channels_last),
+        sample(5 * 7 * CHUNK // 8, dtype, spread=False).view(5, 7, CHUNK // 8).permute(2, 0, 1),
+        sample(2 * CHUNK + 3, dtype, spread=False).view(1, -1).t(),
+    ]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_permuted_dense_tensors_are_read_in_place(dtype, p):
+    tensors = permuted_dense(dtype)
+    assert not all(t.is_contiguous() for t in tensors)
+    power, nonfinite, hist = stats_of(tensors, p, 64, -40, on_native=True)
+    ref_power, ref_nonfinite, ref_hist = stats_of(tensors, p, 64, -40, on_native=False)
+    assert_power_close(power, ref_power, dtype, p)
+    expected = torch.tensor([np_power(as_float64(t), p) for t in tensors], dtype=torch.float64)
+    assert_power_close(power, expected, dtype, p)
+    expected_nonfinite = [int((~torch.isfinite(t)).sum()) for t in tensors]
+    assert nonfinite.tolist() == ref_nonfinite.tolist() == expected_nonfinite
+    np.testing.assert_array_equal(
+        hist.numpy(), np.stack([np_histogram(as_float64(t), 64, -40) for t in tensors]))
+    assert torch.equal(hist, ref_hist)
+
+
+def test_permuted_tensor_is_chunked_in_memory_order_like_the_kernels():
+    # Four values whose squares overflow float32 together (4e38 > 3.4e38), one alone does
+    # not: adjacent in memory (one chunk there, as the kernels read it), a whole chunk apart
+    # in logical order. Summed per memory-order chunk in float32, the power is inf.
+    base = torch.zeros(CHUNK, 4)
+    base[0, :] = 1e19
+    transposed = base.t()  # [4, CHUNK]: row j holds base[:, j], so the four are CHUNK apart
+    assert torch.linalg.vector_norm(transposed.reshape(-1).view(4, CHUNK), dim=1).isfinite().all()
+    power, _, _ = stats_of([transposed], 2.0, 0, 0, on_native=True)
+    ref_power, _, _ = stats_of([transposed], 2.0, 0, 0, on_native=False)
+    assert math.isinf(power[0]) and math.isinf(ref_power[0])
+
+
+@pytest.mark.parametrize("num_bins", [0, 64])
+def test_grad_stats_sends_only_unreadable_tensors_to_the_reference(monkeypatch, num_bins):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    permuted = permuted_dense(torch.float32)
+    gapped = torch.randn(40, 30)[:, ::3]
+    expanded = torch.randn(50, 1).expand(50, 40)  # overlapping: stride 0
+    grads = permuted + [gapped, expanded, torch.randn(6, dtype=torch.complex64)]
+    sent = []
+    fill = dispatch._fill_from_reference
+    monkeypatch.setattr(dispatch, "_fill_from_reference",
+                        lambda tensors, positions, *args: (sent.extend(positions),
+                                                           fill(tensors, positions, *args)))
+    stats = gradstats.grad_stats(with_grads(grads), histogram=bool(num_bins), min_exp=-20)
+    assert sent == [len(permuted), len(permuted) + 1, len(permuted) + 2]
+    monkeypatch.setenv("GRADSTATS_BACKEND", "torch")
+    expected = gradstats.grad_stats(with_grads(grads), histogram=bool(num_bins), min_exp=-20)
+    torch.testing.assert_close(stats.norms, expected.norms, rtol=1e-6, atol=0.0)
+    real = len(grads) - 1  # all but the complex one
+    float64_norms = torch.tensor([float(np.linalg.norm(as_float64(g))) for g in grads[:real]],
+                                 dtype=stats.norms.dtype)
+    torch.testing.assert_close(stats.norms[:real], float64_norms, rtol=2e-5, atol=0.0)
+    assert torch.equal(stats.nonfinite, expected.nonfinite)
+    if num_bins:
+        assert torch.equal(stats.hist, expected.hist)
+
+
+@pytest.mark.parametrize("num_bins", [0, 64])
+def test_every_vector_width_gives_the_same_bits(monkeypatch, num_bins):
+    """The per-element code is compiled for AVX-512F, AVX2 and the baseline x86-64
+    (GRADSTATS_NATIVE_ISA picks a narrower one than the CPU's), each with both histogram
+    counting paths: every combination gives the same bits, for every norm type and dtype."""
+    tensors = [sample(n, dtype, spread=spread) for n in (3 * CHUNK + 7, 4097, 33)
+               for dtype in FLOAT_DTYPES for spread in (False, True)]
+    for dtype in FLOAT_DTYPES:
+        tensors += extremes(dtype)
+    for p in NORM_TYPES:
+        results = []
+        for isa in ("widest", "avx2", "baseline"):
+            for counting in COUNTING:
+                monkeypatch.setenv("GRADSTATS_NATIVE_ISA", isa)
+                monkeypatch.setenv("GRADSTATS_NATIVE_HISTOGRAM", counting)
+                results.append(stats_of(tensors, p, num_bins, -40, on_native=True))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
