@@ -303,24 +303,6 @@ GRADSTATS_INLINE uint32_t exponent_field(const T* x) {
   return static_cast<uint32_t>(bits >> S::kMantissa) & (kExponents<T> - 1);
 }
 
-// The histogram column of a finite non-zero magnitude a (widened, so exact): floor(log2 a)
-// from its exponent, clamped into [1, last]. A subnormal is m * 2^(1 - bias - mantissa bits)
-// with m = its bits: converting m (exact, and a normal number) gives floor(log2 m) from its
-// exponent. No float arithmetic on the subnormal itself, so flush-to-zero changes nothing.
-template <typename Acc>
-GRADSTATS_INLINE int64_t column_of(Acc a, int64_t min_exp, int64_t last) {
-  using L = Layout<Acc>;
-  using Bits = typename L::Bits;
-  using SBits = std::make_signed_t<Bits>;
-  const Bits bits = std::bit_cast<Bits>(a);
-  int64_t exponent = static_cast<int64_t>(bits >> L::kMantissa) - L::kBias;
-  if ((bits >> L::kMantissa) == 0) {
-    const Bits m = std::bit_cast<Bits>(static_cast<Acc>(static_cast<SBits>(bits)));
-    exponent = static_cast<int64_t>(m >> L::kMantissa) - L::kBias + 1 - L::kBias - L::kMantissa;
-  }
-  return std::min(std::max(exponent - min_exp + 1, int64_t{1}), last);
-}
-
 // Counts the exponent fields of x[0, n) into table's HIST_COPIES interleaved copies of
 // kExponents<T> 16-bit slots (a chunk fits): gradients crowd into a few exponents, and one
 // copy would chain every increment of one slot through memory.
@@ -488,16 +470,22 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
       zeros += static_cast<Bits>(bits << 1) == 0;
     }
     row[0] = zeros;
-    if (merged[0] > zeros) {
-      using Acc = typename Widen<T>::Acc;
-      using AccBits = typename Layout<Acc>::Bits;
+    if (merged[0] > zeros) {  // subnormals, placed from their stored bits alone
+      // A subnormal is m * 2^(1 - bias - mantissa bits), m its field: floor(log2|x|) is
+      // bit_width(m) - bias - mantissa bits. So one branch-free pass counts bit widths
+      // (normals and zeros in slot 0), in integers only: flush-to-zero (DAZ) modes change
+      // nothing, and no element is widened (an out-of-line call for float16).
+      int64_t widths[S::kMantissa + 1] = {};
       for (int64_t j = 0; j < n; ++j) {
-        // Bits, never float compares: under flush-to-zero (DAZ) a subnormal compares equal
-        // to zero.
-        const AccBits magnitude = std::bit_cast<AccBits>(Widen<T>::to_acc(x[j])) << 1 >> 1;
-        if (exponent_field(x + j) == 0 && magnitude != 0) {
-          ++row[column_of(std::bit_cast<Acc>(magnitude), min_exp, last)];
-        }
+        Bits bits;
+        std::memcpy(&bits, x + j, sizeof bits);
+        const Bits magnitude = static_cast<Bits>(static_cast<Bits>(bits << 1) >> 1);
+        const bool subnormal = (magnitude >> S::kMantissa) == 0;
+        ++widths[subnormal ? std::bit_width(magnitude) : 0];
+      }
+      for (int64_t width = 1; width <= S::kMantissa; ++width) {
+        const int64_t exponent = width - S::kBias - S::kMantissa;
+        row[std::clamp(exponent - min_exp + 1, int64_t{1}, last)] += widths[width];
       }
     }
   }
