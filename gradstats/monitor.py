@@ -28,7 +28,7 @@ from . import distributed, ops
 from .activations import ActivationTracker
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .host_path import gradients_and_route
-from .nonfinite import NonFinitePolicy, describe
+from .nonfinite import NonFinitePolicy, describe, describe_origin
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
 from .params import ParametersLike, norm_result_dtype
@@ -230,6 +230,7 @@ class GradMonitor:
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         # once per step: gradients, plan, device and dtype facts
+        generation = self._watched.generation
         grads, names, route = gradients_and_route(*self._watched.current())
         sharding = distributed.local_view(grads, self._process_group) if grads else None
         if sharding is not None:
@@ -246,6 +247,10 @@ class GradMonitor:
                               route=route, sharding=sharding)
         self.steps += 1
         activations = self._activations.take() if self._activations is not None else None
+        if self._activations is not None and self._watched.generation != generation:
+            # The tree changed: hooks follow it from the next forward on (this step's
+            # forward ran with the old hooks).
+            self._activations.rehook(self._watched.module)
         # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
         # are skipped by the scaler and routinely hold Inf, so they raise no alarm.
         overflow, self._scaler_found_inf = self._scaler_found_inf, None
@@ -275,11 +280,14 @@ class GradMonitor:
                          activations=activations)
         self._queue.drain(wait=True)
         found = nonzero_named(stats.names, stats.nonfinite.cpu())
+        # The activation counts were copied with the record above: on the host already.
+        origin = activations.to_host().to_record(step).nonfinite_origin if activations else None
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
-                           f"{describe(found)}; nothing was clipped or modified")
+                           f"{describe(found)}{describe_origin(origin)}; nothing was clipped "
+                           "or modified")
 
-    def _on_landed(self, step: int, found: dict[str, int]) -> None:
-        self._nonfinite.on_landed(step, found)
+    def _on_landed(self, step: int, found: dict[str, int], origin: dict | None = None) -> None:
+        self._nonfinite.on_landed(step, found, origin)
 
     def parameter_names(self) -> list[str]:
         """The names of the parameters watched now, with a gradient or not."""
