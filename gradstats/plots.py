@@ -16,19 +16,15 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .diagnose import (
+from .diagnose import Diagnosis, GammaFit, diagnose, fit_gamma, load_records
+from .record import StepRecord
+from .underflow import (
     BF16_NORMAL_EXP,
     BF16_SUBNORMAL_EXP,
     FP16_NORMAL_EXP,
     FP16_OVERFLOW_EXP,
     FP16_SUBNORMAL_EXP,
-    Diagnosis,
-    GammaFit,
-    diagnose,
-    fit_gamma,
-    load_records,
 )
-from .record import StepRecord
 
 __all__ = ["plot_depth_heatmap", "plot_depth_profile", "plot_depth_profiles", "plot_histograms",
            "plot_total_norm", "save_figures"]
