@@ -16,19 +16,30 @@ each one, on the device and without a host sync:
   nearly zero: ``tanh' < 0.02`` at ``|tanh| > 0.99``, ``sigmoid' < 0.01`` within 0.01 of 0 or
   1; exactly zero at the bounds of the hard variants).
 
+Every floating tensor of an output counts (a tuple, list or dict, however nested: an RNN's
+``(output, h_n)``, a ``{"logits": ...}``): the norm is of all of them together, and each gets
+its ``dL/dh`` hook.
+
 The hooks only queue device ops (a norm and a count or two per call, kept as 0-d device
 tensors); which modules ran, and in which order forward and backward, is known on the host
-for free, since the hooks run in host code. :meth:`ActivationTracker.take` stacks the step's
-figures into two small device tensors and hands them to the monitor, which copies them to
-the host with the gradient statistics (``record_queue``); there
-:meth:`ActivationSnapshot.to_record` names where a NaN/Inf was born: the first module in
-forward order whose output went non-finite, or, when the forward pass was clean, the first
-in backward order whose ``dL/dh`` did.
+for free, since the hooks run in host code: each call gets a sequence number. Each call's
+NaN/Inf count is kept (a module called more than ``MAX_PENDING_CALLS`` times in a step has
+them folded, the number of its first non-finite call kept on the device), and
+:meth:`ActivationTracker.take` stacks the step's figures into two small device tensors and
+hands them to the monitor, which copies them to the host with the gradient statistics
+(``record_queue``); there :meth:`ActivationSnapshot.to_record` names where a NaN/Inf was
+born: the module of the first call, in call order, whose output went non-finite, or, when
+the forward pass was clean, the module of the first ``dL/dh`` computed that did (with
+``"from_loss": True`` when that is the very first ``dL/dh`` of the backward pass, the one
+the loss hands the model's output: the loss made it). A module called several times (a
+shared layer, an RNN cell) is placed by the call that went non-finite, not by its first.
 
-Forward passes run with gradients disabled (evaluation) are not recorded. Limits: modules
-added to the model after the tracker was made are not hooked; with activation
-checkpointing the recomputed forward is counted again; under ``GradScaler`` the gradient
-figures are of the scaled loss.
+Forward passes run with gradients disabled (evaluation) are not recorded. Limits: when the
+model's tree changes, the monitor re-hooks it at its next step, so the step in which a
+layer was added sees it only from the next one; with activation checkpointing the
+recomputed forward is counted again; under ``GradScaler`` the gradient figures are of the
+scaled loss; a NaN loss with finite gradients (``log`` of a negative output) leaves no trace
+in outputs or ``dL/dh``.
 """
 from __future__ import annotations
 
@@ -47,6 +58,11 @@ __all__ = ["ActivationTracker", "ActivationRecord", "SATURATING", "SATURATION_MA
 # below 0.02 (2% of its peak) at |y| > 0.99, sigmoid' = y (1 - y) below 0.01 (4% of its peak)
 # within 0.01 of 0 or 1: a unit there passes almost no gradient back.
 SATURATION_MARGIN = 0.01
+
+# A module called more often than this in one step (an RNN cell over a long sequence, a
+# step() that never comes) has its figures folded into one, so memory stays bounded; 64
+# keeps a step's snapshot small while the usual models (a few calls per module) never fold.
+MAX_PENDING_CALLS = 64
 
 # Module types whose outputs saturate, and their output range (low, high). Exact types:
 # ReLU6 is a Hardtanh subclass whose zeros are ordinary ReLU zeros, not saturation.
@@ -232,11 +248,6 @@ def _first_nonfinite(calls, counts, folded_first) -> tuple[int, int] | None:
         if count and (best is None or seq < best[1]):
             best = (slot, seq)
     return best
-
-
-# A module called more often than this in one step (an RNN cell over a long sequence, a
-# step() that never comes) has its figures folded into one, so memory stays bounded.
-MAX_PENDING_CALLS = 64
 
 
 class _Figures:

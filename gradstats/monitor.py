@@ -62,7 +62,11 @@ class GradMonitor:
             followed); a list of tensors or ``(name, tensor)`` pairs is fixed. ``torch.compile``,
             ``DistributedDataParallel`` and ``DataParallel`` wrappers are looked through, so
             names match the unwrapped model.
-        log_every (int): write step ``s`` when ``s % log_every == 0``. Default: 1
+        log_every (int): write step ``s`` when ``s % log_every == 0``, and any step whose
+            gradients (or tracked activations) held NaN/Inf, once its counts have landed on
+            the host (so every step copies its per-parameter norms with its counts: a few
+            bytes per parameter, no sync). GradScaler's overflow steps are not written off
+            the grid. Default: 1
         hist_every (int, optional): include histograms when ``s % hist_every == 0`` (such
             a step is written even off the ``log_every`` grid). Default: None (never)
         sinks (list or None): sink specs (``"jsonl:PATH"``, ``"csv:PATH"``,
@@ -87,8 +91,10 @@ class GradMonitor:
         track_activations (bool): also record, per leaf module and step, the norm of its
             output ``h``, of ``dL/dh``, their NaN/Inf counts, the saturated fraction of
             sigmoid/tanh-like outputs, and where a NaN/Inf was born (see
-            :mod:`gradstats.activations`); hooks on the model, taken off by :meth:`close`.
-            Needs an ``nn.Module``. Default: False
+            :mod:`gradstats.activations`), also named by ``"raise"`` and the warnings;
+            hooks on the model's leaf modules, moved when its tree changes (from the step
+            after the change), taken off by :meth:`close`. Needs an ``nn.Module``.
+            Default: False
         process_group (ProcessGroup, optional): the group plain gradients are sharded over
             by hand, as for :func:`gradstats.grad_stats`. Default: None
         all_ranks (bool): under ``torch.distributed``, every rank opens ``sinks`` and
@@ -280,8 +286,8 @@ class GradMonitor:
                          activations=activations)
         self._queue.drain(wait=True)
         found = nonzero_named(stats.names, stats.nonfinite.cpu())
-        # The activation counts were copied with the record above: on the host already.
-        origin = activations.to_host().to_record(step).nonfinite_origin if activations else None
+        # Read from the device: this path has waited for it already (the drain above).
+        origin = activations.to_record(step).nonfinite_origin if activations else None
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
                            f"{describe(found)}{describe_origin(origin)}; nothing was clipped "
                            "or modified")
