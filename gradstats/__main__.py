@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 # How usage and error lines name the program: as it was started.
 MODULE_PROG = "python -m gradstats"
 SCRIPT_PROG = "gradstats"

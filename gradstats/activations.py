@@ -363,14 +363,19 @@ class ActivationTracker:
     def _on_output(self, slot: int, outputs: list[torch.Tensor]) -> None:
         if not outputs:
             return
-        values = [output.detach() for output in outputs]
         figures = self._outputs.get(slot) or self._outputs.setdefault(slot, _Figures())
         bounds = self._ranges[slot]
-        saturated = None if bounds is None else _combined_count(
-            [_saturated(v, bounds) for v in values])
-        figures.add(self._next_call(), _combined_norm([_norm(v) for v in values]),
-                    _combined_count([_nonfinite(v) for v in values]), saturated,
-                    sum(v.numel() for v in values))
+        if len(outputs) == 1:  # the usual case, without the lists (host time per call)
+            values = outputs[0].detach()
+            figures.add(self._next_call(), _norm(values), _nonfinite(values),
+                        None if bounds is None else _saturated(values, bounds), values.numel())
+        else:
+            values = [output.detach() for output in outputs]
+            saturated = None if bounds is None else _combined_count(
+                [_saturated(v, bounds) for v in values])
+            figures.add(self._next_call(), _combined_norm([_norm(v) for v in values]),
+                        _combined_count([_nonfinite(v) for v in values]), saturated,
+                        sum(v.numel() for v in values))
         for output in outputs:
             if output.requires_grad:
                 output.register_hook(self._grad_hook(slot))
