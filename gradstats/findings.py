@@ -121,7 +121,8 @@ def _where(origin: dict) -> str:
     if origin.get("from_loss"):
         return ("the gradient the loss hands the model's output (dL/dh of the last module) "
                 "while every forward output was finite: the loss is non-finite or has a "
-                "non-finite gradient (log/sqrt/division near 0 in the loss function)")
+                "non-finite gradient (log/sqrt/division near 0 in the loss function), or, "
+                "under GradScaler, the scaled loss overflowed")
     return ("the gradient w.r.t. its output (dL/dh), the first in backward order: made "
             "by the backward of what consumes that output (the next layer, or the loss)")
 
