@@ -28,7 +28,7 @@ class InFlight:
     """One step's statistics on their way to the host."""
 
     step: int
-    host: GradStats  # host copies: the counts always, everything on written steps
+    host: GradStats  # host copies: the counts always, norms with a sink, histograms on the grid
     logged: bool  # on the log_every/hist_every grid
     overflow: torch.Tensor | None  # GradScaler's flag for this step, on the host
     activations: ActivationSnapshot | None  # host copies, every step with tracking
