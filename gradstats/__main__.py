@@ -10,17 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
+# How usage and error lines name the program: as it was started.
+MODULE_PROG = "python -m gradstats"
+SCRIPT_PROG = "gradstats"
 
-def main(argv: list[str] | None = None) -> int:
+
+def main(argv: list[str] | None = None, prog: str = MODULE_PROG) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options
         from .demo import main as demo
-        return demo(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m gradstats",
+        return demo(argv[1:], prog=f"{prog} demo")
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="gradstats command line")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="train a small model zoo and diagnose it (see "
-                                     "'python -m gradstats demo --help')")
+                                     f"'{prog} demo --help')")
     report = commands.add_parser("report", help="diagnose a JSONL log and write a report")
     report.add_argument("log", type=Path, help="a JSONL file a GradMonitor wrote")
     report.add_argument("--out", type=Path, default=None,
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> None:
     """The ``gradstats`` console script."""
-    sys.exit(main())
+    sys.exit(main(prog=SCRIPT_PROG))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ class ProgressBar:
     """A custom sink: redraws one progress line per record as it reaches the host. Any
     object with ``write(record)`` can be a sink."""
 
-    def __init__(self, label: str, steps: int, stream=sys.stderr):
-        self.label, self.steps, self.stream = label, steps, stream
+    def __init__(self, label: str, steps: int, stream=None):
+        # None: sys.stderr as it is when written to (a redirect made later is followed).
+        self.label, self.steps, self._stream = label, steps, stream
+
+    @property
+    def stream(self):
+        return self._stream if self._stream is not None else sys.stderr
 
     def write(self, record: gradstats.StepRecord) -> None:
         done = record.step + 1
@@ -105,8 +110,8 @@ def textbook_figure(rows, out: Path) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradstats demo",
+def main(argv: list[str] | None = None, prog: str = "python -m gradstats demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                         help="folder for the logs and reports (default: runs/demo; the "

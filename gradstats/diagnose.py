@@ -19,25 +19,25 @@ numeric path parts (``blocks.3.mlp.fc1`` and ``blocks.4.mlp.fc1``; ``0`` and ``2
 least ``MIN_LAYERS`` members are fitted together: the slope is the median of every pairwise
 slope within a role (Theil-Sen), which a single odd layer (an output head) cannot drag.
 
-Thresholds, and why:
+Thresholds, and why (those of the findings are in :mod:`gradstats.findings`):
 
 - ``STACK_FACTOR = 10``: vanishing/exploding when ``gamma^(depth-1)``, the ratio of the
   gradient at the input-side layer to the output-side one, is below 1/10 or above 10. One
   order of magnitude across the stack means the first layers train ten times slower (or
   faster) than the last under SGD; smaller drifts are within what per-layer noise and
   adaptive optimizers absorb.
-- ``SPIKE_FACTOR = 5`` over the median of the ``SPIKE_LOOKBACK = 20`` steps before (at
-  least ``MIN_SPIKE_HISTORY = 5``): a total norm five times its recent level is far outside
-  the step-to-step noise of a stable run (usually well under 2x), and is how loss spikes
-  announce themselves.
-- ``SATURATED_FRACTION = 0.1``: more than a tenth of a sigmoid/tanh-like layer's outputs in
-  the flat part of the curve (see :data:`gradstats.activations.SATURATION_MARGIN`).
-- ``DEAD_ZERO_FRACTION = 0.5``: more than half of a gradient's entries exactly zero (from the
-  histogram's zero column): with a batch, an entry is exactly zero only when the unit it
-  feeds passed no gradient for any example (dead ReLU units, unused rows).
-- ``UNDERFLOW_FRACTION = 0.01``: more than 1% of the non-zero gradient values below
-  fp16's smallest subnormal (2^-24, they become 0) or normal (2^-14, precision lost) number;
-  bf16 shares fp32's exponent range (normal down to 2^-126, subnormal to 2^-133).
+- ``WINDOW = 10`` records per window: enough steps for the medians of the fit to shrug off
+  one noisy batch, few enough that the verdict describes the run now and not its start.
+- ``MIN_LAYERS = 3``: with two layers a slope is one ratio, which a single odd layer sets;
+  three give three pairwise slopes whose median one outlier cannot move.
+
+NaN/Inf: the finding names where it was first born (the earliest step in the records whose
+tracked activations had an origin), and the latest too when that differs. A step with
+NaN/Inf gradients or activations is written by the monitor even off its ``log_every``
+grid. A NaN loss whose gradients are finite (``log`` of a negative model output:
+``d log(y - c)/dy`` is finite) cannot be seen from gradients or the model's outputs and
+goes unreported; a loss whose gradient is non-finite shows as a ``"from_loss"`` origin at
+the model's last module.
 """
 from __future__ import annotations
 
@@ -49,53 +49,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
+from . import findings as find
+from .findings import has_nonfinite, median_finite
 from .logs import read_jsonl
-from .record import ROOT_LABEL, StepRecord, build_record
+from .record import StepRecord, build_record
 from .stats import GradStats
+from .underflow import underflow_bounds, underflow_fractions
 
 __all__ = ["Diagnosis", "GammaFit", "WindowDiagnosis", "diagnose", "fit_gamma", "load_records",
-           "underflow_fractions"]
+           "underflow_bounds", "underflow_fractions"]
 
 VERDICTS = ("healthy", "vanishing", "exploding", "nonfinite")
 
 WINDOW = 10  # records per window: the verdict is the most recent window's
 MIN_LAYERS = 3  # members a role needs to take part in the fit
 STACK_FACTOR = 10.0
-SPIKE_FACTOR = 5.0
-SPIKE_LOOKBACK = 20
-MIN_SPIKE_HISTORY = 5
-GROWTH_FACTOR = 10.0  # median total norm of the last window over the first's
-SATURATED_FRACTION = 0.1
-DEAD_ZERO_FRACTION = 0.5
-UNDERFLOW_FRACTION = 0.01
-SHOWN = 5  # names shown per finding
-
-# (label, exponent t): the share of non-zero finite values with |x| < 2^t, and above.
-FP16_SUBNORMAL_EXP = -24  # below the smallest fp16 subnormal: rounds to zero
-FP16_NORMAL_EXP = -14  # below the smallest fp16 normal: subnormal, fewer mantissa bits
-BF16_SUBNORMAL_EXP = -133
-BF16_NORMAL_EXP = -126
-FP16_OVERFLOW_EXP = 16  # |x| >= 2^16 = 65536 > 65504, fp16's largest finite value
-
-FIXES_VANISHING = ("initialisation that preserves the signal (Glorot/Xavier for tanh and "
-                   "sigmoid, He/Kaiming for ReLU, orthogonal), normalisation layers "
-                   "(LayerNorm/BatchNorm), residual connections, non-saturating activations "
-                   "(ReLU/GELU), and gating (LSTM/GRU) for recurrent nets")
-FIXES_EXPLODING = ("gradient clipping (GradMonitor.step(max_norm=...) or "
-                   "gradstats.clip_grad_norm_), a smaller initialisation gain, normalisation "
-                   "layers, residual branches scaled down at init, a lower learning rate")
-FIXES_NONFINITE = ("a lower learning rate or warm-up, gradient clipping, guarding log/sqrt/"
-                   "division near 0 in the loss and the layer named, loss scaling "
-                   "(torch.amp.GradScaler) under fp16; GradMonitor(on_nonfinite='skip') "
-                   "skips such updates")
-FIXES_SPIKES = ("a lower learning rate or a longer warm-up, gradient clipping at about the "
-                "usual norm, and a look at the batches of those steps (bad or outlier data)")
-FIXES_SATURATION = ("Glorot/Xavier initialisation or a smaller gain, normalisation before the "
-                    "activation, or a non-saturating activation (ReLU/GELU)")
-FIXES_DEAD = ("a lower learning rate, LeakyReLU/GELU instead of ReLU, He/Kaiming init; "
-              "or check that the layer is used in forward at all")
-FIXES_UNDERFLOW = ("loss scaling (torch.amp.GradScaler) under fp16, or bf16, which has "
-                   "fp32's range")
 
 CAVEATS = {
     "activation gradients": None,
@@ -164,11 +134,14 @@ class Diagnosis:
         findings: readable strings naming the parameters/layers concerned and the fixes.
         history: one :class:`WindowDiagnosis` per window, oldest first.
         fit: the most recent window's :class:`GammaFit` (the per-layer profile, for plots).
-        underflow: the latest histogram's fractions of non-zero values below fp16/bf16
-            limits (``{"fp16_zero", "fp16_subnormal", "bf16_zero", "bf16_subnormal",
-            "fp16_overflow"}``), or None without histograms.
-        nonfinite_origin: ``{"module", "phase", "step"}``: where the latest NaN/Inf was born
-            (tracked activations only).
+        underflow: the latest histogram's shares of non-zero values past fp16/bf16 limits
+            (``{"fp16_zero", "fp16_subnormal", "bf16_zero", "bf16_subnormal",
+            "fp16_overflow"}``) as ``(low, high)`` bounds (equal where the histogram tells;
+            see :func:`gradstats.underflow.underflow_bounds`), or None without histograms.
+        nonfinite_origin: ``{"module", "phase", "step"}`` (and ``"from_loss": True`` for a
+            gradient the loss made non-finite): where the first NaN/Inf in the records was
+            born (tracked activations only).
+        latest_nonfinite_origin: the same for the latest.
         steps: the steps the records cover.
     """
 
@@ -181,6 +154,7 @@ class Diagnosis:
     fit: GammaFit | None = None
     underflow: dict[str, float] | None = None
     nonfinite_origin: dict | None = None
+    latest_nonfinite_origin: dict | None = None
     steps: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -214,7 +188,7 @@ def diagnose(source, *, window: int = WINDOW) -> Diagnosis:
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
-    records, watched = _records(source)
+    records, watched, sparse_modules = _records(source)
     if not records:
         raise ValueError("gradstats.diagnose: no records to diagnose (no step was logged)")
     windows = [records[max(0, end - window):end]
@@ -227,18 +201,22 @@ def diagnose(source, *, window: int = WINDOW) -> Diagnosis:
         history.append(WindowDiagnosis(
             first_step=part[0].step, last_step=part[-1].step,
             verdict=_verdict(fit, nonfinite_steps), gamma=fit and fit.gamma,
-            median_total_norm=_median_finite([r.total_norm for r in part]),
+            median_total_norm=median_finite([r.total_norm for r in part]),
             nonfinite_steps=nonfinite_steps))
     last, fit = history[-1], fits[-1]
     source_name = fit.source if fit else None
-    origin = _latest_origin(records)
+    origins = [r.activations.nonfinite_origin for r in records
+               if r.activations is not None and r.activations.nonfinite_origin]
+    first_origin, latest_origin = (origins[0], origins[-1]) if origins else (None, None)
     latest_hist = next((r for r in reversed(records) if r.hist is not None), None)
-    underflow = underflow_fractions(latest_hist) if latest_hist is not None else None
-    findings = _findings(records, windows[-1], last, fit, origin, underflow, latest_hist,
-                         watched)
+    underflow = underflow_bounds(latest_hist) if latest_hist is not None else None
+    sparse_modules |= find.sparse_row_modules(records)
+    findings = _findings(records, windows[-1], fit, first_origin, latest_origin, underflow,
+                         latest_hist, watched, sparse_modules)
     return Diagnosis(verdict=last.verdict, gamma=fit and fit.gamma, gamma_source=source_name,
                      caveat=CAVEATS.get(source_name) if fit else None, findings=findings,
-                     history=history, fit=fit, underflow=underflow, nonfinite_origin=origin,
+                     history=history, fit=fit, underflow=underflow,
+                     nonfinite_origin=first_origin, latest_nonfinite_origin=latest_origin,
                      steps=[r.step for r in records])
 
 
@@ -248,11 +226,21 @@ def load_records(source) -> list[StepRecord]:
     return _records(source)[0]
 
 
-def _records(source) -> tuple[list[StepRecord], list[str] | None]:
-    """The records in step order, and the names of every watched parameter when the source
-    knows them."""
+def _records(source) -> tuple[list[StepRecord], list[str] | None, set[str]]:
+    """The records in step order, the names of every watched parameter when the source
+    knows them, and the model's embedding modules when it knows the model."""
     records, watched = _unsorted_records(source)
-    return sorted(records, key=lambda r: r.step), watched
+    return sorted(records, key=lambda r: r.step), watched, _embedding_modules(source)
+
+
+def _embedding_modules(source) -> set[str]:
+    from .monitor import GradMonitor
+
+    module = source._watched.module if isinstance(source, GradMonitor) else None
+    if module is None:
+        return set()
+    return {name for name, m in module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
 def _unsorted_records(source) -> tuple[list[StepRecord], list[str] | None]:
@@ -301,7 +289,7 @@ def role_of(name: str) -> str:
 
 def fit_gamma(records: Sequence[StepRecord]) -> GammaFit | None:
     """The window's gamma from the best source it holds (module docstring), or None."""
-    finite = [r for r in records if not _has_nonfinite(r)] or list(records)
+    finite = [r for r in records if not has_nonfinite(r)] or list(records)
     tracked = [r.activations for r in finite if r.activations is not None]
     if tracked:
         profile = _median_profile(
@@ -356,6 +344,11 @@ def _fit(profile: dict[str, float], module_of_key, source: str) -> GammaFit | No
 def _verdict(fit: GammaFit | None, nonfinite_steps: list[int]) -> str:
     if nonfinite_steps:
         return "nonfinite"
+    return _profile_verdict(fit)
+
+
+def _profile_verdict(fit: GammaFit | None) -> str:
+    """What the fitted profile alone says: vanishing, exploding or healthy."""
     if fit is None:
         return "healthy"
     factor = fit.stack_factor
@@ -367,218 +360,24 @@ def _verdict(fit: GammaFit | None, nonfinite_steps: list[int]) -> str:
 
 
 # -- non-finite values --------------------------------------------------------------------
-def _has_nonfinite(record: StepRecord) -> bool:
-    if record.nonfinite or not math.isfinite(record.total_norm):
-        return True
-    return record.activations is not None and record.activations.nonfinite_origin is not None
-
-
 def _nonfinite_steps(records: Sequence[StepRecord]) -> list[int]:
-    return [r.step for r in records if _has_nonfinite(r)]
-
-
-def _latest_origin(records: Sequence[StepRecord]) -> dict | None:
-    for record in reversed(records):
-        if record.activations is not None and record.activations.nonfinite_origin:
-            return record.activations.nonfinite_origin
-    return None
-
-
-# -- histograms ---------------------------------------------------------------------------
-def underflow_fractions(record: StepRecord, names: Sequence[str] | None = None
-                        ) -> dict[str, float]:
-    """Of the non-zero finite gradient values in ``record``'s histograms (all parameters,
-    or ``names``), the fractions that fp16/bf16 could not hold: ``fp16_zero`` (below
-    2^-24, rounds to zero), ``fp16_subnormal`` (below 2^-14), ``bf16_zero`` (below 2^-133),
-    ``bf16_subnormal`` (below 2^-126), ``fp16_overflow`` (2^16 and above). Where a limit
-    lies below the histogram's first edge (``2^min_exp``), the values under that edge all
-    count: an upper bound."""
-    if record.hist is None:
-        raise ValueError("this record has no histograms (not a histogram step)")
-    rows = [record.hist[n] for n in (names if names is not None else record.hist)]
-    columns = [sum(column) for column in zip(*rows)] if rows else []
-    return _fractions(columns, record.min_exp)
-
-
-def _fractions(columns: list[int], min_exp: int) -> dict[str, float]:
-    nonzero = sum(columns[1:])
-    if not nonzero:
-        return dict.fromkeys(("fp16_zero", "fp16_subnormal", "bf16_zero", "bf16_subnormal",
-                              "fp16_overflow"), 0.0)
-
-    # Column k >= 1 holds floor(log2|x|) == min_exp + k - 1, column 1 also anything
-    # smaller and the last column anything larger.
-    def below(exponent: int) -> float:
-        # |x| < 2^t: columns k <= t - min_exp (at least column 1: an upper bound there).
-        last = max(1, min(len(columns) - 1, exponent - min_exp))
-        return sum(columns[1:last + 1]) / nonzero
-
-    def at_or_above(exponent: int) -> float:
-        # |x| >= 2^t: columns k >= t - min_exp + 1 (at most the last: an upper bound there).
-        first = max(1, min(len(columns) - 1, exponent - min_exp + 1))
-        return sum(columns[first:]) / nonzero
-
-    return {"fp16_zero": below(FP16_SUBNORMAL_EXP), "fp16_subnormal": below(FP16_NORMAL_EXP),
-            "bf16_zero": below(BF16_SUBNORMAL_EXP), "bf16_subnormal": below(BF16_NORMAL_EXP),
-            "fp16_overflow": at_or_above(FP16_OVERFLOW_EXP)}
+    return [r.step for r in records if has_nonfinite(r)]
 
 
 # -- findings -----------------------------------------------------------------------------
-def _findings(records, last_window, last: WindowDiagnosis, fit: GammaFit | None,
-              origin: dict | None, underflow, latest_hist, watched) -> list[str]:
+def _findings(records, last_window, fit: GammaFit | None, first_origin, latest_origin,
+              underflow, latest_hist, watched, sparse_modules: set[str]) -> list[str]:
     findings: list[str] = []
-    findings += _nonfinite_findings(records, last_window, origin)
+    findings += find.nonfinite_findings(records, last_window, first_origin, latest_origin)
     if fit is not None:
-        findings += _profile_findings(fit, last.verdict)
+        findings += find.profile_findings(fit, _profile_verdict(fit))
     else:
         findings.append(f"gamma not fitted: no {MIN_LAYERS} or more layers whose names differ "
                         "only in their index (tracked modules of one class, or biases, or "
                         "weights), so the verdict reflects NaN/Inf only")
-    findings += _spike_findings(records)
-    findings += _saturation_findings(last_window)
-    findings += _dead_findings(records, latest_hist, watched)
+    findings += find.spike_findings(records)
+    findings += find.saturation_findings(last_window)
+    findings += find.dead_findings(records, latest_hist, watched, sparse_modules)
     if underflow is not None:
-        findings += _underflow_findings(underflow, latest_hist)
+        findings += find.underflow_findings(underflow, latest_hist)
     return findings
-
-
-def _names(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(n or ROOT_LABEL) for n in names[:SHOWN])
-    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
-
-
-def _nonfinite_findings(records, last_window, origin) -> list[str]:
-    bad = [r for r in records if _has_nonfinite(r)]
-    if not bad:
-        return []
-    steps = [r.step for r in bad]
-    params: dict[str, int] = {}
-    for record in bad:
-        for name, count in record.nonfinite.items():
-            params[name] = params.get(name, 0) + count
-    recent = "" if any(r in last_window for r in bad) else " (none in the last window)"
-    text = (f"non-finite values at {len(steps)} step(s), first {steps[0]}, last {steps[-1]}"
-            f"{recent}")
-    if params:
-        worst = sorted(params, key=params.get, reverse=True)
-        text += f"; NaN/Inf gradients in {_names(worst)}"
-    findings = [text + f". Fixes: {FIXES_NONFINITE}"]
-    if origin is not None:
-        where = ("its forward output" if origin["phase"] == "forward" else
-                 "the gradient w.r.t. its output (dL/dh), the first in backward order: made "
-                 "by the backward of what consumes that output (the next layer, or the loss)")
-        findings.append(f"NaN/Inf born at step {origin['step']} in module "
-                        f"{origin['module'] or ROOT_LABEL!r}: {where}")
-    return findings
-
-
-def _profile_findings(fit: GammaFit, verdict: str) -> list[str]:
-    if verdict not in ("vanishing", "exploding"):
-        return []
-    input_side = max(fit.roles, key=len)[:SHOWN]  # where the factor has compounded most
-    direction = "shrinks" if verdict == "vanishing" else "grows"
-    fixes = FIXES_VANISHING if verdict == "vanishing" else FIXES_EXPLODING
-    return [f"{verdict} gradients: the gradient {direction} by gamma = {fit.gamma:.3g} per "
-            f"layer towards the input ({fit.source}, {fit.depth} layers), a factor "
-            f"{fit.stack_factor:.3g} across the stack; the input-side layers "
-            f"({_names(input_side)}) are hit hardest. Fixes: {fixes}"]
-
-
-def _spike_findings(records) -> list[str]:
-    spikes, norms = [], []
-    for record in records:
-        norm = record.total_norm
-        history = [n for n in norms[-SPIKE_LOOKBACK:] if math.isfinite(n)]
-        if (len(history) >= MIN_SPIKE_HISTORY and math.isfinite(norm)
-                and norm > SPIKE_FACTOR * statistics.median(history)):
-            spikes.append(record.step)
-        norms.append(norm)
-    findings = []
-    if spikes:
-        shown = ", ".join(map(str, spikes[:SHOWN])) + (", ..." if len(spikes) > SHOWN else "")
-        findings.append(f"total-norm spikes (over {SPIKE_FACTOR:g}x the median of the "
-                        f"{SPIKE_LOOKBACK} steps before) at step {shown}: spikes over time "
-                        f"point at the learning rate or the data. Fixes: {FIXES_SPIKES}")
-    window = max(1, len(records) // 4)
-    first = _median_finite([r.total_norm for r in records[:window]])
-    latest = _median_finite([r.total_norm for r in records[-window:]])
-    if len(records) >= 2 * MIN_SPIKE_HISTORY and first > 0 and latest > GROWTH_FACTOR * first:
-        findings.append(f"the total gradient norm grew {latest / first:.3g}x over the run "
-                        f"(median of the first and last quarters): steady growth points at "
-                        f"instability. Fixes: {FIXES_EXPLODING}")
-    return findings
-
-
-def _saturation_findings(last_window) -> list[str]:
-    by_module: dict[str, list[float]] = {}
-    for record in last_window:
-        if record.activations is None:
-            continue
-        for name, figures in record.activations.modules.items():
-            if figures.saturated is not None:
-                by_module.setdefault(name, []).append(figures.saturated)
-    saturated = {name: statistics.median(v) for name, v in by_module.items()
-                 if statistics.median(v) > SATURATED_FRACTION}
-    if not saturated:
-        return []
-    worst = sorted(saturated, key=saturated.get, reverse=True)
-    return [f"saturated activations: {_names(worst)} with up to "
-            f"{saturated[worst[0]]:.0%} of outputs in the flat part of the curve, where "
-            f"almost no gradient passes. Fixes: {FIXES_SATURATION}"]
-
-
-def _dead_findings(records, latest_hist, watched) -> list[str]:
-    findings = []
-    latest = records[-1]
-    zero = [name for name, norm in latest.norms.items() if norm == 0]
-    if zero:
-        findings.append(f"all-zero gradients at step {latest.step} in {_names(zero)}: dead "
-                        f"units or a layer cut off from the loss. Fixes: {FIXES_DEAD}")
-    seen = dict.fromkeys(name for r in records for name in r.norms)
-    if watched is not None:
-        seen.update(dict.fromkeys(watched))
-    missing = [name for name in seen if name not in latest.norms]
-    if missing:
-        findings.append(f"no gradient at step {latest.step} for {_names(missing)}: unused in "
-                        "forward, frozen, or detached from the loss")
-    if latest_hist is not None:
-        mostly_zero = {}
-        for name, counts in latest_hist.hist.items():
-            total = sum(counts)
-            if total and counts[0] / total > DEAD_ZERO_FRACTION and name not in zero:
-                mostly_zero[name] = counts[0] / total
-        if mostly_zero:
-            worst = sorted(mostly_zero, key=mostly_zero.get, reverse=True)
-            findings.append(f"mostly exact-zero gradients at step {latest_hist.step} in "
-                            f"{_names(worst)} (up to {mostly_zero[worst[0]]:.0%} of entries): "
-                            f"dead units. Fixes: {FIXES_DEAD}")
-    return findings
-
-
-def _underflow_findings(underflow: dict[str, float], record: StepRecord) -> list[str]:
-    findings = []
-    if max(underflow["fp16_zero"], underflow["fp16_subnormal"]) > UNDERFLOW_FRACTION:
-        per_param = {name: underflow_fractions(record, [name])["fp16_subnormal"]
-                     for name in record.hist}
-        worst = sorted((n for n in per_param if per_param[n] > UNDERFLOW_FRACTION),
-                       key=per_param.get, reverse=True)
-        findings.append(
-            f"fp16 underflow at step {record.step}: {underflow['fp16_zero']:.1%} of non-zero "
-            f"gradient values are below 2^-24 (they would become 0) and "
-            f"{underflow['fp16_subnormal']:.1%} below 2^-14 (subnormal), most in "
-            f"{_names(worst)}. Fixes: {FIXES_UNDERFLOW}")
-    if underflow["bf16_zero"] > UNDERFLOW_FRACTION:
-        findings.append(f"bf16 underflow at step {record.step}: {underflow['bf16_zero']:.1%} "
-                        "of non-zero gradient values below 2^-133 (an upper bound when the "
-                        "histogram starts above it): keep these gradients in fp32")
-    if underflow["fp16_overflow"] > 0:
-        findings.append(f"fp16 overflow at step {record.step}: {underflow['fp16_overflow']:.2%} "
-                        "of gradient values are 2^16 or more (fp16 tops out at 65504): "
-                        "use bf16, or clip before casting")
-    return findings
-
-
-def _median_finite(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
-

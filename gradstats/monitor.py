@@ -28,7 +28,7 @@ from . import distributed, ops
 from .activations import ActivationTracker
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .host_path import gradients_and_route
-from .nonfinite import NonFinitePolicy, describe
+from .nonfinite import NonFinitePolicy, describe, describe_origin
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
 from .params import ParametersLike, norm_result_dtype
@@ -62,7 +62,11 @@ class GradMonitor:
             followed); a list of tensors or ``(name, tensor)`` pairs is fixed. ``torch.compile``,
             ``DistributedDataParallel`` and ``DataParallel`` wrappers are looked through, so
             names match the unwrapped model.
-        log_every (int): write step ``s`` when ``s % log_every == 0``. Default: 1
+        log_every (int): write step ``s`` when ``s % log_every == 0``, and any step whose
+            gradients (or tracked activations) held NaN/Inf, once its counts have landed on
+            the host (so every step copies its per-parameter norms with its counts: a few
+            bytes per parameter, no sync). GradScaler's overflow steps are not written off
+            the grid. Default: 1
         hist_every (int, optional): include histograms when ``s % hist_every == 0`` (such
             a step is written even off the ``log_every`` grid). Default: None (never)
         sinks (list or None): sink specs (``"jsonl:PATH"``, ``"csv:PATH"``,
@@ -87,8 +91,10 @@ class GradMonitor:
         track_activations (bool): also record, per leaf module and step, the norm of its
             output ``h``, of ``dL/dh``, their NaN/Inf counts, the saturated fraction of
             sigmoid/tanh-like outputs, and where a NaN/Inf was born (see
-            :mod:`gradstats.activations`); hooks on the model, taken off by :meth:`close`.
-            Needs an ``nn.Module``. Default: False
+            :mod:`gradstats.activations`), also named by ``"raise"`` and the warnings;
+            hooks on the model's leaf modules, moved when its tree changes (from the step
+            after the change), taken off by :meth:`close`. Needs an ``nn.Module``.
+            Default: False
         process_group (ProcessGroup, optional): the group plain gradients are sharded over
             by hand, as for :func:`gradstats.grad_stats`. Default: None
         all_ranks (bool): under ``torch.distributed``, every rank opens ``sinks`` and
@@ -230,6 +236,7 @@ class GradMonitor:
 
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         # once per step: gradients, plan, device and dtype facts
+        generation = self._watched.generation
         grads, names, route = gradients_and_route(*self._watched.current())
         sharding = distributed.local_view(grads, self._process_group) if grads else None
         if sharding is not None:
@@ -246,6 +253,10 @@ class GradMonitor:
                               route=route, sharding=sharding)
         self.steps += 1
         activations = self._activations.take() if self._activations is not None else None
+        if self._activations is not None and self._watched.generation != generation:
+            # The tree changed: hooks follow it from the next forward on (this step's
+            # forward ran with the old hooks).
+            self._activations.rehook(self._watched.module)
         # GradScaler's overflow flag, when it handed one to a fused optimizer: such steps
         # are skipped by the scaler and routinely hold Inf, so they raise no alarm.
         overflow, self._scaler_found_inf = self._scaler_found_inf, None
@@ -275,11 +286,14 @@ class GradMonitor:
                          activations=activations)
         self._queue.drain(wait=True)
         found = nonzero_named(stats.names, stats.nonfinite.cpu())
+        # Read from the device: this path has waited for it already (the drain above).
+        origin = activations.to_record(step).nonfinite_origin if activations else None
         raise RuntimeError(f"gradstats: non-finite gradients at step {step} in "
-                           f"{describe(found)}; nothing was clipped or modified")
+                           f"{describe(found)}{describe_origin(origin)}; nothing was clipped "
+                           "or modified")
 
-    def _on_landed(self, step: int, found: dict[str, int]) -> None:
-        self._nonfinite.on_landed(step, found)
+    def _on_landed(self, step: int, found: dict[str, int], origin: dict | None = None) -> None:
+        self._nonfinite.on_landed(step, found, origin)
 
     def parameter_names(self) -> list[str]:
         """The names of the parameters watched now, with a gradient or not."""

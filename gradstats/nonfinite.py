@@ -24,11 +24,13 @@ logger = logging.getLogger("gradstats")
 
 class NonFiniteGradientWarning(RuntimeWarning):
     """NaN/Inf gradients appeared. ``step`` is the monitor's step, ``found`` maps each
-    parameter with non-finite values to their count."""
+    parameter with non-finite values to their count, ``origin`` is where the tracked
+    activations say the NaN/Inf was born (``{"module", "phase", "step"}``) or None."""
 
-    def __init__(self, message: str, step: int, found: dict[str, int]):
+    def __init__(self, message: str, step: int, found: dict[str, int],
+                 origin: dict | None = None):
         super().__init__(message)
-        self.step, self.found = step, found
+        self.step, self.found, self.origin = step, found, origin
 
 
 class NonFinitePolicy:
@@ -44,9 +46,10 @@ class NonFinitePolicy:
         self.in_nonfinite_run = False
         self.alarms = 0
 
-    def on_landed(self, step: int, found: dict[str, int]) -> None:
+    def on_landed(self, step: int, found: dict[str, int], origin: dict | None = None) -> None:
         """Called in step order with each step's non-zero counts (empty for a clean step,
-        and for one GradScaler skipped for overflow)."""
+        and for one GradScaler skipped for overflow), and the activations' NaN/Inf origin
+        when they are tracked."""
         if self.action == "raise":
             return  # checked at the step itself
         first_of_run = bool(found) and not self.in_nonfinite_run
@@ -56,22 +59,30 @@ class NonFinitePolicy:
         if callable(self.action):
             self.action(step, found)
         elif first_of_run and self.action in ("warn", "skip"):
-            self._alarm(step, found)
+            self._alarm(step, found, origin)
 
-    def _alarm(self, step: int, found: dict[str, int]) -> None:
+    def _alarm(self, step: int, found: dict[str, int], origin: dict | None) -> None:
         what = "its optimizer update was skipped" if self.action == "skip" else (
             "later steps are not reported until the gradients are finite again")
         message = (f"gradstats: NaN/Inf gradients first appeared at step {step} in "
-                   f"{describe(found)}; {what}")
+                   f"{describe(found)}{describe_origin(origin)}; {what}")
         self.alarms += 1
         if self.alarms <= MAX_WARNINGS:
             if self.alarms == MAX_WARNINGS:
                 message += ("; further NaN/Inf alarms of this monitor go to the 'gradstats' "
                             "logger only")
-            warn(NonFiniteGradientWarning(message, step, found))
+            warn(NonFiniteGradientWarning(message, step, found, origin))
         else:
             logger.warning(message)
 
 
 def describe(found: dict[str, int]) -> str:
     return ", ".join(f"{name!r} ({count} NaN/Inf)" for name, count in found.items())
+
+
+def describe_origin(origin: dict | None) -> str:
+    """``"; born in module 'X' (forward)"`` for a tracked-activation origin, else ``""``."""
+    if not origin:
+        return ""
+    where = "the loss, at the model's output" if origin.get("from_loss") else origin["phase"]
+    return f"; born in module {origin['module'] or '<root>'!r} ({where})"

@@ -16,19 +16,15 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .diagnose import (
+from .diagnose import Diagnosis, GammaFit, diagnose, fit_gamma, load_records
+from .record import StepRecord
+from .underflow import (
     BF16_NORMAL_EXP,
     BF16_SUBNORMAL_EXP,
     FP16_NORMAL_EXP,
     FP16_OVERFLOW_EXP,
     FP16_SUBNORMAL_EXP,
-    Diagnosis,
-    GammaFit,
-    diagnose,
-    fit_gamma,
-    load_records,
 )
-from .record import StepRecord
 
 __all__ = ["plot_depth_heatmap", "plot_depth_profile", "plot_depth_profiles", "plot_histograms",
            "plot_total_norm", "save_figures"]
@@ -154,6 +150,7 @@ def plot_histograms(record: StepRecord, modules: Sequence[str] | None = None):
         axes = figure.add_subplot(rows, columns, position)
         counts, edges = record.log2_buckets(record.module_hist[name])
         axes.stairs(counts, edges, fill=True)
+        _mark_clamped_columns(axes, counts, edges)
         for exponent, label, style in FLOAT_LIMITS:
             if lowest <= exponent <= highest:
                 axes.axvline(exponent, color="red", linestyle=style, linewidth=1, label=label)
@@ -164,6 +161,19 @@ def plot_histograms(record: StepRecord, modules: Sequence[str] | None = None):
             axes.legend(fontsize="x-small")
     figure.suptitle(f"gradient magnitudes at step {record.step}")
     return figure
+
+
+def _mark_clamped_columns(axes, counts: list[int], edges: list[float]) -> None:
+    """Hatch the first and last columns and label them: they also hold everything below
+    (above) their edges, so their height is not that of one binade."""
+    if len(counts) < 2:
+        return
+    label_at = axes.get_xaxis_transform()  # x in data, y in axes fraction
+    for position, text in ((0, f"< 2^{edges[1]:g}"), (len(counts) - 1, f">= 2^{edges[-2]:g}")):
+        axes.stairs(counts[position:position + 1], edges[position:position + 2], fill=False,
+                    hatch="//", color="grey")
+        axes.text((edges[position] + edges[position + 1]) / 2, 0.98, text, transform=label_at,
+                  ha="center", va="top", fontsize="xx-small", rotation=90)
 
 
 def plot_total_norm(records: Sequence[StepRecord]):

@@ -40,6 +40,8 @@ class WatchedParameters:
     (nothing to re-read: the list is the user's)."""
 
     def __init__(self, model: nn.Module | ParametersLike):
+        # Bumped at every re-read: how the activation hooks learn that the tree changed.
+        self.generation = 0
         self.module = unwrap_model(model) if isinstance(model, nn.Module) else None
         if self.module is not None:
             self._read_module()
@@ -53,6 +55,7 @@ class WatchedParameters:
         return self.params, self.names
 
     def _read_module(self) -> None:
+        self.generation += 1
         self.params, self.names = named_items(self.module)
         self.names = self.names or []
         # The tree's dicts, and every (dict, key, object) entry in them, as seen now.

@@ -242,3 +242,222 @@ def test_module_called_more_than_the_pending_limit_folds_its_figures_exactly():
     figures = sink.records[0].activations.modules["cell"]
     assert figures.output_norm == pytest.approx(math.sqrt(squares), rel=1e-5)
     assert figures.output_nonfinite == 0 and figures.grad_norm > 0
+
+
+class NanLinear(nn.Linear):
+    """A Linear whose output is NaN while ``bad`` is set."""
+
+    bad = True
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * math.nan if self.bad else y
+
+
+class SharedTwice(nn.Module):
+    """shared -> mid -> shared -> out: the module called twice runs first and last."""
+
+    def __init__(self, mid):
+        super().__init__()
+        self.shared, self.mid, self.out = nn.Linear(4, 4), mid, nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.shared(self.mid(self.shared(x))))
+
+
+def one_step(model, x=None, **kwargs):
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="ignore",
+                               track_activations=True, **kwargs) as monitor:
+        model((torch.randn(8, 4) if x is None else x)).sum().backward()
+        monitor.step()
+    return sink.records[-1].activations
+
+
+def test_forward_origin_follows_calls_of_a_module_called_twice():
+    torch.manual_seed(0)
+    # shared's first call is clean; mid makes the NaN; shared's second call carries it.
+    activations = one_step(SharedTwice(NanLinear(4, 4)))
+    assert activations.nonfinite_origin == {"module": "mid", "phase": "forward", "step": 0}
+
+
+def test_backward_origin_follows_calls_of_a_module_called_twice():
+    torch.manual_seed(0)
+    model = SharedTwice(NanInBackward())
+    activations = one_step(model)
+    # Backward: out, shared (2nd call, clean), mid makes NaN for what feeds it: shared's
+    # first call. In call order, the first NaN dL/dh is shared's (first call's output).
+    assert activations.modules["mid"].grad_nonfinite == 0
+    assert activations.nonfinite_origin == {"module": "shared", "phase": "backward",
+                                            "step": 0}
+
+
+class ChainWithBadBackward(nn.Module):
+    """shared -> m2 -> bad (NaN in backward) -> shared -> m4: shared's second call is the
+    first dL/dh computed after out's, and clean; m2's is the first NaN one."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.m2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.bad, self.m4 = NanInBackward(), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.m4(self.shared(self.bad(self.m2(self.shared(x)))))
+
+
+def test_backward_origin_is_not_taken_from_a_shared_modules_first_backward_call():
+    torch.manual_seed(0)
+    activations = one_step(ChainWithBadBackward())
+    assert activations.backward_order[:2] == ["m4", "shared"]
+    assert activations.nonfinite_origin == {"module": "m2", "phase": "backward", "step": 0}
+
+
+def test_origin_follows_calls_past_the_pending_limit():
+    from gradstats.activations import MAX_PENDING_CALLS
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"cell": nn.Linear(4, 4), "pre": NanLinear(4, 4)})
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="ignore",
+                               track_activations=True) as monitor:
+        h = torch.randn(2, 4)
+        for t in range(MAX_PENDING_CALLS + 10):  # the cell's calls get folded
+            if t == 30:
+                h = model["pre"](h)  # NaN born here, between the cell's calls
+            h = model["cell"](h)
+        h.sum().backward()
+        monitor.step()
+    activations = sink.records[0].activations
+    assert activations.nonfinite_origin == {"module": "pre", "phase": "forward", "step": 0}
+    assert activations.modules["cell"].output_nonfinite == (MAX_PENDING_CALLS + 10 - 30) * 8
+
+
+class DictOut(nn.Module):
+    def forward(self, x):
+        return {"out": torch.log(x - 10), "skip": x}
+
+
+class TupleSecond(nn.Module):
+    def forward(self, x):
+        return x * 2.0, torch.log(x - 10)
+
+
+class Consumes(nn.Module):
+    def __init__(self, inner, key):
+        super().__init__()
+        self.a, self.inner, self.c, self.key = nn.Linear(4, 4), inner, nn.Linear(4, 1), key
+
+    def forward(self, x):
+        return self.c(self.inner(self.a(x))[self.key])
+
+
+@pytest.mark.parametrize("inner, key", [(DictOut(), "out"), (TupleSecond(), 1)],
+                         ids=["dict", "tuple-second"])
+def test_nan_in_any_output_tensor_names_its_module(inner, key):
+    torch.manual_seed(0)
+    activations = one_step(Consumes(inner, key))
+    assert activations.nonfinite_origin == {"module": "inner", "phase": "forward", "step": 0}
+    assert activations.modules["inner"].output_nonfinite > 0
+
+
+def test_output_norm_covers_every_tensor_of_a_dict_output():
+    class TwoTensors(nn.Module):
+        def forward(self, x):
+            return {"a": x * 2.0, "b": (x + 1.0, torch.arange(3))}  # ints are not figures
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.two = nn.Linear(4, 4), TwoTensors()
+
+        def forward(self, x):
+            out = self.two(self.lin(x))
+            return out["a"].sum() + out["b"][0].square().sum()
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(8, 4)
+    activations = one_step(model, x)
+    with torch.no_grad():
+        h = model.lin.double()(x.double())
+    figures = activations.modules["two"]
+    expected = math.sqrt((2 * h).square().sum().item() + (h + 1).square().sum().item())
+    assert figures.output_norm == pytest.approx(expected, rel=1e-5)
+    # dL/d(2h) = 1 everywhere, dL/d(h + 1) = 2 (h + 1): both gradients in one norm.
+    grad = math.sqrt(h.numel() + (2 * (h + 1)).square().sum().item())
+    assert figures.grad_norm == pytest.approx(grad, rel=1e-5)
+
+
+def test_gradient_made_nonfinite_by_the_loss_is_said_to_come_from_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1, bias=False))
+    nn.init.zeros_(model[2].weight)
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], on_nonfinite="ignore",
+                               track_activations=True) as monitor:
+        torch.sqrt(model(torch.randn(8, 4))).sum().backward()  # d sqrt(y)/dy at 0: Inf
+        monitor.step()
+        diagnosis = gradstats.diagnose(monitor)
+    origin = sink.records[0].activations.nonfinite_origin
+    assert origin == {"module": "2", "phase": "backward", "step": 0, "from_loss": True}
+    assert any("'2'" in f and "the loss is non-finite" in f for f in diagnosis.findings)
+
+
+def test_hooks_follow_a_model_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    old = model[1]
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], track_activations=True) as monitor:
+        model[1] = nn.Linear(4, 4)
+        model.append(nn.Linear(1, 1))
+        for _ in range(2):
+            model.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            monitor.step()
+        # The step that saw the change re-hooked: the next forward is tracked in full.
+        assert list(sink.records[1].activations.modules) == ["0", "1", "2", "3"]
+        assert len(old._forward_hooks) == 0 and len(model[1]._forward_hooks) == 1
+        del model[3]
+        model.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        monitor.step()
+    assert all(len(m._forward_hooks) == 0 for m in model)
+
+
+def test_nonfinite_forward_off_the_log_grid_is_written_and_diagnosed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), NanLinear(4, 4), nn.Linear(4, 1))
+    sink = ListSink()
+    with gradstats.GradMonitor(model, sinks=[sink], log_every=5, on_nonfinite="ignore",
+                               track_activations=True) as monitor:
+        for step in range(10):
+            model[1].bad = step == 2
+            model.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            monitor.step()
+        diagnosis = gradstats.diagnose(monitor)
+    assert [r.step for r in sink.records] == [0, 2, 5]
+    assert sink.records[1].activations.nonfinite_origin == {
+        "module": "1", "phase": "forward", "step": 2}
+    assert sink.records[1].nonfinite and sink.records[1].hist is None
+    assert diagnosis.nonfinite_origin["step"] == 2
+    assert diagnosis.history[0].nonfinite_steps == [2]
+
+
+def test_raise_and_warning_name_where_the_nan_was_born():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), NanLinear(4, 4), nn.Linear(4, 1))
+    with gradstats.GradMonitor(model, sinks=[], on_nonfinite="raise",
+                               track_activations=True) as monitor:
+        model(torch.randn(8, 4)).sum().backward()
+        with pytest.raises(RuntimeError, match=r"born in module '1' \(forward\)"):
+            monitor.step()
+    with gradstats.GradMonitor(model, sinks=[], on_nonfinite="warn",
+                               track_activations=True) as monitor:
+        model(torch.randn(8, 4)).sum().backward()
+        with pytest.warns(gradstats.NonFiniteGradientWarning,
+                          match=r"born in module '1' \(forward\)") as caught:
+            monitor.step()
+            monitor.flush()
+    assert caught[0].message.origin["module"] == "1"

@@ -1,9 +1,12 @@
 """The demo (``make demo``, ``python -m gradstats demo``) runs end to end: every model of
 the zoo gets the verdict the literature predicts, and the logs and reports are written."""
+import io
 import json
+import sys
 
 import pytest
 
+import gradstats
 from gradstats import demo
 from gradstats.__main__ import main as cli
 from gradstats.demo_models import cases
@@ -34,7 +37,7 @@ def test_every_model_has_a_log_of_every_step_and_a_report(quick_demo):
 
 def test_cli_passes_demo_options_to_the_demo(monkeypatch):
     seen = []
-    monkeypatch.setattr(demo, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(demo, "main", lambda argv, prog: seen.append(argv) or 0)
     assert cli(["demo", "--quick", "--out", "x"]) == 0
     assert seen == [["--quick", "--out", "x"]]
 
@@ -44,3 +47,23 @@ def test_demo_figures_when_matplotlib_is_installed(tmp_path):
     assert demo.main(["--quick", "--steps", "2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "textbook.png").stat().st_size > 1000
     assert (tmp_path / "sigmoid-mlp" / "depth_profile.png").stat().st_size > 1000
+
+
+def test_console_script_names_itself_in_usage_lines(monkeypatch, capsys):
+    from gradstats.__main__ import console_main
+
+    monkeypatch.setattr(sys, "argv", ["gradstats", "no-such-command"])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: gradstats ")
+
+
+def test_progress_bar_writes_to_stderr_as_it_is_when_written(monkeypatch):
+    bar = demo.ProgressBar("case", steps=2)
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)  # a redirect made after the bar was
+    bar.write(gradstats.StepRecord(step=0, total_norm=1.0, clip_coef=None, norm_type=2.0,
+                                   norms={}, nonfinite={}, module_norms={},
+                                   module_nonfinite={}))
+    assert "case" in later.getvalue() and "1/2" in later.getvalue()

@@ -82,3 +82,13 @@ def test_figures_are_written_when_matplotlib_is_installed(tmp_path):
     assert "gamma = " in fitted.get_label()
     with pytest.raises(ValueError, match="no histograms"):
         plots.plot_histograms(records[1])
+
+
+def test_histogram_panels_label_the_clamped_end_columns(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gradstats import plots
+    records = tanh_run(tmp_path / "run.jsonl", steps=1)
+    figure = plots.plot_histograms(records[0], modules=["0"])
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    # Column 1 holds everything below 2^(min_exp + 1), the last everything from its edge.
+    assert texts == ["< 2^-39", ">= 2^22"]
