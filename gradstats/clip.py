@@ -194,7 +194,7 @@ def clip_grads_with_norm_(
         return
     # DTensor gradients are scaled through their local tensors: a replicated coefficient
     # needs no redistribution. A DTensor total (torch's, or ours) is read as its value.
-    sharding = distributed.local_view(grads)
+    sharding = distributed.local_view(grads, statistics=False)
     if sharding is not None:
         grads = sharding.targets
         route = route or ops.route(grads)  # DTensor gradients: routed as their local shards

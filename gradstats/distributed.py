@@ -83,14 +83,28 @@ class ShardedLayout:
 
 
 def local_view(
-    grads: list[torch.Tensor], process_group=None, *, with_counts: bool = True
+    grads: list[torch.Tensor], process_group=None, *, with_counts: bool = True,
+    statistics: bool = True,
 ) -> ShardedLayout | None:
     """The local tensors of ``grads`` and how to combine their partials, or None when
     there is nothing to combine (plain tensors and no ``process_group``): the caller goes
-    on with ``grads`` as they are. ``with_counts``: see :class:`ShardedLayout`."""
+    on with ``grads`` as they are. ``with_counts``: see :class:`ShardedLayout`.
+    ``statistics=False``: only ``targets`` will be used (scaling by a given total), so
+    ``Partial`` gradients get no replicated copy (a collective each).
+
+    Every rank must pass the same gradients in the same order: rows are matched by
+    position, and the collectives are issued per group in list order.
+    """
     if process_group is None and not any_dtensor(grads):
         return None
     dtensor = _dtensor_class()
+    if process_group is None and not all(issubclass(kind, dtensor)
+                                         for kind in set(map(type, grads))):
+        # A plain tensor beside DTensors may hold different values on every rank (torch
+        # refuses such a list too); its NaN/Inf would send one rank alone into a collective.
+        raise ValueError(
+            "gradients mix DTensor and plain tensors: make every gradient a DTensor, or "
+            "pass process_group= for plain tensors sharded by hand")
     if process_group is not None:
         _check_process_group(process_group)
     tensors, targets, mesh, any_partial = [], [], None, False
@@ -115,7 +129,8 @@ def local_view(
         any_partial |= partial
         local = grad.to_local()  # under no_grad: the DTensor's own local tensor, no copy
         targets.append(local)
-        tensors.append(_replicated_partials(grad).to_local() if partial else local)
+        tensors.append(_replicated_partials(grad).to_local() if partial and statistics
+                       else local)
         for group in groups:
             rows_by_group.setdefault(group, []).append(row)
     if not any_partial:
@@ -151,8 +166,8 @@ def _replicated_partials(grad):
 def check_norm_type(layout: ShardedLayout | None, p: float) -> None:
     if layout is not None and norm_kind(p) == NormKind.COMPOSED:
         raise ValueError(
-            f"norm_type {p} has no partials that add up across shards; sharded gradients "
-            "(DTensor or process_group=) take norm_type > 0 or 'inf'")
+            f"norm_type {p} is not supported yet for sharded gradients (DTensor or "
+            "process_group=): use norm_type > 0 or 'inf'")
 
 
 def reduce_partials(

@@ -289,6 +289,40 @@ def check_mesh1d_partial_gradient(rank, world):
     _close(param[0].grad.full_tensor(), reference[0].grad)
 
 
+def check_mesh1d_scaling_partial_gradients_by_a_given_total_needs_no_collective(rank, world):
+    """clip_grads_with_norm_ only scales: Partial gradients are scaled as they are, with no
+    replicated copy (torch issues none either)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor.debug import CommDebugMode
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    local = torch.full((3, 5), 1.0 + rank)
+    param = _with_grad(DTensor.from_local(local.clone(), mesh, [Partial()], run_check=False))
+    with CommDebugMode() as comm:
+        gradstats.clip_grads_with_norm_(param, 1.0, torch.tensor(4.0))
+    assert comm.get_total_counts() == 0
+    assert param[0].grad.placements == (Partial(),)
+    torch.testing.assert_close(param[0].grad.to_local(), local * (1.0 / (4.0 + 1e-6)))
+
+
+def check_mesh1d_dtensors_mixed_with_plain_tensors_are_refused_on_every_rank(rank, world):
+    """A plain tensor beside DTensors may differ per rank (a NaN in it would send one rank
+    alone into a collective): refused, as torch refuses it, before anything is scaled."""
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    params = _mesh1d_params(mesh, _mesh1d_grads())[:2] + _plain_params([torch.ones(3)])
+    before = [q.grad.clone() for q in params]
+    for call in (lambda: gradstats.fused_clip_grad_norm_(params, 0.01),
+                 lambda: gradstats.grad_stats(params),
+                 lambda: gradstats.get_total_norm([q.grad for q in params])):
+        with pytest.raises(ValueError, match="mix DTensor and plain tensors"):
+            call()
+    for param, saved in zip(params, before):
+        torch.testing.assert_close(param.grad, saved)
+
+
 def _with_grad(grad):
     param = torch.nn.Parameter(torch.zeros_like(grad))
     param.grad = grad
@@ -687,6 +721,8 @@ SUITES = {
         check_mesh1d_clip_equals_torch_on_dtensors_and_one_process,
         check_mesh1d_clip_grads_with_norm_takes_torch_dtensor_total,
         check_mesh1d_partial_gradient,
+        check_mesh1d_scaling_partial_gradients_by_a_given_total_needs_no_collective,
+        check_mesh1d_dtensors_mixed_with_plain_tensors_are_refused_on_every_rank,
         check_mesh1d_nan_on_one_rank_every_rank_raises,
         check_mesh1d_one_collective_per_kind,
         check_mesh1d_no_more_collectives_than_torch,
