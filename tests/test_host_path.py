@@ -259,15 +259,17 @@ def test_views_sharing_an_address_key_their_shapes(triton_device, host_path,
                                                    with_strided_view):
     """``[a, a]`` updates ``a`` once, ``[a, a.view(2, 2)]`` twice (as torch): the plan of
     one must not serve the other."""
-    def extra():
-        return [torch.ones(3, 3, device=triton_device).t()] if with_strided_view else []
+    def extra():  # the same gradient in both lists, as a training step has
+        return [strided] if with_strided_view else []
 
     worklist.clear_plan_cache()
+    strided = torch.ones(3, 3, device=triton_device).t()
     a = torch.full((4,), 2.0, device=triton_device)
     assert plan_key([a, a, *extra()]) != plan_key([a, a.view(2, 2), *extra()])
     twin = torch.full((4,), 2.0, device=triton_device)
+    strided_twin = strided.clone()
     _clip_twice_like_torch([a, a, *extra()], [a, a.view(2, 2), *extra()],
-                           [twin, twin.view(2, 2), *extra()])
+                           [twin, twin.view(2, 2), strided_twin][:len(extra()) + 2])
     torch.testing.assert_close(a, twin)
 
 
