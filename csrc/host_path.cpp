@@ -12,10 +12,13 @@
 // Python path, which behaves (and fails) exactly as it always did.
 //
 // The plan key is exact: the returned bytes hold, per tensor, its dtype, layout, device,
-// contiguity, address and element count, and the sizes and strides of any tensor that is
-// not contiguous (what Python's worklist.plan_key holds), so equal bytes mean equal
-// metadata. The 64-bit hash beside them (of the fields that change between lists) only
-// spares Python from hashing the bytes; a dictionary hit still compares them.
+// contiguity, address and element count, the sizes and strides of any tensor that is not
+// contiguous or shares its address with another listed tensor, and for sparse tensors
+// which earlier position holds the same tensor (what Python's worklist.plan_key holds), so
+// equal bytes mean equal metadata and equal update targets (worklist.update_targets
+// updates a view listed twice once, and a sparse tensor listed twice once). The 64-bit
+// hash beside them (of the fields that change between lists) only spares Python from
+// hashing the bytes; a dictionary hit still compares them.
 
 #include <torch/csrc/Device.h>
 #include <torch/csrc/DynamicTypes.h>
@@ -32,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace gradstats {
@@ -39,20 +43,27 @@ namespace {
 
 // Bits of the flags host_pass returns (mirrored in gradstats/dispatch.py).
 constexpr long kSingleDevice = 1;   // every tensor on the first one's device
-constexpr long kAllStrided = 2;     // no sparse (or other non-strided) tensor
 constexpr long kAllContiguous = 4;  // every tensor strided and contiguous
 
-// One header word per tensor, then its variable part, whose length the header fixes
-// (strided: address, count, then ndim sizes and ndim strides unless contiguous; other
-// layouts: ndim sizes), so equal byte strings decode to equal metadata.
+// The key's layout. One record per tensor: a header word, then a part whose length the
+// header and the part's own ndim word fix (strided: address, count, then, unless
+// contiguous, ndim, ndim sizes and ndim strides; other layouts: the position of its first
+// occurrence in the list, ndim, ndim sizes). When some address occurs twice, a trailer
+// follows the records: kTrailerMark, then for each strided tensor whose address occurs
+// more than once, in order: its position, ndim, sizes, strides. Header words never have
+// the top bit set, so the mark cannot be read as a record: equal byte strings decode to
+// equal metadata. (ndim has a word of its own: torch allows hundreds of dimensions.)
+constexpr uint64_t kTrailerMark = uint64_t{1} << 63;
+// A non-strided tensor's entry among the addresses: none (data_ptr is never all ones).
+constexpr uint64_t kNoAddress = ~uint64_t{0};
+
 uint64_t header_word(const at::Tensor& t, bool contiguous) {
   const c10::Device device = t.device();
   return static_cast<uint64_t>(static_cast<uint8_t>(t.scalar_type())) |
          static_cast<uint64_t>(static_cast<uint8_t>(t.layout())) << 8 |
          static_cast<uint64_t>(static_cast<uint8_t>(device.type())) << 16 |
          static_cast<uint64_t>(static_cast<uint16_t>(device.index() + 1)) << 24 |
-         static_cast<uint64_t>(contiguous) << 40 |
-         static_cast<uint64_t>(contiguous ? 0 : static_cast<uint8_t>(t.dim())) << 48;
+         static_cast<uint64_t>(contiguous) << 40;
 }
 
 // Folds one word into a running hash: a hash_combine step, then one xorshift-multiply
@@ -86,9 +97,12 @@ PyObject* dtype_set(uint64_t mask) {
   PyObject* set = PyFrozenSet_New(members);
   Py_DECREF(members);
   if (set == nullptr) return nullptr;
-  sets.emplace(mask, set);
-  Py_INCREF(set);
-  return set;
+  // The allocations above may collect garbage, and a finaliser that calls host_pass may
+  // have added this mask already: keep one set, drop the other.
+  const auto [entry, added] = sets.emplace(mask, set);
+  if (!added) Py_DECREF(set);
+  Py_INCREF(entry->second);
+  return entry->second;
 }
 
 // Whether the walk can describe this layout: strided, or a sparse layout whose sizes
@@ -114,6 +128,10 @@ struct Walk {
   std::vector<uint64_t> words;      // the key's bytes
   std::vector<Py_ssize_t> kept;     // positions in items that gave a tensor
   std::vector<PyObject*> tensors;   // new references, handed to the result list
+  std::vector<uint64_t> addresses;  // per tensor: data_ptr, or kNoAddress if not strided
+  std::vector<uint64_t> address_table;  // scratch of has_repeated_address
+  // Non-strided tensors seen (rare): each object's first position among the tensors.
+  std::unordered_map<PyObject*, uint64_t> first_positions;
   uint64_t hash = 0, hash2 = 0;
   uint64_t dtypes = 0;              // bit mask of ScalarType
   long flags = 0;
@@ -124,10 +142,12 @@ struct Walk {
     words.clear();
     kept.clear();
     tensors.clear();
+    addresses.clear();
+    if (!first_positions.empty()) first_positions.clear();
     hash = 0x243f6a8885a308d3ULL;
     hash2 = 0x13198a2e03707344ULL;
     dtypes = 0;
-    flags = kSingleDevice | kAllStrided | kAllContiguous;
+    flags = kSingleDevice | kAllContiguous;
     first_device = c10::Device(c10::kCPU);
   }
 
@@ -139,8 +159,19 @@ struct Walk {
 
 enum class Outcome { kDescribed, kNotDescribed, kPythonError };
 
-// Appends one tensor's record to the key and its facts to the walk's summary.
-void describe(Walk& walk, const at::Tensor& t) {
+void push_shape(std::vector<uint64_t>& words, const at::Tensor& t, bool with_strides) {
+  const int64_t ndim = t.dim();
+  const auto sizes = t.sizes();
+  words.push_back(static_cast<uint64_t>(ndim));
+  for (int64_t d = 0; d < ndim; ++d) words.push_back(static_cast<uint64_t>(sizes[d]));
+  if (!with_strides) return;
+  const auto strides = t.strides();
+  for (int64_t d = 0; d < ndim; ++d) words.push_back(static_cast<uint64_t>(strides[d]));
+}
+
+// Appends one tensor's record to the key and its facts to the walk's summary. `object`
+// is the tensor's Python object, which the walk holds.
+void describe(Walk& walk, PyObject* object, const at::Tensor& t) {
   const c10::Layout layout = t.layout();
   const c10::Device device = t.device();
   if (walk.tensors.size() == 1) {
@@ -151,12 +182,9 @@ void describe(Walk& walk, const at::Tensor& t) {
   walk.dtypes |= uint64_t{1} << static_cast<int>(t.scalar_type());
   const bool strided = layout == c10::kStrided;
   const bool contiguous = strided && t.is_contiguous();
-  if (!strided) walk.flags &= ~kAllStrided;
   if (!contiguous) walk.flags &= ~kAllContiguous;
   const uint64_t header = header_word(t, contiguous);
   walk.words.push_back(header);
-  const int64_t ndim = t.dim();
-  const auto sizes = t.sizes();
   if (strided) {
     // data_ptr(), as Python's Tensor.data_ptr() reads it (a copy-on-write tensor
     // materialises first, so the address is the one a kernel will write).
@@ -164,22 +192,80 @@ void describe(Walk& walk, const at::Tensor& t) {
     const auto numel = static_cast<uint64_t>(t.numel());
     walk.words.push_back(address);
     walk.words.push_back(numel);
+    walk.addresses.push_back(address);
     // A contiguous tensor's memory is fixed by address, count and dtype, which is all a
-    // plan reads (a reshaped gradient keeps its plan, as with Python's key); a gapped or
-    // permuted view can share address and count with a dense one, so its shape and
-    // strides are part of the key.
-    if (!contiguous) {
-      const auto strides = t.strides();
-      for (int64_t d = 0; d < ndim; ++d) walk.words.push_back(static_cast<uint64_t>(sizes[d]));
-      for (int64_t d = 0; d < ndim; ++d) {
-        walk.words.push_back(static_cast<uint64_t>(strides[d]));
-      }
-    }
+    // plan reads (a reshaped gradient keeps its plan, as with Python's key), unless
+    // another listed tensor has its address (the trailer, see add_shared_addresses); a
+    // gapped or permuted view can share address and count with a dense one, so its shape
+    // and strides are part of the key.
+    if (!contiguous) push_shape(walk.words, t, true);
     walk.hash = mix(walk.hash, address);
     walk.hash2 = mix(walk.hash2, header ^ (numel << 8));
   } else {
-    for (int64_t d = 0; d < ndim; ++d) walk.words.push_back(static_cast<uint64_t>(sizes[d]));
-    walk.hash2 = mix(walk.hash2, header);
+    // A sparse tensor owns its values and is updated once however often it is listed
+    // (by identity), so the key says which positions hold the same tensor object.
+    const auto position = static_cast<uint64_t>(walk.tensors.size() - 1);
+    const uint64_t first = walk.first_positions.emplace(object, position).first->second;
+    walk.words.push_back(first);
+    push_shape(walk.words, t, false);
+    walk.addresses.push_back(kNoAddress);
+    walk.hash2 = mix(walk.hash2, header ^ (first << 8));
+  }
+}
+
+// Whether a strided tensor's address occurs twice in `addresses` (kNoAddress entries are
+// skipped). An open-addressing set, at most two-thirds full, in `table`: about 2 us at
+// 4,500 tensors (the walk: about 100 us), so the common case, no address twice, stays cheap.
+bool has_repeated_address(const std::vector<uint64_t>& addresses,
+                          std::vector<uint64_t>& table) {
+  size_t capacity = 16;
+  while (2 * capacity < 3 * addresses.size()) capacity *= 2;
+  table.assign(capacity, 0);  // 0: an empty slot, so address 0 is counted apart
+  const int shift = 64 - __builtin_ctzll(capacity);
+  bool zero_seen = false;
+  for (const uint64_t address : addresses) {
+    if (address == kNoAddress) continue;
+    if (address == 0) {
+      if (zero_seen) return true;
+      zero_seen = true;
+      continue;
+    }
+    size_t slot = (address * 0x9e3779b97f4a7c15ULL) >> shift;
+    while (table[slot] != 0) {
+      if (table[slot] == address) return true;
+      slot = (slot + 1) & (capacity - 1);
+    }
+    table[slot] = address;
+  }
+  return false;
+}
+
+// The key's trailer (see kTrailerMark), when some address occurs twice: the shape and
+// strides of every tensor sharing its address decide whether the update treats them as
+// one view (worklist._first_of_each_view), so they are part of the key. Rare; not fast.
+void add_shared_addresses(Walk& walk) {
+  if (!has_repeated_address(walk.addresses, walk.address_table)) return;
+  std::vector<std::pair<uint64_t, size_t>> by_address;
+  for (size_t j = 0; j < walk.addresses.size(); ++j) {
+    if (walk.addresses[j] != kNoAddress) by_address.emplace_back(walk.addresses[j], j);
+  }
+  std::sort(by_address.begin(), by_address.end());
+  std::vector<size_t> shared;
+  for (size_t j = 0; j < by_address.size(); ++j) {
+    const bool repeated =
+        (j > 0 && by_address[j - 1].first == by_address[j].first) ||
+        (j + 1 < by_address.size() && by_address[j + 1].first == by_address[j].first);
+    if (repeated) shared.push_back(by_address[j].second);
+  }
+  std::sort(shared.begin(), shared.end());
+  const size_t trailer_start = walk.words.size();
+  walk.words.push_back(kTrailerMark);
+  for (const size_t j : shared) {
+    walk.words.push_back(static_cast<uint64_t>(j));
+    push_shape(walk.words, THPVariable_Unpack(walk.tensors[j]), true);
+  }
+  for (size_t w = trailer_start; w < walk.words.size(); ++w) {
+    walk.hash2 = mix(walk.hash2, walk.words[w]);
   }
 }
 
@@ -248,9 +334,13 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
   // Every read below either succeeds or throws; a throw means Python's path should run
   // (and raise its own error), so it is caught as "not described".
   try {
-    // Size and item re-read every time, each item held while it is read: making a new
-    // gradient object (THPVariable_Wrap) may run the garbage collector, and a finaliser
-    // could change the list. Nothing sane does; nothing here reads freed memory if it does.
+    // Size and item re-read every time, each item and its gradient held while they are
+    // read: making a new gradient object (THPVariable_Wrap) may run the garbage collector,
+    // and a finaliser could change the list or a parameter's .grad. Nothing sane does;
+    // nothing here reads freed memory if it does. Python code runs nowhere else in the
+    // walk but in a Py_DECREF that frees a parameter a finaliser took out of the list,
+    // when only owned references are held; TORCH_WARN (a non-leaf's .grad) is buffered
+    // until host_pass has built its result.
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(items); ++i) {
       if (i % kBatch == 0) {
         const Py_ssize_t size = PySequence_Fast_GET_SIZE(items);
@@ -262,7 +352,10 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
       PyObject* tensor = object;
       if (take_grad) {
         Py_INCREF(object);
-        const at::Tensor& grad = grad_of(THPVariable_Unpack(object));
+        // Owned, not a reference into the parameter's autograd metadata: making a new
+        // Python object may run the garbage collector, and a finaliser that sets
+        // p.grad = None would free the gradient while THPVariable_Wrap still reads it.
+        const at::Tensor grad = grad_of(THPVariable_Unpack(object));
         // The gradient's Python object, as .grad returns it (a new reference).
         tensor = grad.defined() ? THPVariable_Wrap(grad) : Py_None;
         Py_DECREF(object);
@@ -280,7 +373,7 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
       if (!describable(t.layout()) || static_cast<int>(t.scalar_type()) >= 64) {
         return Outcome::kNotDescribed;
       }
-      describe(walk, t);
+      describe(walk, tensor, t);
     }
   } catch (const c10::Error&) {
     return Outcome::kNotDescribed;
@@ -351,25 +444,41 @@ PyObject* host_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   // A torch function mode may intercept .grad and every attribute read: Python's business.
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
 
+  // The result is owned here, outside HANDLE_TH_ERRORS: its warning handler emits the
+  // walk's TORCH_WARNs as Python warnings when its scope ends, after the result is built,
+  // and raises if a filter turns one into an error; the result is then dropped with the
+  // gradient references it holds, instead of leaking.
+  struct OwnedResult {
+    PyObject* object = nullptr;
+    ~OwnedResult() { Py_XDECREF(object); }
+  } result;
   HANDLE_TH_ERRORS
   static Walk shared;
   Walk own;
   Walk& walk = shared.busy ? own : shared;
   walk.reset();
-  struct Busy {  // released however the walk ends
-    Walk& walk;
+  struct Busy {  // however the walk ends (an exception included): free again, holding
+    Walk& walk;  // no tensor that the result did not take
     explicit Busy(Walk& w) : walk(w) { walk.busy = true; }
-    ~Busy() { walk.busy = false; }
+    ~Busy() {
+      walk.release_tensors();
+      walk.busy = false;
+    }
   } busy(walk);
   Py_INCREF(items);
   const Outcome outcome = walk_items(walk, items, take_grad != 0);
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
   Py_DECREF(items);
-  if (outcome == Outcome::kDescribed) return walk_result(walk, n, take_grad != 0);
-  walk.release_tensors();
-  if (outcome == Outcome::kNotDescribed) Py_RETURN_NONE;
-  return nullptr;
+  if (outcome != Outcome::kDescribed) {
+    walk.release_tensors();
+    if (outcome == Outcome::kNotDescribed) Py_RETURN_NONE;
+    return nullptr;
+  }
+  add_shared_addresses(walk);
+  result.object = walk_result(walk, n, take_grad != 0);
+  if (result.object == nullptr) return nullptr;
   END_HANDLE_TH_ERRORS
+  return std::exchange(result.object, nullptr);
 }
 
 // first_non_tensor(items) -> the index of the first item that is not a torch.Tensor

@@ -48,20 +48,16 @@ class Route:
     backend: Backend | None
     plan: Plan | None
     dtypes: frozenset[torch.dtype]
-    contiguous: bool | None = None  # every tensor contiguous, when known without a plan
-
-    @property
-    def all_contiguous(self) -> bool | None:
-        """True or False when the plan (or the native host pass) knows; None: not known
-        without a pass."""
-        return self.contiguous if self.plan is None else self.plan.all_contiguous
+    # Every tensor dense and contiguous: known from the plan or the native host pass;
+    # None when neither was at hand (not known without a pass over the tensors).
+    all_contiguous: bool | None = None
 
 
 # The flags of native.host_pass (csrc/host_path.cpp).
 _SINGLE_DEVICE, _ALL_CONTIGUOUS = 1, 4
 
 
-def route(tensors: list[torch.Tensor], facts: tuple | None = None) -> Route:
+def route(tensors: list[torch.Tensor], facts: native.HostFacts | None = None) -> Route:
     """The route for non-empty ``tensors``.
 
     With the native host path (``facts``: this call's ``native.host_pass`` of the tensors,
@@ -86,35 +82,37 @@ def route(tensors: list[torch.Tensor], facts: tuple | None = None) -> Route:
         if plan is not None:
             if not recognised:
                 known_tensors.remember(tensors, device, key)
-            return Route(device, backend, plan, plan.dtypes)
+            return Route(device, backend, plan, plan.dtypes, plan.all_contiguous)
     dtypes = frozenset(map(_DTYPE_OF, tensors))
     if any(d != device for d in set(map(_DEVICE_OF, tensors))):
         return Route(device, None, None, dtypes)
     if backend is Backend.TRITON:
         plan = plan_for(tensors, device, key)
         known_tensors.remember(tensors, device, key)
-        return Route(device, backend, plan, dtypes)
+        return Route(device, backend, plan, dtypes, plan.all_contiguous)
     return Route(device, backend, None, dtypes)
 
 
-def _route_from_facts(tensors: list[torch.Tensor], facts: tuple) -> Route:
+def _route_from_facts(tensors: list[torch.Tensor], facts: native.HostFacts) -> Route:
     """:func:`route` from the native host pass: no per-tensor Python work. Its key fixes
-    every tensor's address, element count (shape and strides too when not contiguous),
-    dtype, layout and device, as :func:`plan_key` does."""
-    device, dtypes, flags = facts[2], facts[3], facts[4]
+    what :func:`plan_key` fixes: every tensor's address, element count, dtype, layout and
+    device, shape and strides where not contiguous or sharing an address, and which
+    positions hold the same sparse tensor."""
+    device, dtypes, flags = facts.device, facts.dtypes, facts.flags
     backend = choose_backend(device)
     if not flags & _SINGLE_DEVICE:
         return Route(device, None, None, dtypes)
+    all_contiguous = bool(flags & _ALL_CONTIGUOUS)
     if backend is Backend.TRITON:
-        return Route(device, backend, plan_for(tensors, device, native_plan_key(facts)),
-                     dtypes)
-    return Route(device, backend, None, dtypes, bool(flags & _ALL_CONTIGUOUS))
+        plan = plan_for(tensors, device, native_plan_key(facts))
+        return Route(device, backend, plan, dtypes, all_contiguous)
+    return Route(device, backend, None, dtypes, all_contiguous)
 
 
-def native_plan_key(facts: tuple) -> PlanKey:
+def native_plan_key(facts: native.HostFacts) -> PlanKey:
     """The plan key in ``native.host_pass``'s facts: its bytes, hashed in C++."""
-    _, _, device, _, flags, key_hash, key_bytes = facts
-    return PlanKey((device, bool(flags & _ALL_CONTIGUOUS), key_bytes), key_hash)
+    return PlanKey((facts.device, bool(facts.flags & _ALL_CONTIGUOUS), facts.key_bytes),
+                   facts.key_hash)
 
 
 def on_device(device: torch.device):

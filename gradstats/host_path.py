@@ -25,7 +25,7 @@ def gradients_and_route(
     if not torch.compiler.is_compiling():
         facts = native.host_pass(params, True)
         if facts is not None:
-            grads, kept = facts[0], facts[1]
+            grads, kept = facts.tensors, facts.kept
             if names is not None:
                 names = list(names) if kept is None else [names[i] for i in kept]
             return grads, names, dispatch.route(grads, facts) if grads else None

@@ -10,6 +10,7 @@ in Python. The import is tried once, on first use, and its outcome kept.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -105,14 +106,26 @@ def host_path_available() -> bool:
     return _host_path_module() is not None
 
 
-def host_pass(items: list | tuple, take_grad: bool) -> tuple | None:
-    """One native walk over ``items`` (tensors, or parameters when ``take_grad``):
-    ``(tensors, kept, device, dtypes, flags, key_hash, key_bytes)`` as csrc/host_path.cpp
-    documents, or None when the native host path is off or cannot describe ``items`` (a
-    tensor subclass, a torch function mode, an unusual layout): the Python path runs then."""
+class HostFacts(NamedTuple):
+    """What one native walk found (csrc/host_path.cpp, ``host_pass``)."""
+
+    tensors: list  # the items, or their non-None gradients, in order
+    kept: list[int] | None  # positions in items of ``tensors``; None: every item gave one
+    device: torch.device | None  # the first tensor's (None when there is none)
+    dtypes: frozenset  # of torch.dtype
+    flags: int  # bits: dispatch._SINGLE_DEVICE, dispatch._ALL_CONTIGUOUS
+    key_hash: int  # a 64-bit hash of key_bytes' metadata
+    key_bytes: bytes  # the exact plan key (layout in csrc/host_path.cpp)
+
+
+def host_pass(items: list | tuple, take_grad: bool) -> HostFacts | None:
+    """One native walk over ``items`` (tensors, or parameters when ``take_grad``), or None
+    when the native host path is off or cannot describe ``items`` (a tensor subclass, a
+    torch function mode, an unusual layout): the Python path runs then."""
     if not host_path_available():
         return None
-    return _host_path_module().host_pass(items, take_grad)
+    facts = _host_path_module().host_pass(items, take_grad)
+    return None if facts is None else HostFacts._make(facts)
 
 
 def first_non_tensor(items: list | tuple) -> int | None:

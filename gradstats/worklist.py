@@ -169,10 +169,14 @@ def _device_tensors(plan: Plan) -> list[torch.Tensor]:
 def plan_key(tensors: list[torch.Tensor], device: torch.device) -> PlanKey:
     """What a plan depends on, read from every tensor: ``device`` (the first tensor's) and
     each tensor's address, dtype and device index, and its element count when every tensor
-    is contiguous (address, count and dtype then fix its memory, which is all a plan reads),
-    its shape and strides otherwise (a gapped view can share address and size with a dense
-    one). The device indices make a hit prove every tensor is still on ``device`` without a
-    ``.device`` read per tensor (an address freed on one GPU can come back on another).
+    is contiguous and no address is listed twice (address, count and dtype then fix its
+    memory, which is all a plan reads), its shape and strides otherwise (a gapped view can
+    share address and size with a dense one, and :func:`update_targets` updates tensors
+    sharing an address once only when shape and strides agree too). A sparse tensor's
+    entry is its layout and the position where that tensor object is first listed (an
+    update touches each sparse tensor once, by identity). The device indices make a hit
+    prove every tensor is still on ``device`` without a ``.device`` read per tensor (an
+    address freed on one GPU can come back on another).
 
     Unbound C methods under ``map()``: the cheapest per-tensor reads Python offers, since
     this runs every step for every gradient; ints and dtypes also leave the garbage
@@ -182,10 +186,12 @@ def plan_key(tensors: list[torch.Tensor], device: torch.device) -> PlanKey:
         addresses = tuple(map(torch.Tensor.data_ptr, tensors))
         contiguous = all(map(torch.Tensor.is_contiguous, tensors))
     except RuntimeError:  # a sparse gradient has neither; it takes the reference path anyway
-        addresses = tuple(t.data_ptr() if t.layout is torch.strided else t.layout
-                          for t in tensors)
+        first_position: dict[int, int] = {}
+        addresses = tuple(t.data_ptr() if t.layout is torch.strided
+                          else (t.layout, first_position.setdefault(id(t), i))
+                          for i, t in enumerate(tensors))
         contiguous = False
-    if contiguous:
+    if contiguous and len(set(addresses)) == len(addresses):
         memory = tuple(map(torch.Tensor.numel, tensors))
     else:
         memory = (tuple(map(torch.Tensor.size, tensors)),

@@ -244,6 +244,132 @@ def test_key_holds_every_tensor_in_order():
     assert native.host_pass([a, b], False)[5:] == native.host_pass((a, b), False)[5:]
 
 
+# --- plan keys that fix the update targets (both paths) --------------------------------
+
+def _clip_twice_like_torch(first_grads, second_grads, twin_grads):
+    """Clips ``first_grads`` without changing them (a plan is cached), then
+    ``second_grads``; ``twin_grads`` (clones aliased as ``second_grads`` are) by torch."""
+    gradstats.fused_clip_grad_norm_(with_grads(first_grads), 1e9)
+    gradstats.fused_clip_grad_norm_(with_grads(second_grads), 1.0)
+    torch.nn.utils.clip_grad_norm_(with_grads(twin_grads), 1.0, foreach=False)
+
+
+@pytest.mark.parametrize("with_strided_view", [False, True], ids=["contiguous", "mixed"])
+def test_views_sharing_an_address_key_their_shapes(triton_device, host_path,
+                                                   with_strided_view):
+    """``[a, a]`` updates ``a`` once, ``[a, a.view(2, 2)]`` twice (as torch): the plan of
+    one must not serve the other."""
+    def extra():  # the same gradient in both lists, as a training step has
+        return [strided] if with_strided_view else []
+
+    worklist.clear_plan_cache()
+    strided = torch.ones(3, 3, device=triton_device).t()
+    a = torch.full((4,), 2.0, device=triton_device)
+    assert plan_key([a, a, *extra()]) != plan_key([a, a.view(2, 2), *extra()])
+    twin = torch.full((4,), 2.0, device=triton_device)
+    strided_twin = strided.clone()
+    _clip_twice_like_torch([a, a, *extra()], [a, a.view(2, 2), *extra()],
+                           [twin, twin.view(2, 2), strided_twin][:len(extra()) + 2])
+    torch.testing.assert_close(a, twin)
+
+
+def test_a_reshaped_view_listed_twice_misses(triton_device, host_path):
+    a = torch.randn(6, device=triton_device)
+    assert plan_key([a, a.view(2, 3)]) != plan_key([a, a.view(3, 2)])
+    assert plan_key([a, a.view(2, 3)]) == plan_key([a, a.view(2, 3)])
+
+
+def test_sparse_gradients_key_their_identity(triton_device, host_path):
+    """One sparse gradient listed twice is scaled once; two equal ones are each scaled."""
+    worklist.clear_plan_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse tensors' beta-state warning
+        once = torch.full((2, 2), 3.0, device=triton_device).to_sparse()
+        first, second = (torch.full((2, 2), 3.0, device=triton_device).to_sparse()
+                         for _ in range(2))
+        assert plan_key([once, once]) != plan_key([first, second])
+        gradstats.fused_clip_grad_norm_(with_grads([once, once]), 1e9)
+        gradstats.fused_clip_grad_norm_(with_grads([first, second]), 1.0)
+    # torch's clip has no sparse path: the float64 value, total norm sqrt(8 * 3^2).
+    total = torch.tensor(8 * 3.0 ** 2, dtype=torch.float64).sqrt()
+    expected = torch.full((2, 2), 3.0, dtype=torch.float64) / (total + 1e-6)
+    for grad in (first, second):
+        torch.testing.assert_close(grad.to_dense().cpu(), expected.float())
+
+
+@needs_native
+def test_key_holds_ndim_beyond_a_byte():
+    """torch allows hundreds of dimensions: the key's ndim is a word of its own."""
+    dims = 300
+    buffer = torch.randn(4)
+    view = buffer.as_strided([1] * (dims - 2) + [2, 2], [1] * (dims - 2) + [1, 2])
+    assert view.dim() == dims and not view.is_contiguous()
+    facts = native.host_pass([view], False)
+    words = memoryview(facts[6]).cast("Q")
+    # header, address, count, ndim, sizes, strides
+    assert len(words) == 4 + 2 * dims and words[3] == dims
+    assert list(words[4:4 + dims]) == list(view.shape)
+    assert list(words[4 + dims:]) == list(view.stride())
+
+
+# --- the walk's memory safety ------------------------------------------------------------
+
+_FINALISER_DROPS_GRADIENTS = """
+import gc, torch
+from gradstats import _C
+params = [torch.nn.Parameter(torch.randn(3)) for _ in range(8)]
+class DropGrads:
+    def __init__(self):
+        self.cycle = self  # only the cyclic collector frees it
+    def __del__(self):
+        for p in params:
+            p.grad  # a Python object for the gradient, then none at all
+            p.grad = None
+for _ in range(50):
+    sum((p * p).sum() for p in params).backward()  # gradients without Python objects
+    gc.disable()
+    DropGrads()
+    gc.enable()
+    gc.set_threshold(1)  # the walk's first new gradient object collects
+    _C.host_pass(params, True)
+    gc.set_threshold(700)
+print("survived")
+"""
+
+
+@needs_native
+def test_finaliser_dropping_gradients_during_the_walk_is_safe():
+    """A garbage collection inside the walk (making a gradient's Python object) may run a
+    finaliser that sets ``p.grad = None``: the walk must hold the gradient it is reading.
+    In a subprocess, so a crash fails this test rather than ending pytest."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FINALISER_DROPS_GRADIENTS],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "survived"
+
+
+@needs_native
+def test_warning_raised_as_error_leaks_no_gradient():
+    """``.grad`` of a non-leaf warns; a filter that makes it an error raises after the
+    walk built its result, which must then be dropped with its gradient references."""
+    import sys
+
+    param = torch.nn.Parameter(torch.randn(5))
+    param.grad = torch.randn(5)
+    non_leaf = torch.randn(3, requires_grad=True) * 2
+    grad = param.grad
+    before = sys.getrefcount(grad)
+    for _ in range(20):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="not a leaf Tensor"):
+                native.host_pass([param, non_leaf], True)
+    assert sys.getrefcount(grad) == before
+
+
 # --- what the native walk leaves to Python ---------------------------------------------
 
 class _Subclass(torch.Tensor):
