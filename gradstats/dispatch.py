@@ -138,7 +138,7 @@ def accumulate_stats(
     if tensors_route.backend is Backend.TORCH:
         return reference.accumulate_stats(tensors, p, kind, num_bins, min_exp)
     if tensors_route.backend is Backend.NATIVE:
-        return _accumulate_on_native(tensors, p, kind, num_bins, min_exp)
+        return _accumulate_on_native(tensors, p, kind, num_bins, min_exp, tensors_route)
     with on_device(device):
         return _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, tensors_route.plan)
 
@@ -179,37 +179,47 @@ def _fill_from_reference(tensors, positions, p, kind, num_bins, min_exp, power, 
         hist[position] = one_hist[0]
 
 
-def _accumulate_on_native(tensors, p, kind, num_bins, min_exp):
+def _accumulate_on_native(tensors, p, kind, num_bins, min_exp, tensors_route: Route):
     """The C++ pass over every tensor of a dtype it reads that is contiguous or
     permuted-dense (transposed, channels-last: read as the flat block it fills, as the
     Triton kernels read it, and chunked as the reference chunks it); the reference over the
     rest (sparse, complex, other dtypes, strided with gaps or overlaps)."""
+    readable_dtypes = tensors_route.dtypes.issubset(TRITON_DTYPES)
+    if tensors_route.all_contiguous and readable_dtypes:  # known from the host walk
+        return _native_stats(tensors, p, kind, num_bins, min_exp)
     try:  # the common case, decided with C-level per-tensor reads only
-        everything = (all(map(torch.Tensor.is_contiguous, tensors))
-                      and set(map(_DTYPE_OF, tensors)).issubset(TRITON_DTYPES))
+        everything = readable_dtypes and all(map(torch.Tensor.is_contiguous, tensors))
     except RuntimeError:  # sparse CSR tensors have no is_contiguous
         everything = False
     if everything:  # (a sparse COO tensor is never contiguous)
-        return native.cpu_stats(list(map(torch.Tensor.detach, tensors)), p, kind, num_bins,
-                                min_exp)
+        return _native_stats(tensors, p, kind, num_bins, min_exp)
     readable = [i for i, t in enumerate(tensors)
                 if t.dtype in TRITON_DTYPES and t.layout is torch.strided
                 and (t.is_contiguous() or triton_can_read(t))]
     if len(readable) == len(tensors):
-        return native.cpu_stats([t.detach() for t in tensors], p, kind, num_bins, min_exp)
+        return _native_stats(tensors, p, kind, num_bins, min_exp)
     n = len(tensors)
     power = torch.empty(n, dtype=torch.float64)
     nonfinite = torch.empty(n, dtype=torch.int64)
     hist = torch.empty(n, num_bins, dtype=torch.int64)
     if readable:  # an empty list would give the dispatcher no tensor to pick a kernel by
-        parts = native.cpu_stats([tensors[i].detach() for i in readable], p, kind, num_bins,
-                                 min_exp)
+        parts = _native_stats([tensors[i] for i in readable], p, kind, num_bins, min_exp)
         index = torch.tensor(readable, dtype=torch.int64)
         for output, part in zip((power, nonfinite, hist), parts):
             output.index_copy_(0, index, part)
     _fill_from_reference(tensors, sorted(set(range(n)).difference(readable)), p, kind,
                          num_bins, min_exp, power, nonfinite, hist)
     return power, nonfinite, hist
+
+
+def _native_stats(tensors, p, kind, num_bins, min_exp):
+    """``native.cpu_stats`` on readable tensors. Detached only where the op could record
+    autograd history: every public entry point runs under ``torch.no_grad``, and a detach
+    (a new tensor object per gradient) cost more host time than the whole pass at 4,500
+    gradients."""
+    if torch.is_grad_enabled():
+        tensors = list(map(torch.Tensor.detach, tensors))
+    return native.cpu_stats(tensors, p, kind, num_bins, min_exp)
 
 
 def _kernel_options(work: WorkList) -> tuple:
