@@ -9,8 +9,11 @@
 // [n, num_bins]. Same contracts and numerics as gradstats/reference.py and the Triton
 // kernels (gradstats/kernels/stats.py).
 //
-// Work split: every tensor is cut into CHUNK-element work items, as the kernels do. Items
-// run in parallel (at::parallel_for); each writes its power into its own slot (float32 sum
+// Work split: every tensor is cut into CHUNK-element work items, as the kernels do.
+// Consecutive items are grouped into tasks of about TASK_ELEMENTS elements (thousands of
+// small tensors make a few tasks, each of many items), and the tasks run in parallel
+// (at::parallel_for), so threads get equal shares of memory to read whatever the tensor
+// sizes. Each item writes its power into its own slot (float32 sum
 // per chunk, float64 for float64 input), and the slots are summed per tensor in float64 in
 // index order afterwards. So the result is bit-identical whatever the thread count.
 // Histogram and non-finite counts are integers: exact in any order, added atomically (or
@@ -45,9 +48,17 @@ namespace {
 // Must equal launch_config.INTERPRETER_CONFIG.chunk: the reference sums per kernel chunk,
 // so the same chunking gives the same float32 rounding. Checked from Python.
 constexpr int64_t CHUNK = 16384;
-// Work items per parallel_for task: a few chunks, so scheduling costs little next to the
+// Elements per parallel_for task: a few chunks, so scheduling costs little next to the
 // ~10 us one chunk takes.
-constexpr int64_t GRAIN_ITEMS = 4;
+constexpr int64_t TASK_ELEMENTS = 4 * CHUNK;
+// What an item costs beyond its elements (its setup, its histogram's merge), counted as
+// this many elements when tasks are cut: a task of tiny tensors holds fewer of them.
+constexpr int64_t ITEM_OVERHEAD_ELEMENTS = 256;
+// Bytes of the next item's data prefetched while one item runs: all of a small tensor,
+// the start of a chunk (the hardware prefetcher streams the rest). Thousands of small
+// tensors lie in separate allocations, and without it each one starts with misses the
+// loop waits for.
+constexpr int64_t PREFETCH_BYTES = 2048;
 // Elements per inner step: one accumulator per lane (a GCC vector, see Vec). The lanes
 // fix the summation order within a chunk, so vector code needs no -ffast-math.
 constexpr int LANES = 16;
@@ -499,10 +510,14 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
   std::memset(row, 0, num_bins * sizeof *row);
 }
 
+// One chunk of one tensor, with what run_items needs of the tensor read once, when the
+// list is built: the items then touch no TensorImpl.
 struct WorkItem {
   int64_t tensor;
-  int64_t start;
-  int64_t size;
+  const void* data;  // the chunk's first element
+  int64_t size;      // elements
+  at::ScalarType dtype;
+  bool exclusive;    // the tensor's only chunk: its outputs need no atomic adds
 };
 
 template <typename T, typename Visit>
@@ -519,11 +534,11 @@ GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind,
 
 // Statistics of one work item: its power into its slot, counts added to the tensor's row.
 template <typename T>
-GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item, int64_t kind,
+GRADSTATS_INLINE void item_stats(const WorkItem& item, int64_t kind,
                                  double p, int64_t num_bins, int64_t min_exp,
                                  double* partial_power, int64_t* nonfinite, int64_t* hist_row,
                                  bool vector_counting, uint16_t* table, int64_t* row) {
-  const T* x = static_cast<const T*>(tensor.const_data_ptr()) + item.start;
+  const T* x = static_cast<const T*>(item.data);
   const ChunkResult result =
       num_bins == 0 ? dispatch_power(x, item.size, kind, p, [](int64_t, int64_t) {})
                     : dispatch_power(x, item.size, kind, p, [&](int64_t begin, int64_t end) {
@@ -531,7 +546,7 @@ GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item,
                       });
   *partial_power = result.power;
   // A tensor of one chunk (most of them, in number) has its outputs to itself.
-  const bool exclusive = item.start == 0 && item.size == tensor.numel();
+  const bool exclusive = item.exclusive;
   if (exclusive) {
     *nonfinite += result.nonfinite;
   } else if (result.nonfinite) {
@@ -544,7 +559,6 @@ GRADSTATS_INLINE void item_stats(const at::Tensor& tensor, const WorkItem& item,
 
 // What every work item of one call reads and writes.
 struct Pass {
-  at::TensorList grads;
   const std::vector<WorkItem>& items;
   int64_t norm_kind;
   double p;
@@ -561,28 +575,35 @@ GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
   // The exponent table of chunk_histogram, large enough for float64's 11-bit exponents.
   std::vector<uint16_t> table(HIST_COPIES * kExponents<double>);
   std::vector<int64_t> chunk_row(pass.num_bins);  // one chunk's histogram
+  const int64_t n_items = static_cast<int64_t>(pass.items.size());
   for (int64_t k = begin; k < end; ++k) {
     const WorkItem& item = pass.items[k];
-    const at::Tensor& g = pass.grads[item.tensor];
+    if (k + 1 < n_items) {  // the next item's first bytes, loaded while this one runs
+      const WorkItem& next = pass.items[k + 1];
+      const char* bytes = static_cast<const char*>(next.data);
+      const int64_t length =
+          std::min(PREFETCH_BYTES, next.size * static_cast<int64_t>(c10::elementSize(next.dtype)));
+      for (int64_t offset = 0; offset < length; offset += 64) __builtin_prefetch(bytes + offset);
+    }
     int64_t* row = pass.hist + item.tensor * pass.num_bins;
     int64_t* count = pass.nonfinite + item.tensor;
     double* slot = pass.partial_power + k;
     const int64_t kind = pass.norm_kind, num_bins = pass.num_bins, min_exp = pass.min_exp;
-    switch (g.scalar_type()) {
+    switch (item.dtype) {
       case at::kFloat:
-        item_stats<float>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+        item_stats<float>(item, kind, pass.p, num_bins, min_exp, slot, count, row,
                               pass.vector_counting, table.data(), chunk_row.data());
         break;
       case at::kDouble:
-        item_stats<double>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+        item_stats<double>(item, kind, pass.p, num_bins, min_exp, slot, count, row,
                               pass.vector_counting, table.data(), chunk_row.data());
         break;
       case at::kBFloat16:
-        item_stats<c10::BFloat16>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+        item_stats<c10::BFloat16>(item, kind, pass.p, num_bins, min_exp, slot, count, row,
                                   pass.vector_counting, table.data(), chunk_row.data());
         break;
       default:
-        item_stats<c10::Half>(g, item, kind, pass.p, num_bins, min_exp, slot, count, row,
+        item_stats<c10::Half>(item, kind, pass.p, num_bins, min_exp, slot, count, row,
                               pass.vector_counting, table.data(), chunk_row.data());
     }
   }
@@ -657,6 +678,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   // The work list: every tensor's chunks in order, so each tensor's slots are adjacent.
   std::vector<WorkItem> items;
   std::vector<int64_t> first_item(n + 1);
+  std::vector<int64_t> first_item_of_task{0};  // task k runs items [its entry, the next)
+  int64_t task_load = 0;
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& g = grads[t];
     // A permuted-dense tensor (transposed, channels-last) fills numel slots from its
@@ -671,19 +694,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
                     dtype == at::kHalf,
                 "gradstats::cpu_stats reads float32/float64/bfloat16/float16, got ", dtype);
     first_item[t] = static_cast<int64_t>(items.size());
-    for (int64_t start = 0; start < g.numel(); start += CHUNK) {
-      items.push_back({t, start, std::min(CHUNK, g.numel() - start)});
+    const int64_t numel = g.numel();
+    if (numel == 0) continue;
+    const auto* data = static_cast<const char*>(g.const_data_ptr());
+    const int64_t element_size = static_cast<int64_t>(g.element_size());
+    for (int64_t start = 0; start < numel; start += CHUNK) {
+      items.push_back({t, data + start * element_size, std::min(CHUNK, numel - start), dtype,
+                       numel <= CHUNK});
+      // Tasks: consecutive items, cut once they hold TASK_ELEMENTS (see the header).
+      task_load += items.back().size + ITEM_OVERHEAD_ELEMENTS;
+      if (task_load >= TASK_ELEMENTS) {
+        first_item_of_task.push_back(static_cast<int64_t>(items.size()));
+        task_load = 0;
+      }
     }
   }
   first_item[n] = static_cast<int64_t>(items.size());
+  if (task_load > 0) first_item_of_task.push_back(static_cast<int64_t>(items.size()));
 
   std::vector<double> partial_power(items.size());
-  const Pass pass{grads, items, norm_kind, p, num_bins, min_exp, vector_counting(),
+  const Pass pass{items, norm_kind, p, num_bins, min_exp, vector_counting(),
                   partial_power.data(),
                   nonfinite.data_ptr<int64_t>(), hist.data_ptr<int64_t>()};
   const RunItems run = run_items_for_this_cpu();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), GRAIN_ITEMS,
-                   [&](int64_t begin, int64_t end) { run(pass, begin, end); });
+  const auto n_tasks = static_cast<int64_t>(first_item_of_task.size()) - 1;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    run(pass, first_item_of_task[begin], first_item_of_task[end]);
+  });
 
   // Chunk partials summed per tensor in index order (the max for the inf-norm, NaN first).
   double* power_out = power.data_ptr<double>();

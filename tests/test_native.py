@@ -345,3 +345,84 @@ def test_every_vector_width_gives_the_same_bits(monkeypatch, num_bins):
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("num_bins", [0, 64])
+def test_many_small_tensors_split_into_tasks_give_the_same_bits(num_bins):
+    """Thousands of small tensors are grouped into tasks by elements, and a tensor of
+    several chunks can straddle two tasks (its counts then added from two threads): every
+    thread count gives the same bits, and the counts are the reference's."""
+    tensors = [sample(n, dtype, spread=n == 17) for n in (256, 17, 4096) * 40
+               for dtype in (torch.float32, torch.bfloat16)]
+    tensors[5][3] = math.nan
+    tensors.insert(50, sample(3 * CHUNK + 5, torch.float32, spread=False))
+    tensors[50][CHUNK + 2] = math.inf
+    tensors[50][2 * CHUNK + 9] = math.nan
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(stats_of(tensors, 2.0, num_bins, -40, on_native=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+    power, nonfinite, hist = results[0]
+    ref_power, ref_nonfinite, ref_hist = stats_of(tensors, 2.0, num_bins, -40, on_native=False)
+    assert torch.equal(nonfinite, ref_nonfinite)
+    assert nonfinite[5] == 1 and nonfinite[50] == 2
+    assert torch.equal(hist, ref_hist)
+    # float32 sums in another order: 4096 terms, each rounding by at most 2^-24
+    torch.testing.assert_close(power, ref_power, rtol=1e-5, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
+def test_grad_mode_on_with_gradients_that_require_grad(monkeypatch):
+    """Gradients from ``backward(create_graph=True)`` require grad. The public entry points
+    run under no_grad; the dispatch layer called with grad mode on still returns plain
+    results (the C++ op has no autograd formula), equal to those under no_grad."""
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    model(torch.randn(5, 8)).pow(2).sum().backward(create_graph=True)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    assert all(g.requires_grad for g in grads)
+    with torch.enable_grad():
+        outputs = dispatch.accumulate_stats(grads, 2.0, 64, -40)
+    with torch.no_grad():
+        expected = dispatch.accumulate_stats(grads, 2.0, 64, -40)
+    for got, want in zip(outputs, expected):
+        assert not got.requires_grad and got.grad_fn is None
+        assert torch.equal(got, want)
+    float64_norms = torch.stack([g.detach().double().norm() for g in grads])
+    stats = gradstats.grad_stats(params, min_exp=-20)
+    total = gradstats.fused_clip_grad_norm_(params, 1e-3)
+    assert torch.is_grad_enabled()  # the no_grad of the entry points has ended
+    torch.testing.assert_close(stats.norms.double(), float64_norms, rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(total.double(), float64_norms.norm(), rtol=2e-6, atol=0.0)
+    assert params[0].grad is grads[0] and grads[0].requires_grad  # scaled in place
+    for param in params:  # the cycle create_graph made between them
+        param.grad = None
+
+
+def test_route_from_the_host_walk_skips_the_contiguity_scan(monkeypatch):
+    """When the native host walk found every gradient contiguous, the dispatch layer reads
+    no tensor's contiguity again."""
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    grads = [sample(n, torch.float32, spread=False) for n in (5, 300, CHUNK + 3)]
+    params = with_grads(grads)
+    expected = gradstats.grad_stats(params, min_exp=-20)
+    if not native.host_path_available():
+        pytest.skip("the native host path is off")
+
+    def no_scan(tensor, *args, **kwargs):
+        raise AssertionError("is_contiguous read in Python")
+
+    monkeypatch.setattr(torch.Tensor, "is_contiguous", no_scan)
+    stats = gradstats.grad_stats(params, min_exp=-20)
+    monkeypatch.undo()
+    assert torch.equal(stats.norms, expected.norms)
+    assert torch.equal(stats.hist, expected.hist)
+    assert torch.equal(stats.numel, torch.tensor([5, 300, CHUNK + 3]))
