@@ -359,7 +359,11 @@ def _update_in_runs(native_update, reference_update, tensors: list[torch.Tensor]
     """A list the C++ ops cannot read whole: each view once, then runs of consecutive
     tensors, the readable ones (:func:`triton_can_read`: a dtype the ops know, one dense
     block) by the C++ op and the others by the reference, in list order, so overlapping
-    views end as torch's loop leaves them."""
+    views end as torch's loop leaves them. An inference tensor is refused first: the C++
+    op would refuse it only after earlier runs were updated."""
+    if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):
+        raise RuntimeError("gradstats: an inference tensor cannot be updated in place outside "
+                           "torch.inference_mode(); clone it into a normal tensor first")
     for readable, run in itertools.groupby(_each_view_once(tensors), key=triton_can_read):
         (native_update if readable else reference_update)(list(run), *args)
 

@@ -299,6 +299,12 @@ def test_an_inference_gradient_is_refused_before_anything_is_scaled(monkeypatch)
     assert torch.equal(param.grad, torch.full((4,), 3.0))
     with pytest.raises(RuntimeError, match="inference tensor"):
         native.cpu_scale_([param.grad], torch.tensor(0.5))
+    gapped = torch.nn.Parameter(torch.zeros(4))
+    gapped.grad = torch.full((4, 2), 3.0)[:, 0]  # read by the reference, in its own run
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        gradstats.clip_grads_with_norm_([gapped, param], max_norm=1.0,
+                                        total_norm=torch.tensor(6.0))
+    assert torch.equal(gapped.grad, torch.full((4,), 3.0))
     with torch.inference_mode():  # where torch allows the update, so does the op
         native.cpu_scale_([param.grad], torch.tensor(0.5))
     assert torch.equal(param.grad, torch.full((4,), 1.5))
