@@ -48,7 +48,7 @@ from .checks import (
     describe,
     non_negative_float,
 )
-from .host_path import gradients_and_route
+from .host_path import local_gradients_and_route
 from .norms import parse_norm_type
 from .params import ParametersLike, gradients, named_items, norm_result_dtype
 from .stats import FusedResult, fused_pass
@@ -189,15 +189,11 @@ def clip_grads_with_norm_(
     max_norm = non_negative_float("max_norm", max_norm)
     params, names = named_items(parameters)
     # once per call: gradients, plan, device and dtype facts
-    grads, names, route = gradients_and_route(params, names)
-    if not grads:
-        return
     # DTensor gradients are scaled through their local tensors: a replicated coefficient
     # needs no redistribution. A DTensor total (torch's, or ours) is read as its value.
-    sharding = distributed.local_view(grads, statistics=False)
-    if sharding is not None:
-        grads = sharding.targets
-        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
+    grads, names, route, _ = local_gradients_and_route(params, names, statistics=False)
+    if not grads:
+        return
     total_norm = distributed.plain_total(total_norm)
     # An integer gradient cannot take a fractional coefficient in place: torch fails on it
     # after scaling the others; here nothing is scaled.
@@ -257,13 +253,10 @@ def fused_clip_grad_norm_(
     # stacklevel: the warning points at the caller, as torch's does.
     params, names = named_items(parameters, warn_empty_generator=True, stacklevel=3)
     # once per call: gradients, plan, device and dtype facts
-    grads, names, route = gradients_and_route(params, names)
+    grads, names, route, sharding = local_gradients_and_route(
+        params, names, process_group, with_counts=False)
     if not grads:
         return torch.tensor(0.0)
-    sharding = distributed.local_view(grads, process_group, with_counts=False)
-    if sharding is not None:
-        grads = sharding.tensors
-        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
     dtypes = route and route.dtypes
     check_norm_inputs(grads, names, "parameter", p, params, dtypes)
     check_updatable(grads, names, params, route and route.all_contiguous)

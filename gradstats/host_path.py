@@ -35,6 +35,23 @@ def gradients_and_route(
     return grads, names, ops.route(grads) if routable else None
 
 
+def local_gradients_and_route(
+    params: list[torch.Tensor], names: list[str] | None, process_group=None, **view_options,
+) -> tuple[list[torch.Tensor], list[str] | None, dispatch.Route | None,
+           distributed.ShardedLayout | None]:
+    """:func:`gradients_and_route`, with sharded gradients (``DTensor``, or plain ones
+    under ``process_group``) replaced by the local tensors the fused pass reads, routed as
+    such, and the layout that combines their partials (None when nothing is sharded).
+    ``view_options``: :func:`distributed.local_view`'s."""
+    grads, names, route = gradients_and_route(params, names)
+    sharding = (distributed.local_view(grads, process_group, **view_options) if grads
+                else None)
+    if sharding is not None:
+        grads = sharding.tensors
+        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
+    return grads, names, route, sharding
+
+
 def plan_key(tensors: list[torch.Tensor]) -> worklist.PlanKey:
     """The key the plan of non-empty ``tensors`` (one device) is cached under, on the host
     path in force (for tests and tools that look a plan up without building one)."""

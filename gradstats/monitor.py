@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed, ops
 from .activations import ActivationTracker
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
-from .host_path import gradients_and_route
+from .host_path import local_gradients_and_route
 from .nonfinite import NonFinitePolicy, describe, describe_origin
 from .norms import parse_norm_type
 from .optimizer_hooks import OptimizerHooks, hookable
@@ -237,11 +237,8 @@ class GradMonitor:
     def _step(self, step: int, max_norm: float, clip: bool) -> torch.Tensor:
         # once per step: gradients, plan, device and dtype facts
         generation = self._watched.generation
-        grads, names, route = gradients_and_route(*self._watched.current())
-        sharding = distributed.local_view(grads, self._process_group) if grads else None
-        if sharding is not None:
-            grads = sharding.tensors
-            route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
+        grads, names, route, sharding = local_gradients_and_route(
+            *self._watched.current(), self._process_group)
         dtypes = route and route.dtypes
         check_norm_inputs(grads, names, "parameter", self.norm_type, dtypes=dtypes)
         if clip:

@@ -14,7 +14,7 @@ import torch
 from . import capture, dispatch, distributed, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .device_cache import DeviceCache
-from .host_path import gradients_and_route
+from .host_path import local_gradients_and_route
 from .norms import NormKind, norm_kind, parse_norm_type
 from .params import ParametersLike, named_items
 from .worklist import int64_on
@@ -196,11 +196,8 @@ def grad_stats(
     if histogram:
         check_histogram_range(num_bins, min_exp)
     params, param_names = named_items(parameters)
-    grads, names, route = gradients_and_route(params, param_names)
-    sharding = distributed.local_view(grads, process_group) if grads else None
-    if sharding is not None:
-        grads = sharding.tensors
-        route = route or ops.route(grads)  # DTensor gradients: routed as their local shards
+    grads, names, route, sharding = local_gradients_and_route(params, param_names,
+                                                              process_group)
     check_norm_inputs(grads, names, "parameter", p, params, route and route.dtypes)
     if max_norm is not None:
         check_updatable(grads, names, params, route and route.all_contiguous)
