@@ -21,7 +21,7 @@ PIP_INSTALL := $(PY) -m pip install -c $(TORCH_PIN)
 setup: $(VENV)/.installed
 
 # csrc/: an edited native source rebuilds gradstats._C (the editable install does not).
-$(VENV)/.installed: setup.py $(wildcard csrc/*.cpp)
+$(VENV)/.installed: setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(DEFAULT_TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)

@@ -34,7 +34,8 @@ def _native_build() -> dict:
         return {}
     extension = CppExtension(
         "gradstats._C",
-        ["csrc/cpu_stats.cpp", "csrc/cpu_apply.cpp", "csrc/host_path.cpp"],
+        ["csrc/cpu_stats.cpp", "csrc/cpu_apply.cpp", "csrc/host_path.cpp",
+         "csrc/direct_calls.cpp"],
         # at::parallel_for runs on torch's own thread pool (OpenMP in torch's CPU builds).
         # -fno-trapping-math: lets -O3 vectorise the branch-free histogram loop (it computes
         # a float product on every lane); results are unchanged, nothing reads FP flags.

@@ -31,6 +31,8 @@
 
 #include <Python.h>
 
+#include "cpu_stats.h"
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -340,6 +342,31 @@ constexpr int WINDOW = 16;
 // groups, before they can overflow (31 * 8 < 256).
 constexpr int64_t FLUSH_GROUPS = 31;
 
+// The largest of 64 unsigned bytes, by halving (a small item pays this once per call).
+__attribute__((target("avx512f,avx512bw"))) inline int max_byte(__m512i bytes) {
+  const __m256i m256 = _mm256_max_epu8(_mm512_castsi512_si256(bytes),
+                                       _mm512_extracti64x4_epi64(bytes, 1));
+  __m128i m = _mm_max_epu8(_mm256_castsi256_si128(m256), _mm256_extracti128_si256(m256, 1));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+  return _mm_cvtsi128_si32(m) & 0xFF;
+}
+
+// The four 128-bit quarters of 32 16-bit lanes, added lane by lane.
+__attribute__((target("avx512f,avx512bw"))) inline __m128i sum_quarters(__m512i words) {
+  const __m256i halves = _mm256_add_epi16(_mm512_castsi512_si256(words),
+                                          _mm512_extracti64x4_epi64(words, 1));
+  return _mm_add_epi16(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline void add_slots(uint16_t* slots,
+                                                                 __m128i counts) {
+  auto* where = reinterpret_cast<__m128i*>(slots);
+  _mm_storeu_si128(where, _mm_add_epi16(_mm_loadu_si128(where), counts));
+}
+
 // count_exponents for float32 and bfloat16 (8-bit exponent fields) with AVX-512BW, GFNI and
 // BITALG, into table's first copy; the same counts, exactly. Gradients crowd into a few
 // octaves below their largest magnitude, so the WINDOW exponents ending at the chunk's
@@ -379,9 +406,7 @@ __attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponen
     _mm512_store_si512(exponents + g * kGroup, fields);
     top = _mm512_max_epu8(top, _mm512_add_epi8(fields, one));
   }
-  alignas(64) uint8_t top_lanes[kGroup];
-  _mm512_store_si512(top_lanes, top);
-  const int largest = *std::max_element(top_lanes, top_lanes + kGroup) - 1;  // -1: none
+  const int largest = max_byte(top) - 1;  // -1: none
   const int base = std::max(largest - WINDOW + 1, 0);  // base + WINDOW - 1 <= 254
 
   const __m512i window_base = _mm512_set1_epi8(static_cast<char>(base));
@@ -420,15 +445,24 @@ __attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponen
       low_bytes = high_bytes = zero;
     }
   }
-  alignas(64) uint16_t words[2][32];
-  _mm512_store_si512(words[0], low_words);
-  _mm512_store_si512(words[1], high_words);
-  for (int half = 0; half < 2; ++half) {
-    for (int lane = 0; lane < 32; ++lane) table[base + 8 * half + lane % 8] += words[half][lane];
-  }
+  // Word lane i counts slot i % 8 of its half: the four 128-bit quarters add up to the
+  // half's 8 slots, added to the table in one 16-byte step each (a chunk's counts fit).
+  add_slots(table + base, sum_quarters(low_words));
+  add_slots(table + base + 8, sum_quarters(high_words));
   for (int64_t i = groups * kGroup; i < n; ++i) ++table[exponent_field(x + i)];
 }
 #endif
+
+// Whether count_block counts T's exponents in AVX-512 lanes, into the table's first copy
+// only (see count_exponents_avx512); otherwise into all HIST_COPIES copies.
+template <typename T>
+GRADSTATS_INLINE bool counts_in_lanes(bool vector_counting) {
+#ifdef GRADSTATS_AVX512_HISTOGRAM
+  return vector_counting && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
+#else
+  return false;
+#endif
+}
 
 // count_exponents, in AVX-512 lanes where vector_counting allows (see vector_counting).
 template <typename T>
@@ -447,22 +481,30 @@ GRADSTATS_INLINE void count_block(const T* x, int64_t n, bool vector_counting,
 // counted), from `table`, its exponent fields counted by count_block. The column depends
 // on the exponent field alone, except in the exponent-0 slot: zeros, and subnormals, whose
 // columns come from their mantissas; both are counted by rescanning the chunk, only when
-// the slot is not empty. `table` and `row` (num_bins) are zero again on return.
-// `exclusive`: the chunk is its tensor's only one, so hist_row needs no atomic adds.
+// the slot is not empty. `table` (its `copies` copies) and `chunk_row` (num_bins) are zero
+// again on return. `exclusive`: the chunk is its tensor's only one, so its counts go
+// straight into hist_row, which no other thread writes. Thousands of small tensors are
+// one chunk each: what is done per chunk here (~60 ns) is most of their histogram's cost.
 template <typename T>
 GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
-                                      int64_t min_exp, uint16_t* table, int64_t* row,
-                                      int64_t* hist_row, bool exclusive) {
+                                      int64_t min_exp, uint16_t* table, int copies,
+                                      int64_t* chunk_row, int64_t* hist_row, bool exclusive) {
   using S = Stored<T>;
   constexpr int64_t kSlots = kExponents<T>;
-  // The copies merged (a chunk's counts fit 16 bits), the table cleared for the next chunk.
-  uint16_t merged[kSlots];
-  for (int64_t e = 0; e < kSlots; ++e) {
-    uint16_t count = 0;
-    for (int copy = 0; copy < HIST_COPIES; ++copy) count += table[copy * kSlots + e];
-    merged[e] = count;
+  // The copies merged (a chunk's counts fit 16 bits), the table cleared for the next chunk;
+  // a single copy is read where it is, and cleared at the end.
+  uint16_t merged_copies[kSlots];
+  const uint16_t* merged = table;
+  if (copies > 1) {
+    for (int64_t e = 0; e < kSlots; ++e) {
+      uint16_t count = 0;
+      for (int copy = 0; copy < copies; ++copy) count += table[copy * kSlots + e];
+      merged_copies[e] = count;
+    }
+    std::memset(table, 0, copies * kSlots * sizeof *table);
+    merged = merged_copies;
   }
-  std::memset(table, 0, HIST_COPIES * kSlots * sizeof *table);
+  int64_t* row = exclusive ? hist_row : chunk_row;
 
   // Finite exponents e in [1, kSlots - 2]: column e - shift, clamped into [1, last]. Three
   // runs of slots (clamped low, one to one, clamped high), each a plain loop that vectorises.
@@ -483,7 +525,7 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
       std::memcpy(&bits, x + j, sizeof bits);
       zeros += static_cast<Bits>(bits << 1) == 0;
     }
-    row[0] = zeros;
+    row[0] += zeros;
     if (merged[0] > zeros) {  // subnormals, placed from their stored bits alone
       // A subnormal is m * 2^(1 - bias - mantissa bits), m its field: floor(log2|x|) is
       // bit_width(m) - bias - mantissa bits. So one branch-free pass counts bit widths
@@ -503,12 +545,10 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
       }
     }
   }
-  if (exclusive) {  // the tensor's only chunk: no other thread writes its row
-    for (int64_t column = 0; column < num_bins; ++column) hist_row[column] += row[column];
-  } else {
-    for (int64_t column = 0; column < num_bins; ++column) {
-      if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
-    }
+  if (copies == 1) std::memset(table, 0, kSlots * sizeof *table);
+  if (exclusive) return;  // counted into hist_row itself
+  for (int64_t column = 0; column < num_bins; ++column) {
+    if (row[column]) std::atomic_ref<int64_t>(hist_row[column]).fetch_add(row[column]);
   }
   std::memset(row, 0, num_bins * sizeof *row);
 }
@@ -556,7 +596,8 @@ GRADSTATS_INLINE void item_stats(const WorkItem& item, int64_t kind,
     std::atomic_ref<int64_t>(*nonfinite).fetch_add(result.nonfinite);
   }
   if (num_bins) {
-    chunk_histogram(x, item.size, num_bins, min_exp, table, row, hist_row, exclusive);
+    const int copies = counts_in_lanes<T>(vector_counting) ? 1 : HIST_COPIES;
+    chunk_histogram(x, item.size, num_bins, min_exp, table, copies, row, hist_row, exclusive);
   }
 }
 
@@ -662,9 +703,11 @@ bool vector_counting() {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
-    at::TensorList grads, double p, int64_t norm_kind, int64_t num_bins, int64_t min_exp) {
-  const int64_t n = static_cast<int64_t>(grads.size());
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
+    const at::Tensor* const* grads, int64_t n, double p, int64_t norm_kind, int64_t num_bins,
+    int64_t min_exp) {
   TORCH_CHECK(norm_kind >= INF && norm_kind <= LP, "gradstats::cpu_stats: bad norm_kind ",
               norm_kind);
   // gradstats' own checks (checks.py) keep to these ranges; a direct caller of the op gets
@@ -685,7 +728,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   std::vector<int64_t> first_item_of_task{0};  // task k runs items [its entry, the next)
   int64_t task_load = 0;
   for (int64_t t = 0; t < n; ++t) {
-    const at::Tensor& g = grads[t];
+    const at::Tensor& g = *grads[t];
     // A permuted-dense tensor (transposed, channels-last) fills numel slots from its
     // data_ptr, its lowest address: it is read as that flat block, in memory order, as the
     // Triton kernels read it, so its chunks are theirs (and the reference's).
@@ -743,6 +786,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
   return {power, nonfinite, hist};
 }
 
+namespace {
+
+// The registered op: cpu_stats_of on the list the dispatcher unboxed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats(
+    at::TensorList grads, double p, int64_t norm_kind, int64_t num_bins, int64_t min_exp) {
+  std::vector<const at::Tensor*> pointers(grads.size());
+  for (size_t t = 0; t < grads.size(); ++t) pointers[t] = &grads[t];
+  return cpu_stats_of(pointers.data(), static_cast<int64_t>(pointers.size()), p, norm_kind,
+                      num_bins, min_exp);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gradstats, m) {
@@ -758,12 +812,19 @@ TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
 
 namespace gradstats {
 PyMethodDef* host_path_methods();  // csrc/host_path.cpp
+PyMethodDef* direct_call_methods();  // csrc/direct_calls.cpp
 }  // namespace gradstats
 
 // Importing gradstats._C loads this library, whose static initialisers register the
-// operator above; the module's functions are the host path's (csrc/host_path.cpp).
+// operator above; the module's functions are the host path's (csrc/host_path.cpp) and the
+// direct calls' (csrc/direct_calls.cpp).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                gradstats::host_path_methods()};
-  return PyModule_Create(&module);
+  PyObject* created = PyModule_Create(&module);
+  if (created != nullptr && PyModule_AddFunctions(created, gradstats::direct_call_methods()) < 0) {
+    Py_DECREF(created);
+    return nullptr;
+  }
+  return created;
 }

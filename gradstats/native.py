@@ -64,10 +64,35 @@ def _register_fake() -> None:
 def cpu_stats(tensors: list[torch.Tensor], p: float, kind: int, num_bins: int,
               min_exp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``gradstats::cpu_stats`` on contiguous CPU float32/64, bfloat16, float16 tensors."""
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(f"gradstats: the native CPU layer is not available: {reason}")
+    _require()
     return torch.ops.gradstats.cpu_stats(tensors, p, int(kind), num_bins, min_exp)
+
+
+def cpu_stats_direct(
+    tensors: list[torch.Tensor], p: float, kind: int, num_bins: int, min_exp: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What :func:`cpu_stats` returns, computed without the dispatcher, for eager calls on
+    a list of plain CPU tensors; None where the op must run instead (a tensor subclass, a
+    mode, another device, tracing: see csrc/direct_calls.cpp). Its outputs need no detach:
+    they are new tensors, and no autograd graph is recorded for them. The dispatcher's
+    boxed call costs ~150 ns per tensor (0.6 ms at 4,500 gradients)."""
+    _require()
+    if torch.compiler.is_compiling():  # traced code calls the op
+        return None
+    from . import _C
+
+    return _C.cpu_stats_list(tensors, float(p), int(kind), num_bins, min_exp)
+
+
+def numel_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The element counts of a list of plain CPU tensors as an int64 tensor, read in C++
+    (a Python call per tensor cost 0.3 ms at 4,500 gradients); None when the native layer
+    is missing or the list holds anything else."""
+    if _load() is not None or torch.compiler.is_compiling():
+        return None
+    from . import _C
+
+    return _C.numel_list(tensors)
 
 
 def _require() -> None:

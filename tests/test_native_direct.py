@@ -1,0 +1,130 @@
+"""The direct calls of gradstats._C (csrc/direct_calls.cpp): the statistics pass and element
+counts on a Python list, beside the dispatcher. They must give the op's exact results, and
+step aside (return None) wherever the dispatcher would do more than call the CPU kernel."""
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradstats
+from gradstats import native
+from gradstats.norms import norm_kind
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"{native.unavailable_reason()}")
+
+CHUNK = native.NATIVE_CHUNK
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def direct(tensors, p=2.0, num_bins=16, min_exp=-20):
+    return native.cpu_stats_direct(tensors, p, norm_kind(p), num_bins, min_exp)
+
+
+def op(tensors, p=2.0, num_bins=16, min_exp=-20):
+    return native.cpu_stats(tensors, p, norm_kind(p), num_bins, min_exp)
+
+
+def mixed_tensors(dtype):
+    torch.manual_seed(0)
+    tensors = [torch.randn(n).to(dtype) for n in (0, 1, 17, 1000, CHUNK, 2 * CHUNK + 3)]
+    tensors.append(torch.randn(40, 30).to(dtype).t())  # permuted-dense: read in place
+    tensors.append(torch.tensor([0.0, math.nan, -math.inf, 1e-30]).to(dtype))
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0])
+@pytest.mark.parametrize("num_bins", [0, 16])
+def test_direct_call_gives_the_ops_bits(dtype, p, num_bins):
+    tensors = mixed_tensors(dtype)
+    ours = direct(tensors, p, num_bins)
+    assert ours is not None
+    for mine, theirs in zip(ours, op(tensors, p, num_bins)):
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+        assert torch.equal(mine.view(torch.int64) if mine.is_floating_point() else mine,
+                           theirs.view(torch.int64) if theirs.is_floating_point() else theirs)
+
+
+def test_direct_call_on_thousands_of_small_tensors_gives_the_ops_bits():
+    torch.manual_seed(1)
+    tensors = [torch.randn(n) for n in [256, 4096, 3] * 700]
+    for mine, theirs in zip(direct(tensors, num_bins=64, min_exp=-40),
+                            op(tensors, num_bins=64, min_exp=-40)):
+        assert torch.equal(mine, theirs)
+
+
+def test_direct_call_on_an_empty_list():
+    power, nonfinite, hist = direct([], num_bins=8)
+    assert power.shape == (0,) and nonfinite.shape == (0,) and hist.shape == (0, 8)
+
+
+def test_direct_call_outputs_carry_no_autograd_history():
+    weight = torch.randn(5, requires_grad=True)
+    with torch.enable_grad():
+        outputs = direct([weight])
+    assert not any(output.requires_grad for output in outputs)
+    assert outputs[0].item() == pytest.approx(weight.detach().double().square().sum().item())
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _RecordingMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("odd_one", ["subclass", "negative view", "meta", "not a tensor"])
+def test_direct_call_steps_aside_for_what_the_dispatcher_treats_differently(odd_one):
+    plain = torch.randn(8)
+    other = {
+        "subclass": lambda: torch.randn(8).as_subclass(_Subclass),
+        "negative view": lambda: torch._neg_view(torch.randn(8)),
+        "meta": lambda: torch.empty(8, device="meta"),
+        "not a tensor": lambda: 1.0,
+    }[odd_one]()
+    assert direct([plain, other]) is None
+    assert native.numel_tensor([plain, other]) is None
+
+
+def test_direct_call_steps_aside_under_dispatch_and_function_modes():
+    tensors = [torch.randn(8)]
+    with _RecordingMode():
+        assert direct(tensors) is None
+    with TorchFunctionMode():
+        assert direct(tensors) is None
+    assert direct(tensors) is not None
+
+
+def test_grad_stats_under_a_dispatch_mode_calls_the_op_the_mode_sees(monkeypatch):
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    params = [torch.nn.Parameter(torch.randn(6)) for _ in range(3)]
+    for param in params:
+        param.grad = torch.randn(6)
+    expected = gradstats.grad_stats(params)
+    mode = _RecordingMode()
+    with mode:
+        seen = gradstats.grad_stats(params)
+    assert any("gradstats.cpu_stats" in name for name in mode.ops)
+    torch.testing.assert_close(seen.norms, expected.norms, rtol=0, atol=0)
+
+
+def test_direct_call_raises_the_ops_error_for_a_tensor_with_gaps():
+    with pytest.raises(RuntimeError, match="contiguous or permuted-dense"):
+        direct([torch.randn(10)[::2]])
+
+
+def test_numel_tensor_reads_every_count():
+    tensors = [torch.empty(0), torch.empty(3, 5), torch.empty(2, 0, 4), torch.empty(7).t()]
+    counts = native.numel_tensor(tensors)
+    assert counts.dtype == torch.int64
+    assert counts.tolist() == [0, 15, 0, 7]
