@@ -45,20 +45,20 @@ __all__ = ["ShardedLayout", "local_view", "reduce_partials", "global_counts", "a
            "plain_total"]
 
 
-def _dtensor_class():
+def dtensor_class():
     """``DTensor``, when some code imported it; a program that made a DTensor has."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
 
 def is_dtensor(tensor) -> bool:
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def any_dtensor(tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` holds a ``DTensor`` (checked on the few distinct types)."""
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     return dtensor is not None and any(issubclass(kind, dtensor)
                                        for kind in set(map(type, tensors)))
 
@@ -105,7 +105,7 @@ def local_view(
     """
     if process_group is None and not any_dtensor(grads):
         return None
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     if process_group is None and not all(issubclass(kind, dtensor)
                                          for kind in set(map(type, grads))):
         # A plain tensor beside DTensors may hold different values on every rank (torch

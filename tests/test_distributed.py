@@ -645,6 +645,47 @@ def _fsdp_pair(world):
     return model, reference
 
 
+def check_routed_torch_clipping_runs_gradstats_on_fsdp2(rank, world):
+    """route_torch_clipping(): torch.nn.utils' functions, called on FSDP2 gradients, run
+    gradstats (its collectives are ``dist.all_reduce`` calls, torch's are not) and give
+    torch's results."""
+    from torch.distributed.tensor import DTensor
+    gradstats = _gradstats()
+    from gradstats import clip as gs_clip
+    model, _ = _fsdp_pair(world)
+    model(torch.arange(10).reshape(2, 5) % 11).backward()
+    saved = [q.grad.to_local().clone() for q in model.parameters()]
+
+    def restore():
+        for param, values in zip(model.parameters(), saved):
+            param.grad.to_local().copy_(values)
+    torch_total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    torch_grads = [q.grad.full_tensor() for q in model.parameters()]
+    restore()
+    calls = []
+    real = gs_clip.fused_clip_grad_norm_
+    gs_clip.fused_clip_grad_norm_ = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with gradstats.route_torch_clipping(), _CountCollectives() as counted:
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    finally:
+        gs_clip.fused_clip_grad_norm_ = real
+    assert calls == [1] and counted.calls == [dist.ReduceOp.SUM]
+    assert isinstance(total, DTensor)
+    _close(total, torch_total)
+    for param, expected in zip(model.parameters(), torch_grads):
+        _close(param.grad, expected, atol=1e-6)
+    restore()  # the two-step form (accelerate, torchtitan): get_total_norm, then the scale
+    with gradstats.route_torch_clipping(), _CountCollectives() as counted:
+        grads = [q.grad for q in model.parameters()]
+        total = torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), 0.05, total)
+    assert counted.calls == [dist.ReduceOp.SUM]
+    _close(total, torch_total)
+    for param, expected in zip(model.parameters(), torch_grads):
+        _close(param.grad, expected, atol=1e-6)
+
+
 def check_monitor_fsdp2_records_equal_one_process(rank, world):
     """Rank 0 writes the global figures, equal to one process's; all_ranks: each writes."""
     from torch.distributed.tensor import DTensor
@@ -821,6 +862,7 @@ SUITES = {
         check_torchtitan_style_loop_with_pipeline_stages,
         check_ddp_with_and_without_bucket_view,
         check_fsdp2_equals_torch_and_one_process,
+        check_routed_torch_clipping_runs_gradstats_on_fsdp2,
         check_monitor_fsdp2_records_equal_one_process,
         check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
     ],
