@@ -20,6 +20,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -739,7 +740,8 @@ def check_monitor_nan_on_one_rank_every_rank_raises_or_skips(rank, world):
     raising.close()
     before = [q.to_local().clone() for q in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(gradstats.NonFiniteGradientWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         skipping = gradstats.GradMonitor(model, sinks=None, on_nonfinite="skip",
                                          optimizer=optimizer)
         skipping.step(max_norm=1.0)
@@ -747,6 +749,38 @@ def check_monitor_nan_on_one_rank_every_rank_raises_or_skips(rank, world):
         skipping.close()
     for param, saved in zip(model.parameters(), before):  # no rank updated
         torch.testing.assert_close(param.to_local(), saved)
+    assert _nonfinite_warnings(caught) == (1 if rank == 0 else 0)  # said once, by rank 0
+
+
+def _nonfinite_warnings(caught) -> int:
+    gradstats = _gradstats()
+    return sum(issubclass(w.category, gradstats.NonFiniteGradientWarning) for w in caught)
+
+
+def check_monitor_warns_once_per_global_event(rank, world):
+    """A NaN in one rank's shard is one global event: the writing rank warns (rank 0, or
+    every rank with all_ranks=True), once per run of non-finite steps; a callable is
+    called on every rank."""
+    gradstats = _gradstats()
+    model, _ = _fsdp_pair(world)
+    for all_ranks in (False, True):
+        called = []
+        monitors = [gradstats.GradMonitor(model, sinks=None, all_ranks=all_ranks),
+                    gradstats.GradMonitor(model, sinks=None,
+                                          on_nonfinite=lambda step, _: called.append(step))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):  # NaN at steps 0 and 1: one run, one warning
+                model.zero_grad()
+                model(torch.arange(10).reshape(2, 5)).backward()
+                if rank == 1 and step < 2:
+                    next(iter(model.parameters())).grad.to_local().view(-1)[0] = math.nan
+                for monitor in monitors:
+                    monitor.step()
+            for monitor in monitors:
+                monitor.close()
+        assert _nonfinite_warnings(caught) == (1 if all_ranks or rank == 0 else 0), caught
+        assert called == [0, 1]
 
 
 # -- suite "mesh2d": 4 ranks -----------------------------------------------------------------
@@ -865,6 +899,7 @@ SUITES = {
         check_routed_torch_clipping_runs_gradstats_on_fsdp2,
         check_monitor_fsdp2_records_equal_one_process,
         check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
+        check_monitor_warns_once_per_global_event,
     ],
     "mesh2d": [
         check_mesh2d_and_two_meshes_equal_one_process,
