@@ -201,8 +201,8 @@ def composed_partials(tensors: list[torch.Tensor], p: float,
     across shards. An empty shard gives the identity: 0, or +inf for the minimum (torch
     raises on it). A zero makes ``|0|^p`` inf for ``p < 0``, so the norm is 0, as torch's.
 
-    The shard's norm is torch's ``vector_norm`` (float32 for 16-bit shards, so the root
-    and the power that undoes it lose nothing to rounding), raised to ``p``."""
+    The shard's norm is torch's ``vector_norm`` (in float32 for 16-bit shards, so the
+    root is not rounded to 16 bits before the power undoes it), raised to ``p``."""
     # An empty shard's norm: +inf for p < 0 (inf^p = 0, the sum's identity; and the
     # minimum's), 0 for p = 0.
     identity = math.inf if p < 0 else 0.0
