@@ -2,17 +2,22 @@
 
 The fused pass yields, per tensor, partials that add up across shards: the power
 (``sum |x|^p``; ``max |x|`` for the inf-norm), the NaN/Inf count, the histogram and the
-element count. So a sharded gradient is read where it lives (its local shard) and only
-those small per-tensor rows cross the network, by ``torch.distributed`` collectives:
+element count. Norm types without a fused power have such partials too, as torch's
+``DTensor`` norms use them: the count of non-zeros (``p = 0``) and ``sum |x|^p``
+(``p < 0``) add up, ``min |x|`` (``p = -inf``) takes the minimum; the total is then
+composed as torch composes it (the ``p``-norm of the per-tensor norms). So a sharded
+gradient is read where it lives (its local shard) and only those small per-tensor rows
+cross the network, by ``torch.distributed`` collectives:
 
 - a ``DTensor`` gradient is summed over exactly the mesh dimensions on which it is
   ``Shard``-ed; ``Replicate`` dimensions hold copies, which are not added (every element
   counts once). Gradients sharded over the same process group (mesh dimension) share
   one ``all_reduce(SUM)`` of one float64 vector, whatever the number of tensors; the
-  inf-norm's maxima take one ``all_reduce(MAX)`` instead, and its counts and histograms,
-  when wanted, the SUM. Float64 holds every count exactly below 2^53. Gradients on
-  several meshes (expert parallelism, several pipeline stages on one rank) are reduced
-  over their own mesh each, then combined on the rank. ``Partial`` gradients (rare:
+  inf-norm's maxima take one ``all_reduce(MAX)`` instead (the -inf-norm's minima too, as
+  the maxima of their negatives), and its counts and histograms, when wanted, the SUM.
+  Float64 holds every count exactly below 2^53. Gradients on several meshes (expert
+  parallelism, several pipeline stages on one rank) are reduced over their own mesh
+  each, then combined on the rank. ``Partial`` gradients (rare:
   FSDP2 hands out reduced ones) are made ``Replicate`` for the statistics; they are
   scaled in place as they are, since scaling every partial scales their sum;
 - plain tensors with a ``process_group`` (hand-sharded, ZeRO-style flat buffers) are
@@ -22,35 +27,38 @@ those small per-tensor rows cross the network, by ``torch.distributed`` collecti
 
 Every rank ends with the same global figures, so decisions taken on them (raise on
 NaN/Inf, skip a step, the clip coefficient) agree on all ranks. An empty local shard adds
-nothing (an inf-norm of an empty shard is 0 here; torch raises).
+nothing: 0 to the sums and counts, 0 to the inf-norm's maximum, +inf to the -inf-norm's
+minimum. (torch raises on the rank holding an empty shard for the inf-, -inf- and p < 0
+norms, "cannot compute the ... norm on an empty tensor", while the other ranks wait in
+the collective until it times out.) A NaN on any shard makes that tensor's norm NaN
+(``p = 0`` counts it as a non-zero, as torch does).
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from .norms import NormKind, norm_kind
-
 __all__ = ["ShardedLayout", "local_view", "reduce_partials", "global_counts", "as_total",
            "plain_total"]
 
 
-def _dtensor_class():
+def dtensor_class():
     """``DTensor``, when some code imported it; a program that made a DTensor has."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
 
 def is_dtensor(tensor) -> bool:
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def any_dtensor(tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` holds a ``DTensor`` (checked on the few distinct types)."""
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     return dtensor is not None and any(issubclass(kind, dtensor)
                                        for kind in set(map(type, tensors)))
 
@@ -97,7 +105,7 @@ def local_view(
     """
     if process_group is None and not any_dtensor(grads):
         return None
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     if process_group is None and not all(issubclass(kind, dtensor)
                                          for kind in set(map(type, grads))):
         # A plain tensor beside DTensors may hold different values on every rank (torch
@@ -163,13 +171,6 @@ def _replicated_partials(grad):
     return grad.redistribute(grad.device_mesh, placements)
 
 
-def check_norm_type(layout: ShardedLayout | None, p: float) -> None:
-    if layout is not None and norm_kind(p) == NormKind.COMPOSED:
-        raise ValueError(
-            f"norm_type {p} is not supported yet for sharded gradients (DTensor or "
-            "process_group=): use norm_type > 0 or 'inf'")
-
-
 def reduce_partials(
     layout: ShardedLayout,
     p: float,
@@ -178,16 +179,18 @@ def reduce_partials(
     hist: torch.Tensor,
     numel: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The per-tensor partials summed (max-ed: inf-norm powers) over each reduction's
-    group: the global figures, the same on every rank. Inputs are not modified.
+    """The per-tensor partials summed over each reduction's group (the powers of the inf-
+    and -inf-norms: their maximum and minimum): the global figures, the same on every
+    rank. Inputs are not modified. ``power``: the fused powers, or for norm types 0, < 0
+    and -inf the partials of :func:`gradstats.reference.composed_partials`.
 
     Per group, one ``all_reduce(SUM)`` of one float64 vector holding every row's power,
-    counts, histogram and element count; the inf-norm's maxima take one
+    counts, histogram and element count; the +-inf-norm's extremes take one
     ``all_reduce(MAX)`` instead of the power's place in it, and the SUM is left out when
     it would carry nothing (no counts wanted, no element counts)."""
     if not layout.reductions:
         return power, nonfinite, hist, numel
-    inf_norm = norm_kind(p) == NormKind.INF
+    extreme = p in (math.inf, -math.inf)
     with_counts = layout.with_counts
     layout.counts_are_local = not with_counts
     power = power.clone()
@@ -197,19 +200,21 @@ def reduce_partials(
     for group, rows in layout.reductions:
         index = _row_index(rows, power)
         columns = []  # what goes in the SUM vector
-        if not inf_norm:
+        if not extreme:
             columns.append(_rows(power, index).unsqueeze(1))
         if with_counts:
             columns.append(_rows(nonfinite, index).unsqueeze(1).to(torch.float64))
             columns.append(_rows(hist, index).to(torch.float64))
         if numel is not None:
             columns.append(_rows(numel, index).unsqueeze(1).to(torch.float64))
-        if inf_norm:
+        if p == math.inf:
             _put_rows(power, index, _max_over(group, _rows(power, index)))
+        elif p == -math.inf:  # the minima as the MAX of their negatives: NaN rides along
+            _put_rows(power, index, -_max_over(group, -_rows(power, index)))
         if not columns:
             continue
         summed = _all_reduce(torch.cat(columns, dim=1), "SUM", group)
-        if not inf_norm:
+        if not extreme:
             _put_rows(power, index, summed[:, 0])
             summed = summed[:, 1:]
         if with_counts:

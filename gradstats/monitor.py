@@ -78,12 +78,14 @@ class GradMonitor:
         on_nonfinite (str or callable): what a NaN/Inf gradient triggers.
             ``"warn"``: a :class:`NonFiniteGradientWarning` naming the step and parameters,
             once per run of non-finite steps, when the counts reach the host (a step or so
-            later); after five, the alarms go to the ``gradstats`` logger.
+            later); after five, the alarms go to the ``gradstats`` logger. Under
+            ``torch.distributed`` only the rank that writes (see ``all_ranks``) warns.
             ``"raise"``: ``step()`` waits for the counts and raises ``RuntimeError`` before
-            clipping, so nothing is modified. ``"skip"``: that step's optimizer update
-            becomes a no-op (needs ``optimizer=`` or :meth:`attach`), and a warning as for
-            ``"warn"``. ``"ignore"``: counts are logged, nothing else. A callable is called
-            as ``fn(step, {name: count})`` for every step with non-finite gradients.
+            clipping, so nothing is modified (on every rank). ``"skip"``: that step's
+            optimizer update becomes a no-op (needs ``optimizer=`` or :meth:`attach`; on
+            every rank), and a warning as for ``"warn"``. ``"ignore"``: counts are logged,
+            nothing else. A callable is called as ``fn(step, {name: count})`` for every
+            step with non-finite gradients, on every rank.
             Default: ``"warn"``
         norm_type (float): order of the norms. Default: 2.0
         optimizer (Optimizer, optional): the optimizer whose update ``"skip"`` cancels.
@@ -97,9 +99,11 @@ class GradMonitor:
             Default: False
         process_group (ProcessGroup, optional): the group plain gradients are sharded over
             by hand, as for :func:`gradstats.grad_stats`. Default: None
-        all_ranks (bool): under ``torch.distributed``, every rank opens ``sinks`` and
-            writes (give each rank its own paths); otherwise only global rank 0 does, the
-            others open no sink. Default: False
+        all_ranks (bool): under ``torch.distributed``, every rank opens ``sinks``, writes
+            (give each rank its own paths) and warns; otherwise only global rank 0 does,
+            the others open no sink and stay silent. Set it when the ranks' gradients are
+            not combined (plain, unsynchronised gradients: each rank's own figures).
+            Default: False
 
     Attributes:
         steps (int): steps taken; the next :meth:`step` is step number ``steps``.
@@ -157,7 +161,10 @@ class GradMonitor:
     ):
         self.log_every = _positive_int("log_every", log_every)
         self.hist_every = None if hist_every is None else _positive_int("hist_every", hist_every)
-        self._nonfinite = NonFinitePolicy(on_nonfinite)
+        # The global figures are the same on every rank: the rank that writes them (rank 0,
+        # or each one with all_ranks) also says what they show, once per event.
+        writes = all_ranks or _is_rank_zero()
+        self._nonfinite = NonFinitePolicy(on_nonfinite, announce=writes)
         self.on_nonfinite = on_nonfinite
         self.norm_type = parse_norm_type(norm_type)
         check_histogram_range(num_bins, min_exp)
@@ -171,8 +178,8 @@ class GradMonitor:
         self.steps = 0  # steps taken so far; the next step() is step number `steps`
         self._lock = threading.RLock()  # one step at a time: numbers in call order
         self._process_group = process_group
-        if not (all_ranks or _is_rank_zero()):
-            sinks = None  # the global figures are the same on every rank: one writes them
+        if not writes:
+            sinks = None
         self._sinks = SinkFanout(open_sinks(sinks))
         self.paths = [sink.path for sink in self._sinks.sinks if getattr(sink, "path", None)]
         if self.paths:

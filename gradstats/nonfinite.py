@@ -36,13 +36,16 @@ class NonFiniteGradientWarning(RuntimeWarning):
 class NonFinitePolicy:
     """``on_nonfinite`` for steps whose counts have landed: a warning once per run of
     non-finite steps (``"warn"``, ``"skip"``), a call per step (a callable), nothing
-    (``"ignore"``; ``"raise"`` acted at the step)."""
+    (``"ignore"``; ``"raise"`` acted at the step). ``announce=False``: no warning or log
+    line (another rank of a distributed run says it; the callable is still called)."""
 
-    def __init__(self, action: str | Callable[[int, dict[str, int]], None]):
+    def __init__(self, action: str | Callable[[int, dict[str, int]], None],
+                 announce: bool = True):
         if not (callable(action) or action in ON_NONFINITE):
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE} or a callable, "
                              f"got {action!r}")
         self.action = action
+        self.announce = announce
         self.in_nonfinite_run = False
         self.alarms = 0
 
@@ -58,7 +61,7 @@ class NonFinitePolicy:
             return
         if callable(self.action):
             self.action(step, found)
-        elif first_of_run and self.action in ("warn", "skip"):
+        elif first_of_run and self.announce and self.action in ("warn", "skip"):
             self._alarm(step, found, origin)
 
     def _alarm(self, step: int, found: dict[str, int], origin: dict | None) -> None:

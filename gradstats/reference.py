@@ -174,15 +174,58 @@ def finalize(
             clip_coef.to(norms_dtype))
 
 
+# The dtype of |x| for complex x: torch's norms of complex tensors are real.
+_REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32,
+                torch.complex128: torch.float64}
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _REAL_DTYPES.get(dtype, dtype)
+
+
 def composed_norm(tensor: torch.Tensor, p: float) -> torch.Tensor:
     """``vector_norm`` in the tensor's dtype, as torch computes it, for the norm types
     without a fused form (0, p < 0, -inf). An empty tensor has no such norm for p < 0 or
     -inf (torch raises); it gets +inf, which contributes nothing to the total: inf^p = 0
     for p < 0, and +inf never wins a minimum."""
     if tensor.numel() == 0 and p < 0:
-        real_dtype = torch.empty((), dtype=tensor.dtype).abs().dtype
-        return torch.full((), math.inf, dtype=real_dtype, device=tensor.device)
+        return torch.full((), math.inf, dtype=_real_dtype(tensor.dtype), device=tensor.device)
     return torch.linalg.vector_norm(tensor, p)
+
+
+def composed_partials(tensors: list[torch.Tensor], p: float,
+                      device: torch.device) -> torch.Tensor:
+    """Per tensor (a shard of a larger one), what it adds to the whole tensor's composed
+    norm, as float64 on ``device``: the count of non-zeros (``p = 0``) or ``sum |x|^p``
+    (``p < 0``), both added across shards, or ``min |x|`` (``p = -inf``), the minimum
+    across shards. An empty shard gives the identity: 0, or +inf for the minimum (torch
+    raises on it). A zero makes ``|0|^p`` inf for ``p < 0``, so the norm is 0, as torch's.
+
+    The shard's norm is torch's ``vector_norm`` (in float32 for 16-bit shards, so the
+    root is not rounded to 16 bits before the power undoes it), raised to ``p``."""
+    # An empty shard's norm: +inf for p < 0 (inf^p = 0, the sum's identity; and the
+    # minimum's), 0 for p = 0.
+    identity = math.inf if p < 0 else 0.0
+    partials = torch.full((len(tensors),), identity, dtype=torch.float64, device=device)
+    for row, tensor in enumerate(tensors):
+        if tensor.numel() == 0:
+            continue
+        widen = tensor.dtype in (torch.float16, torch.bfloat16)
+        norm = torch.linalg.vector_norm(tensor, p, dtype=torch.float32 if widen else None)
+        partials[row] = norm.to(device, torch.float64)
+    if p < 0 and p != -math.inf:
+        partials.pow_(p)  # 0 (a zero in the shard) -> inf, inf -> 0: as |x|^p would
+    return partials
+
+
+def composed_norms_from_partials(partials: torch.Tensor, p: float,
+                                 tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's composed norm from its partials combined across shards (see
+    :func:`composed_partials`), rounded to the tensor's (real) dtype as torch's per-tensor
+    norms are. A tensor empty on every shard gets +inf for p < 0 and -inf, as in
+    :func:`composed_norm`."""
+    norms = partials if p in (0.0, -math.inf) else partials.pow(1.0 / p)
+    return [norm.to(_real_dtype(tensor.dtype)) for norm, tensor in zip(norms.unbind(), tensors)]
 
 
 def composed_total(norms: list[torch.Tensor], p: float, device: torch.device) -> torch.Tensor:

@@ -9,9 +9,12 @@ module attributes reaches all of them without touching their code, as Liger-Kern
 ``apply_liger_kernel_to_*`` does for model code. Code that bound the function earlier
 (``from torch.nn.utils import clip_grad_norm_`` executed before routing) keeps torch's.
 
-Only plain tensors are served: a gradient (or tensor) of any ``torch.Tensor`` subclass, such
-as a ``DTensor`` under FSDP2 or tensor parallelism, goes to the function that was there
-before routing, with the same (already materialised) arguments.
+Plain tensors are served, and ``DTensor`` s (FSDP2, tensor parallelism: their local shards
+are read and the partials combined across ranks, see :mod:`gradstats.distributed`). Anything
+else goes to the function that was there before routing, with the same (already
+materialised) arguments: a gradient (or tensor) of any other ``torch.Tensor`` subclass, a
+list mixing ``DTensor`` and plain tensors (torch refuses it with its own error), and
+``DTensor`` gradients of ``clip_grad_value_`` (gradstats clamps plain tensors only).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from . import clip as _clip
+from . import distributed
 
 __all__ = ["route_torch_clipping", "ClipRouting"]
 
@@ -34,7 +38,7 @@ __all__ = ["route_torch_clipping", "ClipRouting"]
 _MODULES = (torch.nn.utils, torch.nn.utils.clip_grad)
 _NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
 # Plain tensors: what gradstats' kernels and reference path serve.
-_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+_PLAIN_TYPES = frozenset({torch.Tensor, nn.Parameter})
 
 _lock = threading.Lock()
 # The routing in force: its saved originals and how many handles hold it. Patching torch
@@ -107,7 +111,9 @@ def route_torch_clipping() -> ClipRouting:
     Arguments are handled as torch handles them (a tensor, a list or a generator, which is
     materialised once; keywords; ``error_if_nonfinite``; ``foreach``, which gradstats
     ignores), and results are torch's (the total norm, gradients clipped in place), within
-    float32 rounding. Gradients that are tensor subclasses (``DTensor``) go to the function
+    float32 rounding. ``DTensor`` gradients (FSDP2, tensor parallelism) are served too, with
+    a ``DTensor`` total as torch returns; other tensor subclasses, lists mixing ``DTensor``
+    and plain tensors, and ``clip_grad_value_`` on ``DTensor`` gradients go to the function
     that was there before. Routing again while routed adds a holder and changes nothing
     else: calls never pass through gradstats twice.
 
@@ -146,14 +152,20 @@ def _materialise(parameters, *, warn_empty_generator: bool = False):
     return parameters
 
 
-def _all_plain(tensors) -> bool:
+def _served(tensors, *, dtensors: bool = True) -> bool:
+    """Whether gradstats serves ``tensors`` (a tensor or a list): all plain, or all
+    ``DTensor`` when ``dtensors``. Checked on the few distinct types."""
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else tensors
-    return all(type(t) in _PLAIN_TYPES for t in tensors)
+    kinds = set(map(type, tensors))
+    if kinds <= _PLAIN_TYPES:
+        return True
+    dtensor = distributed.dtensor_class()
+    return dtensors and dtensor is not None and kinds == {dtensor}
 
 
-def _grads_plain(parameters) -> bool:
+def _grads_served(parameters, *, dtensors: bool = True) -> bool:
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else parameters
-    return _all_plain([p.grad for p in parameters if p.grad is not None])
+    return _served([p.grad for p in parameters if p.grad is not None], dtensors=dtensors)
 
 
 def _route_clip_grad_norm_(original: Callable) -> Callable:
@@ -162,7 +174,7 @@ def _route_clip_grad_norm_(original: Callable) -> Callable:
                         foreach=None):
         parameters = _materialise(parameters, warn_empty_generator=True)
         # Looked up at call time, so the function in gradstats.clip is the one that runs.
-        target = _clip.fused_clip_grad_norm_ if _grads_plain(parameters) else original
+        target = _clip.fused_clip_grad_norm_ if _grads_served(parameters) else original
         return target(parameters, max_norm, norm_type=norm_type,
                       error_if_nonfinite=error_if_nonfinite, foreach=foreach)
     return clip_grad_norm_
@@ -172,7 +184,7 @@ def _route_get_total_norm(original: Callable) -> Callable:
     @functools.wraps(original)
     def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
         tensors = _materialise(tensors)
-        target = _clip.get_total_norm if _all_plain(tensors) else original
+        target = _clip.get_total_norm if _served(tensors) else original
         return target(tensors, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
                       foreach=foreach)
     return get_total_norm
@@ -182,9 +194,10 @@ def _route_clip_grads_with_norm_(original: Callable) -> Callable:
     @functools.wraps(original)
     def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         parameters = _materialise(parameters)
-        plain = _grads_plain(parameters) and (not isinstance(total_norm, torch.Tensor)
-                                              or _all_plain(total_norm))
-        target = _clip.clip_grads_with_norm_ if plain else original
+        # A DTensor total (torch's or gradstats') is read as its global value.
+        served = _grads_served(parameters) and (not isinstance(total_norm, torch.Tensor)
+                                                or _served(total_norm))
+        target = _clip.clip_grads_with_norm_ if served else original
         return target(parameters, max_norm, total_norm, foreach=foreach)
     return clip_grads_with_norm_
 
@@ -193,7 +206,9 @@ def _route_clip_grad_value_(original: Callable) -> Callable:
     @functools.wraps(original)
     def clip_grad_value_(parameters, clip_value, foreach=None):
         parameters = _materialise(parameters)
-        target = _clip.clip_grad_value_ if _grads_plain(parameters) else original
+        # DTensor gradients: gradstats' clamp runs on plain tensors only.
+        target = (_clip.clip_grad_value_ if _grads_served(parameters, dtensors=False)
+                  else original)
         return target(parameters, clip_value, foreach=foreach)
     return clip_grad_value_
 

@@ -83,20 +83,25 @@ def fused_pass(
     ``route``: this call's ``ops.route(grads)``, when the caller has it. ``sharding``:
     ``grads`` are local shards (``sharding.tensors``), whose partials (and ``numel``) are
     combined across ranks before the norms are taken."""
-    distributed.check_norm_type(sharding, p)
     first_device = grads[0].device
+    composed = norm_kind(p) == NormKind.COMPOSED
     if route is not None and route.backend is not None:  # one device, resolved already
         power, nonfinite, hist = ops.accumulate_stats(grads, p, num_bins, min_exp, route)
     else:
         power, nonfinite, hist = _accumulate_on_each_device(grads, p, num_bins, min_exp)
+    if sharding is not None and composed:
+        # The fused pass gave the 2-norm's power (only its counts serve here): each shard's
+        # own partial of torch's norm takes its place, to be combined across ranks.
+        power = reference.composed_partials(grads, p, first_device)
     if sharding is not None:
         power, nonfinite, hist, numel = distributed.reduce_partials(
             sharding, p, power, nonfinite, hist, numel)
     dtypes = route.dtypes if route is not None else {g.dtype for g in grads}
     norms_dtype = (torch.float64 if torch.float64 in dtypes or torch.complex128 in dtypes
                    else torch.float32)
-    if norm_kind(p) == NormKind.COMPOSED:
-        per_tensor = [reference.composed_norm(g, p) for g in grads]
+    if composed:
+        per_tensor = ([reference.composed_norm(g, p) for g in grads] if sharding is None
+                      else reference.composed_norms_from_partials(power, p, grads))
         norms = torch.stack([n.to(first_device, norms_dtype) for n in per_tensor])
         total = reference.composed_total(per_tensor, p, first_device).to(norms_dtype)
         clip_coef = torch.clamp(max_norm / (total + reference.EPS), max=1.0)

@@ -20,6 +20,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 SUITE_TIMEOUT_S = 150  # whole suite, spawn included; a collective times out after 30 s
 BINS, MIN_EXP = 16, -8
 NORM_TYPES = (2.0, 1.0, 3.0, math.inf)
+# No fused power: torch composes them (per-tensor norms, then their p-"norm").
+COMPOSED_NORM_TYPES = (0.0, -1.0, -0.5, -math.inf)
 
 
 # -- spawning ---------------------------------------------------------------------------
@@ -249,6 +252,60 @@ def check_mesh1d_clip_equals_torch_on_dtensors_and_one_process(rank, world):
             _close(a.grad, c.grad)
 
 
+def _composed_grads():
+    """``_mesh1d_grads`` and a gradient with one zero, in rank 1's shard: |0|^p is inf for
+    p < 0, so its norm is 0 (and the -inf-norm's minimum 0) wherever the zero sits."""
+    grads = _mesh1d_grads()
+    one_zero = torch.randn(4, 3) + 0.5
+    one_zero[3, 2] = 0.0  # rows 2 + 2
+    grads["one_zero"] = (one_zero, "S0")
+    return grads
+
+
+def check_mesh1d_composed_norm_types_equal_torch_and_one_process(rank, world):
+    """Norm types 0, < 0 and -inf: per-shard partials combined across ranks, then torch's
+    composition. torch's DTensor norms raise on an empty shard for p < 0 and -inf (on that
+    rank alone: the other waits in a collective), so torch's side leaves it out there."""
+    from torch.distributed.device_mesh import init_device_mesh
+    gradstats = _gradstats()
+    mesh = init_device_mesh("cpu", (world,))
+    grads = _composed_grads()
+    names = list(grads)
+    params = _mesh1d_params(mesh, grads)
+    full = [g for g, _ in grads.values()]
+    if rank == 1:  # torch's own failure on the empty shard
+        with pytest.raises(RuntimeError, match="empty tensor"):
+            torch.linalg.vector_norm(params[1].grad.to_local(), -1.0)
+    subsets = {  # no zero anywhere (non-trivial totals for p < 0), without or with the
+        "even": ["uneven", "replicated", "cols"],  # empty shard, and everything
+        "with_empty": ["uneven", "one_row", "replicated", "cols"],
+        "all": names,
+    }
+    for p in COMPOSED_NORM_TYPES:
+        _check_stats_equal_one_process(params, full, p)
+        for subset, kept in subsets.items():
+            rows = [names.index(name) for name in kept]
+            total = gradstats.get_total_norm([params[i].grad for i in rows], p)
+            _close(total, torch.nn.utils.get_total_norm([full[i] for i in rows], p))
+            if subset == "even" or p == 0.0:
+                torch_total = torch.nn.utils.get_total_norm([params[i].grad for i in rows], p)
+                _close(total, torch_total)
+        rows = [names.index(name) for name in subsets["even"]]
+        single = _plain_params([full[i] for i in rows])
+        single_total = torch.nn.utils.get_total_norm([q.grad for q in single], p)
+        max_norm = 0.5 * single_total.item()  # the coefficient is 0.5: every gradient changes
+        ours, theirs = _mesh1d_params(mesh, grads), _mesh1d_params(mesh, grads)
+        total = gradstats.fused_clip_grad_norm_([ours[i] for i in rows], max_norm, p)
+        torch_total = torch.nn.utils.clip_grad_norm_([theirs[i] for i in rows], max_norm, p)
+        torch.nn.utils.clip_grad_norm_(single, max_norm, p)
+        _close(total, torch_total)
+        _close(total, single_total)
+        for i, reference in zip(rows, single):
+            _close(ours[i].grad, theirs[i].grad)
+            _close(ours[i].grad, reference.grad)
+        assert not torch.equal(_full(ours[rows[0]].grad), full[rows[0]])
+
+
 def check_mesh1d_clip_grads_with_norm_takes_torch_dtensor_total(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     gradstats = _gradstats()
@@ -338,7 +395,7 @@ def check_mesh1d_nan_on_one_rank_every_rank_raises(rank, world):
     if rank == 1:
         params[0].grad.to_local()[0, 1] = math.nan  # rank 1's shard of "uneven" only
     before = [q.grad.to_local().clone() for q in params]
-    for p in (2.0, math.inf):
+    for p in (2.0, math.inf, -1.0, -math.inf):
         with pytest.raises(RuntimeError, match=r"parameter 0 \(1 NaN/Inf\)"):
             gradstats.fused_clip_grad_norm_(params, 0.1, p, error_if_nonfinite=True)
         for param, saved in zip(params, before):  # nothing modified, on any rank
@@ -356,7 +413,9 @@ def check_mesh1d_one_collective_per_kind(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     params = _mesh1d_params(mesh, _mesh1d_grads())
     SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
-    for p, for_stats, for_clip in ((2.0, [SUM], [SUM]), (math.inf, [MAX, SUM], [MAX])):
+    for p, for_stats, for_clip in ((2.0, [SUM], [SUM]), (math.inf, [MAX, SUM], [MAX]),
+                                   (0.0, [SUM], [SUM]), (-0.5, [SUM], [SUM]),
+                                   (-math.inf, [MAX, SUM], [MAX])):
         with _CountCollectives() as counted:
             gradstats.grad_stats(params, p, max_norm=1.0)
         assert counted.calls == for_stats, counted.calls
@@ -375,7 +434,7 @@ def check_mesh1d_no_more_collectives_than_torch(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     grads = _mesh1d_grads()
     del grads["one_row"]
-    for p in (2.0, math.inf):
+    for p in (2.0, math.inf) + COMPOSED_NORM_TYPES:
         counts = []
         for module in (torch.nn.utils, gradstats):
             params = _mesh1d_params(mesh, grads)
@@ -411,8 +470,11 @@ def check_process_group_hand_sharded(rank, world):
         _close(total, torch.nn.utils.clip_grad_norm_(reference, 0.2, p))
         for param, ref, b in zip(params, reference, bounds):
             _close(param.grad, ref.grad[b[rank]:b[rank + 1]])
-    with pytest.raises(ValueError, match="norm_type 0.0"):
-        gradstats.get_total_norm(local, 0.0, process_group=group)
+    for p in COMPOSED_NORM_TYPES:  # rank 1's shard of the last tensor is empty
+        stats = gradstats.grad_stats(_plain_params(local), p, process_group=group)
+        _close(stats.norms, torch.stack([torch.linalg.vector_norm(g, p) for g in full]))
+        total = gradstats.get_total_norm(local, p, process_group=group)
+        _close(total, torch.nn.utils.get_total_norm(full, p))
     monitor = gradstats.GradMonitor(_plain_params(local), sinks=None, process_group=group)
     _close(monitor.step(), torch.nn.utils.get_total_norm(full))
     monitor.close()
@@ -584,6 +646,47 @@ def _fsdp_pair(world):
     return model, reference
 
 
+def check_routed_torch_clipping_runs_gradstats_on_fsdp2(rank, world):
+    """route_torch_clipping(): torch.nn.utils' functions, called on FSDP2 gradients, run
+    gradstats (its collectives are ``dist.all_reduce`` calls, torch's are not) and give
+    torch's results."""
+    from torch.distributed.tensor import DTensor
+    gradstats = _gradstats()
+    from gradstats import clip as gs_clip
+    model, _ = _fsdp_pair(world)
+    model(torch.arange(10).reshape(2, 5) % 11).backward()
+    saved = [q.grad.to_local().clone() for q in model.parameters()]
+
+    def restore():
+        for param, values in zip(model.parameters(), saved):
+            param.grad.to_local().copy_(values)
+    torch_total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    torch_grads = [q.grad.full_tensor() for q in model.parameters()]
+    restore()
+    calls = []
+    real = gs_clip.fused_clip_grad_norm_
+    gs_clip.fused_clip_grad_norm_ = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with gradstats.route_torch_clipping(), _CountCollectives() as counted:
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    finally:
+        gs_clip.fused_clip_grad_norm_ = real
+    assert calls == [1] and counted.calls == [dist.ReduceOp.SUM]
+    assert isinstance(total, DTensor)
+    _close(total, torch_total)
+    for param, expected in zip(model.parameters(), torch_grads):
+        _close(param.grad, expected, atol=1e-6)
+    restore()  # the two-step form (accelerate, torchtitan): get_total_norm, then the scale
+    with gradstats.route_torch_clipping(), _CountCollectives() as counted:
+        grads = [q.grad for q in model.parameters()]
+        total = torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), 0.05, total)
+    assert counted.calls == [dist.ReduceOp.SUM]
+    _close(total, torch_total)
+    for param, expected in zip(model.parameters(), torch_grads):
+        _close(param.grad, expected, atol=1e-6)
+
+
 def check_monitor_fsdp2_records_equal_one_process(rank, world):
     """Rank 0 writes the global figures, equal to one process's; all_ranks: each writes."""
     from torch.distributed.tensor import DTensor
@@ -637,7 +740,8 @@ def check_monitor_nan_on_one_rank_every_rank_raises_or_skips(rank, world):
     raising.close()
     before = [q.to_local().clone() for q in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(gradstats.NonFiniteGradientWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         skipping = gradstats.GradMonitor(model, sinks=None, on_nonfinite="skip",
                                          optimizer=optimizer)
         skipping.step(max_norm=1.0)
@@ -645,6 +749,38 @@ def check_monitor_nan_on_one_rank_every_rank_raises_or_skips(rank, world):
         skipping.close()
     for param, saved in zip(model.parameters(), before):  # no rank updated
         torch.testing.assert_close(param.to_local(), saved)
+    assert _nonfinite_warnings(caught) == (1 if rank == 0 else 0)  # said once, by rank 0
+
+
+def _nonfinite_warnings(caught) -> int:
+    gradstats = _gradstats()
+    return sum(issubclass(w.category, gradstats.NonFiniteGradientWarning) for w in caught)
+
+
+def check_monitor_warns_once_per_global_event(rank, world):
+    """A NaN in one rank's shard is one global event: the writing rank warns (rank 0, or
+    every rank with all_ranks=True), once per run of non-finite steps; a callable is
+    called on every rank."""
+    gradstats = _gradstats()
+    model, _ = _fsdp_pair(world)
+    for all_ranks in (False, True):
+        called = []
+        monitors = [gradstats.GradMonitor(model, sinks=None, all_ranks=all_ranks),
+                    gradstats.GradMonitor(model, sinks=None,
+                                          on_nonfinite=lambda step, _: called.append(step))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):  # NaN at steps 0 and 1: one run, one warning
+                model.zero_grad()
+                model(torch.arange(10).reshape(2, 5)).backward()
+                if rank == 1 and step < 2:
+                    next(iter(model.parameters())).grad.to_local().view(-1)[0] = math.nan
+                for monitor in monitors:
+                    monitor.step()
+            for monitor in monitors:
+                monitor.close()
+        assert _nonfinite_warnings(caught) == (1 if all_ranks or rank == 0 else 0), caught
+        assert called == [0, 1]
 
 
 # -- suite "mesh2d": 4 ranks -----------------------------------------------------------------
@@ -692,6 +828,35 @@ def check_mesh2d_clip_equals_torch_and_one_process(rank, world):
             _close(ours_total, torch_total)
 
 
+def check_mesh2d_composed_norm_types_equal_torch_and_one_process(rank, world):
+    """Norm types 0, < 0 and -inf on the 2-D mesh and a second mesh (empty shards among
+    them): as one process; and as torch on the 2-D mesh's gradients without an empty
+    shard (torch raises on one for p < 0 and -inf), with no more collectives than it."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    gradstats = _gradstats()
+    params, full = _mesh2d_setup(world)
+    for p in COMPOSED_NORM_TYPES:
+        _check_stats_equal_one_process(params, full, p)
+        single = _plain_params(full)
+        max_norm = 0.5 * torch.nn.utils.get_total_norm(full, p).item()
+        ours, _ = _mesh2d_setup(world)
+        total = gradstats.fused_clip_grad_norm_(ours, max_norm, p)
+        _close(total, torch.nn.utils.clip_grad_norm_(single, max_norm, p))
+        for mine, ref in zip(ours, single):
+            _close(mine.grad, ref.grad)
+        counts, totals, grads = [], [], []
+        for module in (torch.nn.utils, gradstats):
+            on_2d, _ = _mesh2d_setup(world)
+            with CommDebugMode() as comm:
+                totals.append(module.clip_grad_norm_(on_2d[:4], max_norm, p).full_tensor())
+            counts.append(comm.get_total_counts())
+            grads.append([q.grad.full_tensor() for q in on_2d[:4]])
+        _close(totals[1], totals[0])
+        for mine, theirs in zip(grads[1], grads[0]):
+            _close(mine, theirs)
+        assert 0 < counts[1] <= counts[0], (p, counts)
+
+
 def check_mesh2d_one_collective_per_mesh_dim(rank, world):
     gradstats = _gradstats()
     params, _ = _mesh2d_setup(world)
@@ -719,6 +884,7 @@ SUITES = {
         check_mesh1d_total_norm_type_and_value,
         check_mesh1d_inf_norm_empty_shard_where_torch_raises,
         check_mesh1d_clip_equals_torch_on_dtensors_and_one_process,
+        check_mesh1d_composed_norm_types_equal_torch_and_one_process,
         check_mesh1d_clip_grads_with_norm_takes_torch_dtensor_total,
         check_mesh1d_partial_gradient,
         check_mesh1d_scaling_partial_gradients_by_a_given_total_needs_no_collective,
@@ -730,12 +896,15 @@ SUITES = {
         check_torchtitan_style_loop_with_pipeline_stages,
         check_ddp_with_and_without_bucket_view,
         check_fsdp2_equals_torch_and_one_process,
+        check_routed_torch_clipping_runs_gradstats_on_fsdp2,
         check_monitor_fsdp2_records_equal_one_process,
         check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
+        check_monitor_warns_once_per_global_event,
     ],
     "mesh2d": [
         check_mesh2d_and_two_meshes_equal_one_process,
         check_mesh2d_clip_equals_torch_and_one_process,
+        check_mesh2d_composed_norm_types_equal_torch_and_one_process,
         check_mesh2d_one_collective_per_mesh_dim,
         check_mesh2d_nan_on_one_rank_every_rank_raises,
     ],

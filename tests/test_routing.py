@@ -205,31 +205,58 @@ def test_empty_generator_warns_as_torch_at_the_callers_line():
     assert float(total) == 0.0
 
 
-def test_dtensor_gradients_go_to_torchs_function(calls):
+def test_dtensor_gradients_run_gradstats_except_clip_grad_value_(calls):
+    """DTensor gradients reach gradstats (a DTensor total, as torch's); clip_grad_value_,
+    which gradstats serves for plain tensors only, and mixed lists go to torch's."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         mesh = init_device_mesh("cpu", (1,))
         params = []
-        for n in (4, 3):
-            param = torch.nn.Parameter(distribute_tensor(torch.ones(n), mesh, [Replicate()]))
-            param.grad = distribute_tensor(torch.full((n,), 2.0), mesh, [Replicate()])
+        for n, placement in ((4, Replicate()), (3, Shard(0))):
+            param = torch.nn.Parameter(distribute_tensor(torch.ones(n), mesh, [placement]))
+            param.grad = distribute_tensor(torch.full((n,), 2.0), mesh, [placement])
             params.append(param)
         with gradstats.route_torch_clipping():
             total = torch.nn.utils.clip_grad_norm_((p for p in params), 1.0)
             value = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, 0.5, value)
+            torch.nn.utils.clip_grad_value_(params, 0.1)
+            with pytest.raises(Exception):  # torch's own refusal of the mixed list
+                torch.nn.utils.get_total_norm([params[0].grad, torch.ones(2)])
     finally:
         dist.destroy_process_group()
-    assert calls["clip_grad_norm_"] == calls["get_total_norm"] == 0
+    assert calls["clip_grad_norm_"] == calls["clip_grads_with_norm_"] == 1
+    assert calls["get_total_norm"] == 1 and calls["clip_grad_value_"] == 0
     assert isinstance(total, DTensor) and isinstance(value, DTensor)
     torch.testing.assert_close(total.full_tensor(), torch.tensor(math.sqrt(28.0)))
     torch.testing.assert_close(value.full_tensor(), torch.tensor(1.0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(params[0].grad.full_tensor(), torch.full((4,), 2 / math.sqrt(28.0)))
+    # clipped to norm 1, then to 0.5 (by the DTensor total 1), then clamped at 0.1
+    expected = min(0.1, 0.5 * 2 / math.sqrt(28.0) / (1.0 + 1e-6))
+    torch.testing.assert_close(params[0].grad.full_tensor(), torch.full((4,), expected))
+
+
+def test_other_tensor_subclasses_go_to_torchs_function(calls):
+    class Marked(torch.Tensor):
+        pass
+
+    params = _params()[:3]
+    for param in params:
+        param.grad = param.grad.as_subclass(Marked)
+    expected_params = _clone(params)
+    expected = TORCH["clip_grad_norm_"](expected_params, 0.1)
+    with gradstats.route_torch_clipping():
+        total = torch.nn.utils.clip_grad_norm_(params, 0.1)
+        torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grad_value_(params, 0.01)
+    assert all(count == 0 for count in calls.values()), calls
+    torch.testing.assert_close(total, expected)
+    assert all(type(p.grad) is Marked for p in params)
 
 
 # -- torch's callers ------------------------------------------------------------------------
