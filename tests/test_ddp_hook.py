@@ -116,14 +116,14 @@ class _Net(torch.nn.Module):
         return out
 
 
-def _pair(view: bool, find_unused: bool = False, user_hook=None):
+def _pair(view: bool, find_unused: bool = False, user_hook=None, **ddp_options):
     """Two DDP models from the same weights: ``(with_hook_model, reference_model)``; the
     reference has torch's default averaging (or ``user_hook`` registered itself)."""
     torch.manual_seed(0)
     net = _Net()
     net.spare.requires_grad_(find_unused)  # otherwise DDP waits for its gradient forever
     options = dict(bucket_cap_mb=TINY_BUCKETS_MB, gradient_as_bucket_view=view,
-                   find_unused_parameters=find_unused)
+                   find_unused_parameters=find_unused, **ddp_options)
     DDP = torch.nn.parallel.DistributedDataParallel
     ours, reference = DDP(copy.deepcopy(net), **options), DDP(copy.deepcopy(net), **options)
     if user_hook is not None:
@@ -355,6 +355,20 @@ def check_unused_parameters_with_find_unused(rank):
             _assert_grads_close(ours, reference)
 
 
+def check_static_graph(rank):
+    # DDP averages every bucket from its end-of-backward callback in the first iteration.
+    ours, reference = _pair(view=True, static_graph=True)
+    hook = _hook(ours, 2.0)
+    for step in range(3):
+        _backward(ours, rank, step)
+        _backward(reference, rank, step)
+        assert hook.ready, step
+        _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
+        total = hook.clip_grad_norm_(0.5)
+        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+        _assert_grads_close(ours, reference)
+
+
 def check_bad_arguments(rank):
     import gradstats
     ours, _ = _pair(view=False)
@@ -379,6 +393,7 @@ CHECKS = [
     check_wrapped_user_hook,
     check_nan_on_one_rank_raises_on_every_rank,
     check_unused_parameters_with_find_unused,
+    check_static_graph,
     check_bad_arguments,
 ]
 
