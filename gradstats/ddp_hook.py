@@ -156,8 +156,10 @@ class DDPStatsHook:
         self._names = [name for name, _ in named]
         self._params = [param for _, param in named]
         self._position_of = {id(param): i for i, param in enumerate(self._params)}
+        # Bounded: DDP's initial buckets and its one rebuild (plus the kept sets a model's
+        # unused parameters give).
         self._layouts: dict[tuple, _BucketLayout] = {}  # (index, parameter ids) -> layout
-        self._gathers: dict[tuple, torch.Tensor | None] = {}  # rows in model order
+        self._gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._lock = threading.Lock()  # bucket callbacks may finish on other threads
         self._generation = 0
         self._partials: dict[int, _BucketPartials] = {}
@@ -218,7 +220,8 @@ class DDPStatsHook:
             cursor = offset + grad.numel()
         if buffer.numel() > cursor:
             pieces.append(buffer.numel() - cursor)
-        # Parameters DDP does not know (none in practice) make the partials unusable.
+        # -1: a parameter missing from the model's named_parameters() (none in practice);
+        # its row is never gathered.
         positions = tuple(self._position_of.get(id(param), -1) for param in params)
         packed = len(param_pieces) == len(pieces)
         return _BucketLayout(tuple(pieces), None if packed else tuple(param_pieces), positions)
