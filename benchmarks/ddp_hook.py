@@ -1,4 +1,4 @@
-"""DDPStatsHook against the post-backward pass on the same DDP model (gloo, 2 CPU ranks).
+"""DDPStatsHook against the post-backward pass on the same DDP model (gloo CPU ranks).
 
 Each step times ``backward`` and the clip (or statistics) call after it; forward is not
 timed. Per round, on both ranks in lockstep, every variant runs one step on its own DDP
@@ -14,13 +14,18 @@ stay the same from round to round), in an order rotated from round to round:
 - ``hook+hist`` / ``grad_stats``: the same with histograms, ``hook.grad_stats(max_norm)``
   against ``gradstats.grad_stats(model, max_norm=...)``.
 
-Times are rank 0's (the all-reduces keep the ranks within a bucket of each other).
+Times are rank 0's (the all-reduces keep the ranks within a bucket of each other). The
+statistics run on the thread that completes each bucket's all-reduce (gloo's), beside
+backward on the main thread: with 2 ranks on a 2-core machine both cores are already busy.
+With ``--world 1`` each all-reduce has completed before the hook chains onto it, so the
+statistics run inline on backward's thread: the cost moved into backward, with no overlap.
 Ratios are medians of per-round ratios, with their interquartile range over the median
 (benchmarks/timing.py's convention); the rounds are fixed in number, not in seconds, so
 both ranks run the same collectives.
 
     python -m benchmarks.ddp_hook [--rounds 40] [--layers 4] [--width 256] [--batch 4]
-        [--seq 32] [--threads 1] [--bucket-cap-mb 1] [--out benchmarks/results/ddp-hook-cpu.md]
+        [--seq 32] [--world 2] [--threads 1] [--bucket-cap-mb 1]
+        [--out benchmarks/results/ddp-hook-cpu.md]
 """
 from __future__ import annotations
 
@@ -39,7 +44,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-WORLD = 2
 WARMUP_ROUNDS = 3
 CASES = {"clipping": 1e-3, "no clipping needed": 1e9}  # max_norm
 
@@ -102,7 +106,7 @@ def _step(model, after_backward, hook, batch) -> tuple[float, float, bool]:
 def _rank_main(rank: int, port: int, args, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", rank=rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         net = _model(args.layers, args.width)
@@ -149,10 +153,10 @@ def _report(args, n_params, n_tensors, results, load_before, load_after, elapsed
 
     import gradstats
     lines = [
-        "# DDPStatsHook against the post-backward pass (gloo, 2 CPU ranks)",
+        f"# DDPStatsHook against the post-backward pass (gloo, {args.world} CPU rank(s))",
         "",
         f"- device: CPU {platform.machine()}, {os.cpu_count()} cores shared with other "
-        f"jobs; {WORLD} ranks, {args.threads} thread(s) each; backend "
+        f"jobs; {args.world} rank(s), {args.threads} thread(s) each; backend "
         f"{gradstats.backend_info().get('cpu')}",
         f"- load average (1, 5, 15 min): before {load_before}, after {load_after}",
         f"- torch {torch.__version__}, triton {triton.__version__}, python "
@@ -193,6 +197,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--world", type=int, default=2,
+                        help="ranks (1: the statistics run inline in backward)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--bucket-cap-mb", type=float, default=1.0,
                         help="DDP's bucket size; 1 MiB: 12 buckets for the default model")
@@ -202,7 +208,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         result_path = os.path.join(folder, "rank0.json")
-        mp.start_processes(_rank_main, args=(_free_port(), args, result_path), nprocs=WORLD,
+        mp.start_processes(_rank_main, args=(_free_port(), args, result_path), nprocs=args.world,
                            start_method="spawn")
         with open(result_path) as file:
             n_params, n_tensors, results = json.load(file)
