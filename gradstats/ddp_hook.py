@@ -167,8 +167,9 @@ class DDPStatsHook:
         self._forwards = 0
         self._forwards_at_backward = -1
         self._snapshot: _Snapshot | None = None
-        ddp_model.register_forward_pre_hook(self._count_forward)
+        # The comm hook first: DDP refuses a second one, and then nothing is left registered.
         ddp_model.register_comm_hook(self, _stats_comm_hook)
+        ddp_model.register_forward_pre_hook(self._count_forward)
 
     # -- during backward ----------------------------------------------------------------
     def _count_forward(self, module, args) -> None:

@@ -379,6 +379,10 @@ def check_bad_arguments(rank):
     hook = _hook(ours)
     with pytest.raises(ValueError, match="max_norm"):
         hook.clip_grad_norm_(-1.0)
+    forward_hooks = len(ours._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="once"):  # DDP takes one communication hook
+        _hook(ours)
+    assert len(ours._forward_pre_hooks) == forward_hooks  # the refused one left nothing
 
 
 CHECKS = [
