@@ -14,6 +14,7 @@ from .clip import (
     fused_clip_grad_norm_,
     get_total_norm,
 )
+from .ddp_hook import DDPStatsHook
 from .device_cache import release_captured_plans
 from .diagnose import Diagnosis, diagnose
 from .logs import read_jsonl, records_to_rows
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipRouting",
+    "DDPStatsHook",
     "Diagnosis",
     "GradMonitor",
     "GradStats",

@@ -99,14 +99,25 @@ def fused_pass(
     dtypes = route.dtypes if route is not None else {g.dtype for g in grads}
     norms_dtype = (torch.float64 if torch.float64 in dtypes or torch.complex128 in dtypes
                    else torch.float32)
-    if composed:
-        per_tensor = ([reference.composed_norm(g, p) for g in grads] if sharding is None
-                      else reference.composed_norms_from_partials(power, p, grads))
-        norms = torch.stack([n.to(first_device, norms_dtype) for n in per_tensor])
-        total = reference.composed_total(per_tensor, p, first_device).to(norms_dtype)
-        clip_coef = torch.clamp(max_norm / (total + reference.EPS), max=1.0)
-    else:
-        norms, total, clip_coef = ops.finalize(power, p, max_norm, norms_dtype)
+    if not composed:
+        return finalize_partials(power, nonfinite, hist, p, max_norm, norms_dtype, numel)
+    per_tensor = ([reference.composed_norm(g, p) for g in grads] if sharding is None
+                  else reference.composed_norms_from_partials(power, p, grads))
+    norms = torch.stack([n.to(first_device, norms_dtype) for n in per_tensor])
+    total = reference.composed_total(per_tensor, p, first_device).to(norms_dtype)
+    clip_coef = torch.clamp(max_norm / (total + reference.EPS), max=1.0)
+    return FusedResult(nonfinite=nonfinite, hist=hist, norms=norms, total_norm=total,
+                       clip_coef=clip_coef, numel=numel)
+
+
+def finalize_partials(
+    power: torch.Tensor, nonfinite: torch.Tensor, hist: torch.Tensor, p: float,
+    max_norm: float, norms_dtype: torch.dtype, numel: torch.Tensor | None = None,
+) -> FusedResult:
+    """The end of a fused pass whose per-tensor partials are at hand (``p`` a fused norm
+    type, not 0, < 0 or -inf): norms, total norm and clip coefficient from the powers.
+    Shared with :mod:`gradstats.ddp_hook`, which accumulates the partials during backward."""
+    norms, total, clip_coef = ops.finalize(power, p, max_norm, norms_dtype)
     return FusedResult(nonfinite=nonfinite, hist=hist, norms=norms, total_norm=total,
                        clip_coef=clip_coef, numel=numel)
 

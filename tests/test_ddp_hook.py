@@ -1,0 +1,407 @@
+"""``DDPStatsHook`` on 2 gloo ranks: statistics taken per bucket during backward against
+torch's clipping on an identical DDP model without the hook, float64 norms and
+``gradstats.grad_stats`` on ``p.grad``.
+
+One group of processes, spawned here, runs every check in order and writes each one's
+outcome to a file per rank; the tests read them. A group that does not finish in time is
+killed and its unfinished checks fail: a hang never blocks the run.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+SUITE_TIMEOUT_S = 90  # spawn included; a collective times out after 30 s
+BINS, MIN_EXP = 16, -12
+NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
+TINY_BUCKETS_MB = 0.0002  # ~200 bytes: the model below spreads over 4 buckets
+
+
+# -- spawning ---------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    outcomes = {}
+    try:
+        for check in CHECKS:
+            try:
+                check(rank)
+                outcomes[check.__name__] = "ok"
+            except Exception:  # reported to the parent, which fails the test
+                outcomes[check.__name__] = traceback.format_exc()
+            with open(os.path.join(outdir, f"{rank}.json"), "w") as file:
+                json.dump(outcomes, file)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_suite() -> dict[str, list[str]]:
+    """Each check's outcome on every rank ("ok", a traceback, or "unfinished")."""
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as outdir:
+        processes = [context.Process(target=_rank_main, args=(rank, port, outdir))
+                     for rank in range(WORLD)]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + SUITE_TIMEOUT_S
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        outcomes = {check.__name__: [] for check in CHECKS}
+        for rank in range(WORLD):
+            path = os.path.join(outdir, f"{rank}.json")
+            done = json.load(open(path)) if os.path.exists(path) else {}
+            for name in outcomes:
+                outcomes[name].append(done.get(name, f"unfinished on rank {rank} (timeout "
+                                                      "or crash)"))
+    return outcomes
+
+
+_outcomes: dict[str, list[str]] = {}
+
+
+def _assert_ok(check) -> None:
+    if not _outcomes:
+        _outcomes.update(_run_suite())
+    failures = [outcome for outcome in _outcomes[check.__name__] if outcome != "ok"]
+    assert not failures, failures[0]
+
+
+# -- helpers run on each rank -------------------------------------------------------------
+class _Net(torch.nn.Module):
+    """A few layers of uneven sizes; ``spare`` is used only when asked (unused parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 24)
+        self.hidden = torch.nn.Linear(24, 24)
+        self.norm = torch.nn.LayerNorm(24)
+        self.head = torch.nn.Linear(24, 3)
+        self.spare = torch.nn.Linear(24, 5)
+
+    def forward(self, x, use_spare=False):
+        h = self.norm(torch.tanh(self.hidden(torch.relu(self.embed(x)))))
+        out = self.head(h).sum()
+        if use_spare:
+            out = out + self.spare(h).sum()
+        return out
+
+
+def _pair(view: bool, find_unused: bool = False, user_hook=None, **ddp_options):
+    """Two DDP models from the same weights: ``(with_hook_model, reference_model)``; the
+    reference has torch's default averaging (or ``user_hook`` registered itself)."""
+    torch.manual_seed(0)
+    net = _Net()
+    net.spare.requires_grad_(find_unused)  # otherwise DDP waits for its gradient forever
+    options = dict(bucket_cap_mb=TINY_BUCKETS_MB, gradient_as_bucket_view=view,
+                   find_unused_parameters=find_unused, **ddp_options)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ours, reference = DDP(copy.deepcopy(net), **options), DDP(copy.deepcopy(net), **options)
+    if user_hook is not None:
+        reference.register_comm_hook(None, user_hook)
+    return ours, reference
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(7, 6, generator=generator) * (step + 1)
+
+
+def _backward(model, rank, step, **kwargs) -> None:
+    model.zero_grad(set_to_none=True)
+    model(_batch(rank, step), **kwargs).backward()
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def _float64_total(grads, p) -> torch.Tensor:
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.double(), p) for g in grads]), p)
+
+
+def _close(actual, expected, rtol=1e-5, atol=1e-7) -> None:
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               equal_nan=True)
+
+
+def _assert_grads_close(ours, reference) -> None:
+    for mine, theirs in zip(_grads(ours), _grads(reference), strict=True):
+        _close(mine, theirs)
+
+
+def _hook(model, p=2.0, **kwargs):
+    import gradstats
+    return gradstats.DDPStatsHook(model, p, num_bins=BINS, min_exp=MIN_EXP, **kwargs)
+
+
+def _assert_stats_equal_post_backward(stats, model, p) -> None:
+    """A GradStats equals gradstats.grad_stats on p.grad (counts exactly) and float64."""
+    import gradstats
+    expected = gradstats.grad_stats(model, p, num_bins=BINS, min_exp=MIN_EXP)
+    assert stats.names == expected.names, (stats.names, expected.names)
+    torch.testing.assert_close(stats.hist, expected.hist, rtol=0, atol=0)
+    torch.testing.assert_close(stats.nonfinite, expected.nonfinite, rtol=0, atol=0)
+    torch.testing.assert_close(stats.numel, expected.numel, rtol=0, atol=0)
+    grads = _grads(model)
+    _close(stats.norms, torch.stack([torch.linalg.vector_norm(g.double(), p) for g in grads]))
+    _close(stats.total_norm, _float64_total(grads, p))
+
+
+# -- checks ---------------------------------------------------------------------------------
+def check_clip_matches_torch_over_norm_types_and_bucket_view(rank):
+    for view in (False, True):
+        for p in NORM_TYPES:
+            ours, reference = _pair(view)
+            hook = _hook(ours, p, histogram=False)
+            for step in range(3):  # the first iteration's buckets, then the rebuilt ones
+                _backward(ours, rank, step)
+                _backward(reference, rank, step)
+                assert hook.ready, (view, p, step)
+                _close(hook.get_total_norm(), _float64_total(_grads(reference), p))
+                assert hook.ready  # reading the norm changes nothing
+                max_norm = 0.5 if step != 1 else 1e6  # step 1: no clipping needed
+                total = hook.clip_grad_norm_(max_norm)
+                expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, p)
+                _close(total, expected)
+                assert total.dtype == expected.dtype
+                _assert_grads_close(ours, reference)
+                assert hook.ready == (step == 1)  # clipped gradients are not the ones seen
+
+
+def check_several_buckets_are_used(rank):
+    ours, _ = _pair(view=False)
+    hook = _hook(ours)
+    counts = []
+    for step in range(2):
+        _backward(ours, rank, step)
+        counts.append(len(hook._partials))
+    # DDP's first iteration puts every parameter in one bucket (without
+    # find_unused_parameters); from the second on, the buckets are rebuilt to the cap.
+    assert counts[1] >= 3, counts
+
+
+def check_grad_stats_match_post_backward_pass(rank):
+    for view in (False, True):
+        for p in (2.0, math.inf):
+            ours, _ = _pair(view)
+            hook = _hook(ours, p)
+            for step in range(2):
+                _backward(ours, rank, step)
+                assert hook.ready
+                _assert_stats_equal_post_backward(hook.grad_stats(), ours, p)
+                assert hook.grad_stats().clip_coef is None
+
+
+def check_grad_stats_with_max_norm_clips_like_torch(rank):
+    ours, reference = _pair(view=True)
+    hook = _hook(ours)
+    _backward(ours, rank, 0)
+    _backward(reference, rank, 0)
+    stats = hook.grad_stats(max_norm=0.25)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.25)
+    _close(stats.total_norm, expected)
+    _close(stats.clip_coef, 0.25 / (expected + 1e-6))
+    _assert_grads_close(ours, reference)
+
+
+def check_histogram_off_gives_no_histogram(rank):
+    ours, _ = _pair(view=False)
+    hook = _hook(ours, histogram=False)
+    _backward(ours, rank, 0)
+    stats = hook.grad_stats()
+    assert stats.hist is None
+    _close(stats.total_norm, _float64_total(_grads(ours), 2.0))
+
+
+def check_no_sync_step_falls_back_then_sync_step_uses_partials(rank):
+    for view in (False, True):
+        ours, reference = _pair(view)
+        hook = _hook(ours, 2.0)
+        for model in (ours, reference):
+            model.zero_grad(set_to_none=True)
+            with model.no_sync():  # local accumulation: no hook runs
+                model(_batch(rank, 0)).backward()
+        assert not hook.ready
+        # The local (not averaged) gradients, read after backward: torch's figure.
+        _close(hook.get_total_norm(), _float64_total(_grads(reference), 2.0))
+        for model in (ours, reference):
+            model(_batch(rank, 1)).backward()  # the sync step averages the accumulated sum
+        assert hook.ready
+        _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
+        total = hook.clip_grad_norm_(0.5)
+        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+        _assert_grads_close(ours, reference)
+
+
+def check_forward_after_backward_invalidates_partials(rank):
+    ours, _ = _pair(view=False)
+    hook = _hook(ours)
+    _backward(ours, rank, 0)
+    assert hook.ready
+    with torch.no_grad():
+        ours(_batch(rank, 5))
+    assert not hook.ready
+
+
+def check_gradient_edit_after_backward_falls_back(rank):
+    for view in (False, True):
+        ours, reference = _pair(view)
+        hook = _hook(ours, 1.0)
+        _backward(ours, rank, 0)
+        _backward(reference, rank, 0)
+        for model in (ours, reference):  # what GradScaler.unscale_ does
+            for grad in _grads(model):
+                grad.mul_(0.125)
+        assert not hook.ready
+        total = hook.clip_grad_norm_(0.5)
+        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5, 1.0))
+        _assert_grads_close(ours, reference)
+
+
+def check_wrapped_user_hook(rank):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    calls = []
+
+    def counting_fp16_hook(state, bucket):
+        calls.append(bucket.index())
+        return default_hooks.fp16_compress_hook(state, bucket)
+
+    for view in (False, True):
+        ours, reference = _pair(view, user_hook=default_hooks.fp16_compress_hook)
+        hook = _hook(ours, 2.0, wrapped_hook=counting_fp16_hook)
+        for step in range(2):
+            calls.clear()
+            _backward(ours, rank, step)
+            _backward(reference, rank, step)
+            assert calls and calls == sorted(calls), calls
+            assert hook.ready
+            _assert_grads_close(ours, reference)  # fp16 rounding: the same in both
+            _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
+            total = hook.clip_grad_norm_(0.5)
+            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+            _assert_grads_close(ours, reference)
+
+
+def check_nan_on_one_rank_raises_on_every_rank(rank):
+    for view in (False, True):
+        ours, _ = _pair(view)
+        hook = _hook(ours, 2.0)
+        ours.zero_grad(set_to_none=True)
+        loss = ours(_batch(rank, 0))
+        poison = float("nan") if rank == 0 else 1.0  # only rank 0's hidden.bias goes NaN
+        (loss + (ours.module.hidden.bias * poison).sum()).backward()
+        assert hook.ready
+        stats = hook.grad_stats()
+        bias_row = stats.names.index("hidden.bias")
+        assert int(stats.nonfinite[bias_row]) == 24  # averaged: NaN on both ranks
+        assert int(stats.nonfinite.sum()) == 24
+        _assert_stats_equal_post_backward(stats, ours, 2.0)
+        before = [g.clone() for g in _grads(ours)]
+        with pytest.raises(RuntimeError, match="'hidden.bias' \\(24 NaN/Inf\\)"):
+            hook.clip_grad_norm_(1.0, error_if_nonfinite=True)
+        for grad, kept in zip(_grads(ours), before):
+            torch.testing.assert_close(grad, kept, equal_nan=True, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="hidden.bias"):
+            hook.get_total_norm(error_if_nonfinite=True)
+        assert math.isnan(float(hook.clip_grad_norm_(1.0)))
+
+
+def check_unused_parameters_with_find_unused(rank):
+    for view in (False, True):
+        ours, reference = _pair(view, find_unused=True)
+        hook = _hook(ours, 2.0)
+        # step 0: spare unused everywhere (no gradient); step 1: used on rank 1 only (its
+        # average holds rank 1's half); step 2: used everywhere.
+        for step, use_spare in enumerate((False, rank == 1, True)):
+            for model in (ours, reference):
+                _backward(model, rank, step, use_spare=use_spare)
+            assert hook.ready, (view, step)
+            stats = hook.grad_stats()
+            assert ("spare.weight" in stats.names) == (step > 0), stats.names
+            _assert_stats_equal_post_backward(stats, ours, 2.0)
+            total = hook.clip_grad_norm_(0.5)
+            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+            _assert_grads_close(ours, reference)
+
+
+def check_static_graph(rank):
+    # DDP averages every bucket from its end-of-backward callback in the first iteration.
+    ours, reference = _pair(view=True, static_graph=True)
+    hook = _hook(ours, 2.0)
+    for step in range(3):
+        _backward(ours, rank, step)
+        _backward(reference, rank, step)
+        assert hook.ready, step
+        _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
+        total = hook.clip_grad_norm_(0.5)
+        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+        _assert_grads_close(ours, reference)
+
+
+def check_bad_arguments(rank):
+    import gradstats
+    ours, _ = _pair(view=False)
+    with pytest.raises(ValueError, match="norm type > 0 or inf"):
+        gradstats.DDPStatsHook(ours, 0.0)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        gradstats.DDPStatsHook(ours.module)
+    hook = _hook(ours)
+    with pytest.raises(ValueError, match="max_norm"):
+        hook.clip_grad_norm_(-1.0)
+    forward_hooks = len(ours._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="once"):  # DDP takes one communication hook
+        _hook(ours)
+    assert len(ours._forward_pre_hooks) == forward_hooks  # the refused one left nothing
+
+
+CHECKS = [
+    check_clip_matches_torch_over_norm_types_and_bucket_view,
+    check_several_buckets_are_used,
+    check_grad_stats_match_post_backward_pass,
+    check_grad_stats_with_max_norm_clips_like_torch,
+    check_histogram_off_gives_no_histogram,
+    check_no_sync_step_falls_back_then_sync_step_uses_partials,
+    check_forward_after_backward_invalidates_partials,
+    check_gradient_edit_after_backward_falls_back,
+    check_wrapped_user_hook,
+    check_nan_on_one_rank_raises_on_every_rank,
+    check_unused_parameters_with_find_unused,
+    check_static_graph,
+    check_bad_arguments,
+]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__[len("check_"):])
+def test_ddp_stats_hook(check):
+    _assert_ok(check)
