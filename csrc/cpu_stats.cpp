@@ -423,7 +423,7 @@ __attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponen
   const __m512i zero = _mm512_setzero_si512();
   // Byte/word lane i counts window slot i % 8 of its half.
   __m512i low_bytes = zero, high_bytes = zero, low_words = zero, high_words = zero;
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = 0, flush_at = std::min(groups, FLUSH_GROUPS) - 1; g < groups; ++g) {
     const __m512i offset =
         _mm512_sub_epi8(_mm512_load_si512(exponents + g * kGroup), window_base);
     const __mmask64 inside = _mm512_cmplt_epu8_mask(offset, window);
@@ -436,13 +436,14 @@ __attribute__((target("avx512f,avx512bw,gfni,avx512bitalg"))) void count_exponen
     for (__mmask64 outside = ~inside; outside; outside &= outside - 1) {
       ++table[exponents[g * kGroup + __builtin_ctzll(outside)]];
     }
-    if (g % FLUSH_GROUPS == FLUSH_GROUPS - 1 || g == groups - 1) {
+    if (g == flush_at) {  // every FLUSH_GROUPS groups, and after the last one
       // Bytes k and 8 + k of each 16 land in word k of each 8: slot k % 8 either way.
       low_words = _mm512_add_epi16(low_words, _mm512_add_epi16(
           _mm512_unpacklo_epi8(low_bytes, zero), _mm512_unpackhi_epi8(low_bytes, zero)));
       high_words = _mm512_add_epi16(high_words, _mm512_add_epi16(
           _mm512_unpacklo_epi8(high_bytes, zero), _mm512_unpackhi_epi8(high_bytes, zero)));
       low_bytes = high_bytes = zero;
+      flush_at = std::min(groups, g + 1 + FLUSH_GROUPS) - 1;
     }
   }
   // Word lane i counts slot i % 8 of its half: the four 128-bit quarters add up to the
