@@ -7,7 +7,9 @@ them once: the floor), and native / torch loop, where the loop is what users wri
 without gradstats (baselines.python_loop_log2_stats: per tensor a norm, a NaN/Inf count and,
 with the histogram, a histc of log2|grad|), alternating LOOP_ROUNDS times. "native" is
 ``gradstats.grad_stats`` with ``GRADSTATS_BACKEND=native`` (``gradstats._C``), its Python
-overhead included.
+overhead included. A last row per workload and dtype times collecting the gradients alone
+(the C++ walk from parameters to their ``.grad``, the first step of every call) against the
+same sum: a floor for the whole call.
 
     python -m benchmarks.native_cpu [--workloads gpt2-small,many-small] [--dtypes fp32,bf16]
 """
@@ -67,6 +69,14 @@ def measure(workload: str, dtype_name: str) -> list[str]:
             f"| {workload} | {dtype_name} | {case} | {vs_sum.ours_ms:.2f} | "
             f"{vs_sum.baseline_ms:.2f} | {loop_ms:.1f} | {vs_sum.ratio:.2f}x "
             f"(±{vs_sum.spread:.0%}) | {vs_loop:.3f} |")
+    # The part of a call no pass can avoid: finding every parameter's gradient (the C++
+    # walk, csrc/host_path.cpp). With thousands of small tensors it alone costs about
+    # as much as one sum over all their elements.
+    walk = lambda: native.host_pass(params, True)  # noqa: E731
+    vs_sum = paired_ms(walk, plain_sum, flat.device)
+    lines.append(
+        f"| {workload} | {dtype_name} | collecting the gradients alone | {vs_sum.ours_ms:.2f} | "
+        f"{vs_sum.baseline_ms:.2f} |  | {vs_sum.ratio:.2f}x (±{vs_sum.spread:.0%}) |  |")
     return lines
 
 

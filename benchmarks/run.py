@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import platform
 import shlex
 import sys
@@ -42,6 +43,7 @@ class Case:
     baseline_name: str
     baseline: object
     passes: float  # gradient reads + writes the fastest version must make
+    reset: object = None  # () -> None, untimed before every call: undoes the last one's clip
 
 
 @dataclass
@@ -69,9 +71,13 @@ class Row:
 def cases_for(params) -> list[Case]:
     grads = [p.grad for p in params]
     norm = float(gradstats.get_total_norm(grads))
-    # After the first call the norm equals max_norm and the coefficient stays just under 1
-    # (max / (max + 1e-6)), so every repeat scales without shrinking the gradients to zero.
+    # Every clipping call starts from the same gradients (restored untimed) and scales them
+    # by 0.5. Without the reset, repeats find the norm at max_norm already: gradstats'
+    # float32 coefficient max / (max + 1e-6) rounds to 1.0 and it skips the scale, while
+    # torch multiplies by 1.0, so the case would time different work on the two sides.
     clipping = 0.5 * norm
+    saved = [grad.clone() for grad in grads]
+    restore = functools.partial(torch._foreach_copy_, grads, saved)
     return [
         Case("clip, no clipping needed", lambda: gradstats.fused_clip_grad_norm_(params, 1e9),
              "torch clip_grad_norm_", lambda: torch.nn.utils.clip_grad_norm_(params, 1e9), 1),
@@ -79,7 +85,8 @@ def cases_for(params) -> list[Case]:
              "torch clip_grad_norm_(foreach=False)",
              lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=False), 1),
         Case("clip, clipping needed", lambda: gradstats.fused_clip_grad_norm_(params, clipping),
-             "torch clip_grad_norm_", lambda: torch.nn.utils.clip_grad_norm_(params, clipping), 3),
+             "torch clip_grad_norm_", lambda: torch.nn.utils.clip_grad_norm_(params, clipping), 3,
+             restore),
         Case("get_total_norm", lambda: gradstats.get_total_norm(grads),
              "torch get_total_norm", lambda: torch.nn.utils.get_total_norm(grads), 1),
         Case("stats: norms + NaN/Inf", lambda: gradstats.grad_stats(params, histogram=False),
@@ -91,7 +98,7 @@ def cases_for(params) -> list[Case]:
         Case("stats + histogram + clip", lambda: gradstats.grad_stats(params, max_norm=clipping),
              "torch clip_grad_norm_ + Python loop + histc",
              lambda: (torch.nn.utils.clip_grad_norm_(params, clipping),
-                      python_loop_stats_with_histogram(params)), 3),
+                      python_loop_stats_with_histogram(params)), 3, restore),
     ]
 
 
@@ -126,7 +133,7 @@ def run(device: torch.device, workloads: list[str], dtypes: list[str]) -> list[R
         for step, case in enumerate(cases, 1):
             print(f"\r[{index}/{len(jobs)}] {workload} {dtype_name}: {step}/{len(cases)} "
                   f"{case.name:<28}", end="", file=sys.stderr, flush=True)
-            timed = paired_ms(case.ours, case.baseline, device)
+            timed = paired_ms(case.ours, case.baseline, device, case.reset)
             row = Row(workload, dtype_name, case.name, case.baseline_name, timed.ours_ms,
                       timed.baseline_ms, timed.ratio, timed.spread,
                       int(case.passes * nbytes), floor, extra if step == 1 else {})

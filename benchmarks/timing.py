@@ -19,6 +19,8 @@ import torch
 # CPU rounds: at least MIN_ROUNDS and MIN_SECONDS of timing per pair, at most MAX_ROUNDS.
 MIN_ROUNDS = 9
 MAX_ROUNDS = 41
+# CUDA calls timed one by one after an untimed reset (median_ms with before_each).
+CUDA_RESET_REPEATS = 50
 MIN_SECONDS = 2.0
 
 
@@ -33,29 +35,67 @@ class Paired:
     rounds: int
 
 
-def median_ms(fn, device: torch.device) -> float:
-    """Median time of ``fn()`` in milliseconds, warmed up."""
+def median_ms(fn, device: torch.device, before_each=None) -> float:
+    """Median time of ``fn()`` in milliseconds, warmed up. ``before_each``: run untimed
+    before every call (restoring what the previous call changed)."""
     if device.type == "cuda":
+        if before_each is not None:
+            return _cuda_events_median_ms(fn, before_each, device)
         import triton.testing
 
         # do_bench flushes L2 between repeats and times with CUDA events.
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    reset = before_each or _nothing
+    reset()
     fn()
-    samples = [_cpu_ms(fn) for _ in range(MIN_ROUNDS)]
+    samples = []
+    for _ in range(MIN_ROUNDS):
+        reset()
+        samples.append(_cpu_ms(fn))
     return statistics.median(samples)
 
 
-def paired_ms(ours, baseline, device: torch.device) -> Paired:
-    """Time ``ours()`` against ``baseline()``; on CPUs interleaved round by round."""
+def _cuda_events_median_ms(fn, before_each, device: torch.device) -> float:
+    """``fn()`` alone between two CUDA events, ``before_each()`` queued before the first:
+    do_bench would time the reset too. No L2 flush: the reset itself leaves its last
+    writes in L2, as the backward before a real clip does."""
+    before_each()
+    fn()
+    torch.cuda.synchronize(device)
+    events = []
+    for _ in range(CUDA_RESET_REPEATS):
+        before_each()
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _nothing() -> None:
+    pass
+
+
+def paired_ms(ours, baseline, device: torch.device, before_each=None) -> Paired:
+    """Time ``ours()`` against ``baseline()``; on CPUs interleaved round by round.
+    ``before_each``: run untimed before every call of either (see :func:`median_ms`)."""
     if device.type == "cuda":
-        ours_ms, baseline_ms = median_ms(ours, device), median_ms(baseline, device)
+        ours_ms = median_ms(ours, device, before_each)
+        baseline_ms = median_ms(baseline, device, before_each)
         return Paired(ours_ms, baseline_ms, ours_ms / baseline_ms, 0.0, 0)
-    ours(), baseline()  # warm-up: plan caches, first-call allocations
+    reset = before_each or _nothing
+    for fn in (ours, baseline):  # warm-up: plan caches, first-call allocations
+        reset()
+        fn()
     ours_samples, baseline_samples = [], []
     start = time.perf_counter()
     while len(ours_samples) < MAX_ROUNDS and (
             len(ours_samples) < MIN_ROUNDS or time.perf_counter() - start < MIN_SECONDS):
+        reset()
         ours_samples.append(_cpu_ms(ours))
+        reset()
         baseline_samples.append(_cpu_ms(baseline))
     ratios = [a / b for a, b in zip(ours_samples, baseline_samples)]
     median_ratio = statistics.median(ratios)
