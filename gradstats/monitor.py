@@ -79,7 +79,8 @@ class GradMonitor:
             ``"warn"``: a :class:`NonFiniteGradientWarning` naming the step and parameters,
             once per run of non-finite steps, when the counts reach the host (a step or so
             later); after five, the alarms go to the ``gradstats`` logger. Under
-            ``torch.distributed`` only the rank that writes (see ``all_ranks``) warns.
+            ``torch.distributed`` only the rank that writes (see ``all_ranks``) warns; another
+            rank whose tracked activations saw where the NaN/Inf was born logs that.
             ``"raise"``: ``step()`` waits for the counts and raises ``RuntimeError`` before
             clipping, so nothing is modified (on every rank). ``"skip"``: that step's
             optimizer update becomes a no-op (needs ``optimizer=`` or :meth:`attach`; on

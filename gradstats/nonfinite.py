@@ -36,8 +36,9 @@ class NonFiniteGradientWarning(RuntimeWarning):
 class NonFinitePolicy:
     """``on_nonfinite`` for steps whose counts have landed: a warning once per run of
     non-finite steps (``"warn"``, ``"skip"``), a call per step (a callable), nothing
-    (``"ignore"``; ``"raise"`` acted at the step). ``announce=False``: no warning or log
-    line (another rank of a distributed run says it; the callable is still called)."""
+    (``"ignore"``; ``"raise"`` acted at the step). ``announce=False``: no warning (another
+    rank of a distributed run says it; the callable is still called), except that where
+    this rank's tracked activations name the NaN/Inf's origin, it goes to the logger."""
 
     def __init__(self, action: str | Callable[[int, dict[str, int]], None],
                  announce: bool = True):
@@ -61,14 +62,22 @@ class NonFinitePolicy:
             return
         if callable(self.action):
             self.action(step, found)
-        elif first_of_run and self.announce and self.action in ("warn", "skip"):
-            self._alarm(step, found, origin)
+        elif first_of_run and self.action in ("warn", "skip"):
+            if self.announce:
+                self._alarm(step, found, origin)
+            elif origin:
+                # Activations are each rank's own (its batch): the announcing rank may not
+                # have seen where this NaN/Inf was born, and would warn without it.
+                logger.warning(self._message(step, found, origin))
 
-    def _alarm(self, step: int, found: dict[str, int], origin: dict | None) -> None:
+    def _message(self, step: int, found: dict[str, int], origin: dict | None) -> str:
         what = "its optimizer update was skipped" if self.action == "skip" else (
             "later steps are not reported until the gradients are finite again")
-        message = (f"gradstats: NaN/Inf gradients first appeared at step {step} in "
-                   f"{describe(found)}{describe_origin(origin)}; {what}")
+        return (f"gradstats: NaN/Inf gradients first appeared at step {step} in "
+                f"{describe(found)}{describe_origin(origin)}; {what}")
+
+    def _alarm(self, step: int, found: dict[str, int], origin: dict | None) -> None:
+        message = self._message(step, found, origin)
         self.alarms += 1
         if self.alarms <= MAX_WARNINGS:
             if self.alarms == MAX_WARNINGS:

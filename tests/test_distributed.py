@@ -783,6 +783,38 @@ def check_monitor_warns_once_per_global_event(rank, world):
         assert called == [0, 1]
 
 
+def check_monitor_nan_origin_on_a_silent_rank_is_logged(rank, world):
+    """Tracked activations are each rank's own: a NaN born in rank 1's forward reaches
+    every rank's gradients, but only rank 1 knows where it was born. Rank 0 warns; rank 1
+    does not warn, and logs the origin, which would otherwise be lost."""
+    import logging
+    gradstats = _gradstats()
+    model, _ = _fsdp_pair(world)
+    if rank == 1:
+        def poison(module, inputs, output):
+            output = output.clone()
+            output[0, 0, 0] = math.nan
+            return output
+        model.embed.register_forward_hook(poison)
+    monitor = gradstats.GradMonitor(model, sinks=None, track_activations=True)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("gradstats")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(torch.arange(10).reshape(2, 5)).backward()
+            monitor.step()
+            monitor.close()
+    finally:
+        logger.removeHandler(handler)
+    assert _nonfinite_warnings(caught) == (1 if rank == 0 else 0), caught
+    born = [message for message in logged if "born in module 'embed' (forward)" in message]
+    assert len(born) == (1 if rank == 1 else 0), logged
+
+
 # -- suite "mesh2d": 4 ranks -----------------------------------------------------------------
 def _mesh2d_setup(world):
     from torch.distributed.device_mesh import init_device_mesh
@@ -900,6 +932,7 @@ SUITES = {
         check_monitor_fsdp2_records_equal_one_process,
         check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
         check_monitor_warns_once_per_global_event,
+        check_monitor_nan_origin_on_a_silent_rank_is_logged,
     ],
     "mesh2d": [
         check_mesh2d_and_two_meshes_equal_one_process,
