@@ -646,6 +646,29 @@ def _fsdp_pair(world):
     return model, reference
 
 
+def check_fsdp2_gradients_keep_their_specs_so_layouts_are_cached(rank, world):
+    """FSDP2 builds each step's gradient on its parameter's one DTensorSpec: the second
+    step finds every layout in distributed._layouts_by_spec, and the figures stay right."""
+    gradstats = _gradstats()
+    from gradstats import distributed
+    model, reference = _fsdp_pair(world)
+    tokens = torch.randint(0, 11, (2, 5))
+    specs, totals = [], []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        model(tokens).backward()
+        reference(tokens).backward()
+        specs.append([q.grad._spec for q in model.parameters()])
+        totals.append((gradstats.get_total_norm([q.grad for q in model.parameters()]),
+                       torch.nn.utils.get_total_norm([q.grad for q in reference.parameters()])))
+    assert all(a is b for a, b in zip(*specs))  # the cache's premise
+    cached = distributed._layouts_by_spec._entries
+    assert all(cached[id(spec)][0]() is spec for spec in specs[1])
+    for ours, expected in totals:
+        _close(ours.full_tensor(), expected)
+
+
 def check_routed_torch_clipping_runs_gradstats_on_fsdp2(rank, world):
     """route_torch_clipping(): torch.nn.utils' functions, called on FSDP2 gradients, run
     gradstats (its collectives are ``dist.all_reduce`` calls, torch's are not) and give
@@ -929,6 +952,7 @@ SUITES = {
         check_ddp_with_and_without_bucket_view,
         check_fsdp2_equals_torch_and_one_process,
         check_routed_torch_clipping_runs_gradstats_on_fsdp2,
+        check_fsdp2_gradients_keep_their_specs_so_layouts_are_cached,
         check_monitor_fsdp2_records_equal_one_process,
         check_monitor_nan_on_one_rank_every_rank_raises_or_skips,
         check_monitor_warns_once_per_global_event,
@@ -950,3 +974,83 @@ WORLD = {"mesh1d": 2, "mesh2d": 4}
     for suite, checks in SUITES.items() for check in checks])
 def test_distributed(suite, check):
     _outcome(suite, WORLD[suite], check)
+
+
+# -- the layout cache across calls (no processes: fake specs) ------------------------------
+class _FakePlacement:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def is_shard(self):
+        return self.kind == "shard"
+
+    def is_partial(self):
+        return self.kind == "partial"
+
+    def __hash__(self):  # by value, as torch's placements hash
+        return hash(self.kind)
+
+    def __eq__(self, other):
+        return isinstance(other, _FakePlacement) and other.kind == self.kind
+
+
+class _FakeMesh:
+    def __init__(self):
+        self.group_lookups = 0
+
+    def size(self, dim):
+        return 2
+
+    def get_group(self, dim):
+        self.group_lookups += 1
+        return f"group-{dim}"
+
+
+class _FakeSpec:
+    def __init__(self, mesh, *kinds):
+        self.mesh, self.placements = mesh, tuple(map(_FakePlacement, kinds))
+
+
+class _FakeGrad:
+    def __init__(self, spec):
+        self._spec = spec
+
+
+def test_layout_cache_serves_a_spec_seen_in_an_earlier_call_by_identity():
+    from gradstats.distributed import _LayoutsBySpec
+
+    cache, mesh = _LayoutsBySpec(), _FakeMesh()
+    cache.check_world("world")
+    grads = [_FakeGrad(_FakeSpec(mesh, "shard", "replicate")) for _ in range(3)]
+    first = [cache.get(grad, {}) for grad in grads]  # separate calls: no per-call sharing
+    assert first == [(["group-0"], False)] * 3 and mesh.group_lookups == 3
+    assert [cache.get(grad, {}) for grad in grads] == first
+    assert mesh.group_lookups == 3  # nothing recomputed
+
+
+def test_layout_cache_never_returns_the_entry_of_a_dead_spec():
+    from gradstats.distributed import _LayoutsBySpec
+
+    cache, mesh = _LayoutsBySpec(), _FakeMesh()
+    cache.check_world("world")
+    dead = _FakeSpec(mesh, "shard")
+    cache.get(_FakeGrad(dead), {})
+    (entry_id, (ref, layout)), = cache._entries.items()
+    new = _FakeSpec(mesh, "partial", "shard")
+    del dead
+    assert ref() is None
+    cache._entries[id(new)] = (ref, layout)  # as if `new` reused the dead spec's id
+    assert cache.get(_FakeGrad(new), {}) == (["group-1"], True)
+
+
+def test_layout_cache_is_emptied_under_a_new_default_group():
+    from gradstats.distributed import _LayoutsBySpec
+
+    cache, mesh = _LayoutsBySpec(), _FakeMesh()
+    spec = _FakeSpec(mesh, "shard")
+    cache.check_world("world")
+    cache.get(_FakeGrad(spec), {})
+    cache.check_world("world")
+    assert cache._entries
+    cache.check_world("another world")
+    assert not cache._entries
