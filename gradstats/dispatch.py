@@ -20,8 +20,10 @@ the compiled kernel it needs, so a kernel never compiles inside CUDA-graph captu
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +117,18 @@ def native_plan_key(facts: native.HostFacts) -> PlanKey:
                    facts.key_hash)
 
 
+@functools.cache
+def _triton_launchers() -> types.SimpleNamespace:
+    """The Triton launchers, imported on first use (importing gradstats never imports
+    triton) and kept: an import statement in the call costs ~1.4 us even when the module is
+    loaded, several times per call on a path whose host time is counted in tens of us."""
+    from .kernels import apply, finalize, stats
+
+    return types.SimpleNamespace(accumulate_stats_=stats.accumulate_stats_,
+                                 finalize_=finalize.finalize_, scale_=apply.scale_,
+                                 clamp_=apply.clamp_)
+
+
 def on_device(device: torch.device):
     """The guard every Triton launch runs under: the tensors' CUDA device is current, so
     Triton launches on it, on its current stream. Nothing for other devices."""
@@ -144,8 +158,7 @@ def accumulate_stats(
 
 
 def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
-    from .kernels.stats import accumulate_stats_
-
+    accumulate_stats_ = _triton_launchers().accumulate_stats_
     device = plan.device
     n = len(tensors)
     power = torch.empty(n, dtype=torch.float64, device=device)
@@ -245,8 +258,7 @@ def finalize(
             or FP32_MAX < abs(max_norm) < math.inf):
         return reference.finalize(power, p, kind, max_norm, norms_dtype)
 
-    from .kernels.finalize import finalize_
-
+    finalize_ = _triton_launchers().finalize_
     norms = torch.empty(power.shape, dtype=norms_dtype, device=power.device)
     total = torch.empty((), dtype=norms_dtype, device=power.device)
     clip_coef = torch.empty((), dtype=norms_dtype, device=power.device)
@@ -300,8 +312,7 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
         if backend is not Backend.TRITON:
             reference.scale_(_each_view_once(group), coef)
             continue
-        from .kernels.apply import scale_ as triton_scale_
-
+        triton_scale_ = _triton_launchers().scale_
         plan = plan or plan_for(group, device)
         # Every launch is announced before the first one: a refusal in capture must come
         # before any gradient is scaled, never between two dtype groups.
@@ -325,8 +336,7 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
         if backend is not Backend.TRITON:
             reference.clamp_(_each_view_once(group), lo, hi)
             continue
-        from .kernels.apply import clamp_ as triton_clamp_
-
+        triton_clamp_ = _triton_launchers().clamp_
         plan = plan_for(group, device)
         left_over = [group[i] for i in plan.update_fallback]
         # Kernel scalars are fp32; clamping fp64 to a rounded bound would differ from
