@@ -128,3 +128,21 @@ def test_numel_tensor_reads_every_count():
     counts = native.numel_tensor(tensors)
     assert counts.dtype == torch.int64
     assert counts.tolist() == [0, 15, 0, 7]
+
+
+def test_grad_stats_compiles_with_fullgraph_and_gives_eager_results(monkeypatch):
+    # collect_stats reads element counts while dynamo traces it: numel_tensor must step
+    # aside before touching native._load (an lru_cache dynamo traces into, reaching
+    # torch.library.register_fake, which it refuses to trace).
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    torch.manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 300, CHUNK + 1)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    expected = gradstats.grad_stats(params)
+    torch._dynamo.reset()
+    seen = torch.compile(gradstats.grad_stats, backend="aot_eager", fullgraph=True)(params)
+    torch.testing.assert_close(seen.norms, expected.norms, rtol=0, atol=0)
+    assert torch.equal(seen.numel, torch.tensor([5, 300, CHUNK + 1]))
+    assert torch.equal(seen.hist, expected.hist) and torch.equal(seen.nonfinite,
+                                                                 expected.nonfinite)
