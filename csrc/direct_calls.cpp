@@ -21,6 +21,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <Python.h>
@@ -106,6 +107,10 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs;
   {
     WithoutGil released;
+    // The dispatcher records every op call for torch.profiler; without this record the
+    // pass would vanish from its traces. (No arguments: the profiler records a list's
+    // shapes as empty anyway.) Inactive, it costs a thread-local read.
+    RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
     outputs = cpu_stats_of(tensors.data(), tensors.size(), p, norm_kind, num_bins, min_exp);
   }
   PyObject* parts[] = {THPVariable_Wrap(std::get<0>(outputs)),

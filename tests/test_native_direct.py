@@ -146,3 +146,13 @@ def test_grad_stats_compiles_with_fullgraph_and_gives_eager_results(monkeypatch)
     assert torch.equal(seen.numel, torch.tensor([5, 300, CHUNK + 1]))
     assert torch.equal(seen.hist, expected.hist) and torch.equal(seen.nonfinite,
                                                                  expected.nonfinite)
+
+
+def test_the_profiler_sees_the_direct_call_as_the_op():
+    # The dispatcher records every op call for torch.profiler; the direct call must too, or
+    # the statistics pass vanishes from traces (its time lands in its caller's).
+    tensors = [torch.randn(8), torch.randn(3, 4)]
+    with torch.profiler.profile() as profile:
+        assert direct(tensors) is not None
+    names = [event.name for event in profile.events()]
+    assert names.count("gradstats::cpu_stats") == 1
