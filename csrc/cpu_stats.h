@@ -9,8 +9,8 @@
 namespace gradstats {
 
 // gradstats::cpu_stats on grads[0, n): (power float64 [n], nonfinite int64 [n], hist int64
-// [n, num_bins]). The tensors are borrowed, not copied: the caller keeps them alive, and
-// no reference count changes here (see csrc/direct_calls.cpp for why that matters).
+// [n, num_bins]). The tensors are borrowed, not copied: the caller keeps them alive (and
+// owned, see csrc/direct_calls.cpp), and no reference count changes here.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
     const at::Tensor* const* grads, int64_t n, double p, int64_t norm_kind, int64_t num_bins,
     int64_t min_exp);

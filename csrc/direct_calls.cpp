@@ -4,9 +4,10 @@
 // Why: the dispatcher's boxed call of gradstats::cpu_stats copies every tensor of the list
 // into an IValue and back. A copy of a tensor that has a Python object takes a reference
 // on that object too, and dropping it takes the GIL's mutex: about 150 ns per tensor, 0.6
-// ms of a 4,500-gradient call before any element is read. Here each tensor is read
-// through the reference its Python object already holds (THPVariable_Unpack), so no
-// reference count moves, and the pass runs with the GIL released.
+// ms of a 4,500-gradient call before any element is read. Here each tensor is unpacked
+// from its Python object (THPVariable_Unpack) and copied once with the GIL held, so its
+// reference moves without taking the GIL's mutex (~50 ns a tensor; see ListedTensors for
+// why the pass must hold them), and the pass runs with the GIL released.
 //
 // When it declines: it returns None, and the caller uses the registered op, for anything
 // the dispatcher would treat differently from a plain CPU tensor: a tensor subclass, a
@@ -21,6 +22,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <Python.h>
@@ -42,15 +44,18 @@ const c10::DispatchKeySet kPlainCpu({c10::DispatchKey::CPU, c10::DispatchKey::AD
                                      c10::DispatchKey::AutogradCPU,
                                      c10::DispatchKey::AutocastCPU});
 
-// The list's tensors, each held by a new reference while the GIL is released (another
-// thread may change the list meanwhile), and the tensor each Python object holds.
-class BorrowedTensors {
+// The list's tensors, read under the GIL. With `hold`, each is copied (a reference to its
+// TensorImpl, as the op's boxed arguments take) for a pass run with the GIL released:
+// another thread may meanwhile change the list or drop the tensors, and
+// torch.utils.swap_tensors refuses a tensor another owner holds, but swaps one only its
+// Python object holds, whose TensorImpl then goes to the other object, which may be freed
+// mid-pass. Copies are made and dropped with the GIL held (a copy of a tensor with a Python
+// object references that object too). Without `hold`, pointers into the Python objects,
+// for reads that keep the GIL.
+class ListedTensors {
  public:
-  ~BorrowedTensors() {
-    for (PyObject* object : objects_) Py_DECREF(object);
-  }
   // False when some item is not served here (see the header); the caller returns None.
-  bool take(PyObject* items) {
+  bool take(PyObject* items, bool hold) {
     if (!PyList_Check(items) && !PyTuple_Check(items)) return false;
     if (at::impl::torch_function_mode_enabled()) return false;
     if (!kAlwaysIncluded.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_)) {
@@ -58,14 +63,19 @@ class BorrowedTensors {
     }
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
     PyObject** item = PySequence_Fast_ITEMS(items);
-    objects_.reserve(n);
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_CheckExact(item[i])) return false;
       const at::Tensor& tensor = THPVariable_Unpack(item[i]);
       if (!tensor.defined() || !kPlainCpu.isSupersetOf(tensor.key_set())) return false;
-      objects_.push_back(Py_NewRef(item[i]));
       tensors_.push_back(&tensor);
+    }
+    if (hold) {
+      held_.assign(tensors_.size(), at::Tensor());
+      for (size_t t = 0; t < tensors_.size(); ++t) {
+        held_[t] = *tensors_[t];
+        tensors_[t] = &held_[t];
+      }
     }
     return true;
   }
@@ -73,8 +83,8 @@ class BorrowedTensors {
   int64_t size() const { return static_cast<int64_t>(tensors_.size()); }
 
  private:
-  std::vector<PyObject*> objects_;
   std::vector<const at::Tensor*> tensors_;
+  std::vector<at::Tensor> held_;  // with `hold`: dropped with the GIL held (see above)
 };
 
 // Releases the GIL for its scope (an exception thrown inside takes it back on the way out).
@@ -101,11 +111,15 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   const long long num_bins = PyLong_AsLongLong(args[3]);
   const long long min_exp = PyLong_AsLongLong(args[4]);
   if (PyErr_Occurred()) return nullptr;
-  BorrowedTensors tensors;
-  if (!tensors.take(args[0])) Py_RETURN_NONE;
+  ListedTensors tensors;  // declared before `released` below: dropped with the GIL
+  if (!tensors.take(args[0], /*hold=*/true)) Py_RETURN_NONE;
   std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs;
   {
     WithoutGil released;
+    // The dispatcher records every op call for torch.profiler; without this record the
+    // pass would vanish from its traces. (No arguments: the profiler records a list's
+    // shapes as empty anyway.) Inactive, it costs a thread-local read.
+    RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
     outputs = cpu_stats_of(tensors.data(), tensors.size(), p, norm_kind, num_bins, min_exp);
   }
   PyObject* parts[] = {THPVariable_Wrap(std::get<0>(outputs)),
@@ -128,8 +142,8 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
 // header). map(Tensor.numel) is a Python call per tensor: 0.3 ms at 4,500 gradients.
 PyObject* numel_list(PyObject* /*module*/, PyObject* items) {
   HANDLE_TH_ERRORS
-  BorrowedTensors tensors;
-  if (!tensors.take(items)) Py_RETURN_NONE;
+  ListedTensors tensors;
+  if (!tensors.take(items, /*hold=*/false)) Py_RETURN_NONE;  // the GIL is kept
   at::Tensor numel = at::empty({tensors.size()}, at::TensorOptions().dtype(at::kLong));
   int64_t* out = numel.data_ptr<int64_t>();
   for (int64_t t = 0; t < tensors.size(); ++t) out[t] = tensors.data()[t]->numel();

@@ -226,10 +226,11 @@ def _accumulate_on_native(tensors, p, kind, num_bins, min_exp, tensors_route: Ro
 
 
 def _native_stats(tensors, p, kind, num_bins, min_exp):
-    """``native.cpu_stats`` on readable tensors. Detached only where the op could record
-    autograd history: every public entry point runs under ``torch.no_grad``, and a detach
-    (a new tensor object per gradient) cost more host time than the whole pass at 4,500
-    gradients."""
+    """``native.cpu_stats`` on readable tensors: called directly, beside the dispatcher,
+    where :func:`native.cpu_stats_direct` serves the list; otherwise the op, its inputs
+    detached only where it could record autograd history: every public entry point runs
+    under ``torch.no_grad``, and a detach (a new tensor object per gradient) cost more host
+    time than the whole pass at 4,500 gradients."""
     outputs = native.cpu_stats_direct(tensors, p, kind, num_bins, min_exp)
     if outputs is not None:
         return outputs

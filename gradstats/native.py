@@ -76,9 +76,11 @@ def cpu_stats_direct(
     mode, another device, tracing: see csrc/direct_calls.cpp). Its outputs need no detach:
     they are new tensors, and no autograd graph is recorded for them. The dispatcher's
     boxed call costs ~150 ns per tensor (0.6 ms at 4,500 gradients)."""
-    _require()
+    # Before _load: dynamo traces into its lru_cache, and on to register_fake, which it
+    # refuses to trace.
     if torch.compiler.is_compiling():  # traced code calls the op
         return None
+    _require()
     return _extension().cpu_stats_list(tensors, float(p), int(kind), num_bins, min_exp)
 
 
@@ -86,7 +88,7 @@ def numel_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The element counts of a list of plain CPU tensors as an int64 tensor, read in C++
     (a Python call per tensor cost 0.3 ms at 4,500 gradients); None when the native layer
     is missing or the list holds anything else."""
-    if _load() is not None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _load() is not None:  # (the order: see above)
         return None
     return _extension().numel_list(tensors)
 

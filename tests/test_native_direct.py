@@ -2,6 +2,9 @@
 counts on a Python list, beside the dispatcher. They must give the op's exact results, and
 step aside (return None) wherever the dispatcher would do more than call the CPU kernel."""
 import math
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -128,3 +131,81 @@ def test_numel_tensor_reads_every_count():
     counts = native.numel_tensor(tensors)
     assert counts.dtype == torch.int64
     assert counts.tolist() == [0, 15, 0, 7]
+
+
+def test_grad_stats_compiles_with_fullgraph_and_gives_eager_results(monkeypatch):
+    # collect_stats reads element counts while dynamo traces it: numel_tensor must step
+    # aside before touching native._load (an lru_cache dynamo traces into, reaching
+    # torch.library.register_fake, which it refuses to trace).
+    monkeypatch.setenv("GRADSTATS_BACKEND", "native")
+    torch.manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 300, CHUNK + 1)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    expected = gradstats.grad_stats(params)
+    torch._dynamo.reset()
+    seen = torch.compile(gradstats.grad_stats, backend="aot_eager", fullgraph=True)(params)
+    torch.testing.assert_close(seen.norms, expected.norms, rtol=0, atol=0)
+    assert torch.equal(seen.numel, torch.tensor([5, 300, CHUNK + 1]))
+    assert torch.equal(seen.hist, expected.hist) and torch.equal(seen.nonfinite,
+                                                                 expected.nonfinite)
+
+
+def test_the_profiler_sees_the_direct_call_as_the_op():
+    # The dispatcher records every op call for torch.profiler; the direct call must too, or
+    # the statistics pass vanishes from traces (its time lands in its caller's).
+    tensors = [torch.randn(8), torch.randn(3, 4)]
+    with torch.profiler.profile() as profile:
+        assert direct(tensors) is not None
+    names = [event.name for event in profile.events()]
+    assert names.count("gradstats::cpu_stats") == 1
+
+
+def test_swap_tensors_is_refused_while_the_pass_reads_the_tensor():
+    # The op's boxed arguments hold each TensorImpl, so torch.utils.swap_tensors refuses to
+    # swap a listed tensor mid-pass. Holding only its Python object let the swap through,
+    # handing the TensorImpl being read to the other object, whose release then freed it
+    # mid-pass (a crash). Here `other` stays alive: the old code fails the assert instead.
+    torch.manual_seed(3)
+    tensor, other = torch.randn(1 << 24), torch.randn(1 << 24)
+    expected = op([tensor], p=3.0, num_bins=0)
+    started, finished, outcome = threading.Event(), threading.Event(), {}
+
+    def swap_mid_pass():
+        started.wait()
+        time.sleep(0.02)  # the pass (std::pow per element: ~0.15 s) runs, the GIL released
+        try:
+            torch.utils.swap_tensors(tensor, other)
+            outcome["swapped"] = True
+        except RuntimeError:  # torch's refusal (the text varies by version)
+            outcome["swapped"] = False
+        outcome["mid_pass"] = not finished.is_set()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    swapper = threading.Thread(target=swap_mid_pass)
+    swapper.start()
+    try:
+        started.set()
+        seen = direct([tensor], p=3.0, num_bins=0)
+        finished.set()
+    finally:
+        swapper.join(timeout=60)
+        torch.set_num_threads(threads)
+    if outcome["mid_pass"]:  # (a machine slow to schedule the swapper proves nothing)
+        assert not outcome["swapped"]
+    assert torch.equal(seen[0], expected[0])
+
+
+def test_direct_call_leaves_reference_counts_as_they_were_on_success_and_error():
+    tensor, gaps = torch.randn(100), torch.randn(10)[::2]
+    before = sys.getrefcount(tensor), sys.getrefcount(gaps)
+    for _ in range(3):
+        assert direct([tensor, tensor]) is not None
+        with pytest.raises(RuntimeError, match="contiguous or permuted-dense"):
+            direct([tensor, gaps])
+        with pytest.raises(RuntimeError, match="num_bins"):
+            direct([tensor], num_bins=1)
+        assert direct([tensor, "not a tensor"]) is None
+    assert (sys.getrefcount(tensor), sys.getrefcount(gaps)) == before
+    assert tensor._use_count() == 1  # no C++ owner left behind either
