@@ -707,9 +707,18 @@ bool vector_counting() {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
-    const at::Tensor* const* grads, int64_t n, double p, int64_t norm_kind, int64_t num_bins,
-    int64_t min_exp) {
+// What StatsPass::run reads and writes: the work list built from the tensors' metadata.
+struct StatsPass::Plan {
+  std::vector<WorkItem> items;
+  std::vector<int64_t> first_item;          // tensor t's items: [first_item[t], first_item[t + 1])
+  std::vector<int64_t> first_item_of_task;  // task k runs items [its entry, the next)
+  int64_t norm_kind = 0, num_bins = 0, min_exp = 0;
+  double p = 0;
+};
+
+StatsPass::StatsPass(const at::Tensor* const* grads, int64_t n, double p, int64_t norm_kind,
+                     int64_t num_bins, int64_t min_exp)
+    : plan_(std::make_unique<Plan>()) {
   TORCH_CHECK(norm_kind >= INF && norm_kind <= LP, "gradstats::cpu_stats: bad norm_kind ",
               norm_kind);
   // gradstats' own checks (checks.py) keep to these ranges; a direct caller of the op gets
@@ -718,16 +727,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
               "gradstats::cpu_stats: num_bins must be 0 or in [2, 1024], got ", num_bins);
   TORCH_CHECK(min_exp >= -1100 && min_exp <= 1100,
               "gradstats::cpu_stats: min_exp must be in [-1100, 1100], got ", min_exp);
+  Plan& plan = *plan_;
+  plan.norm_kind = norm_kind;
+  plan.p = p;
+  plan.num_bins = num_bins;
+  plan.min_exp = min_exp;
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   auto i64 = at::TensorOptions().dtype(at::kLong);
-  at::Tensor power = at::zeros({n}, f64);
-  at::Tensor nonfinite = at::zeros({n}, i64);
-  at::Tensor hist = at::zeros({n, num_bins}, i64);
+  power_ = at::zeros({n}, f64);
+  nonfinite_ = at::zeros({n}, i64);
+  hist_ = at::zeros({n, num_bins}, i64);
 
   // The work list: every tensor's chunks in order, so each tensor's slots are adjacent.
-  std::vector<WorkItem> items;
-  std::vector<int64_t> first_item(n + 1);
-  std::vector<int64_t> first_item_of_task{0};  // task k runs items [its entry, the next)
+  plan.first_item.resize(n + 1);
+  plan.first_item_of_task.push_back(0);
   int64_t task_load = 0;
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& g = *grads[t];
@@ -742,42 +755,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                     dtype == at::kHalf,
                 "gradstats::cpu_stats reads float32/float64/bfloat16/float16, got ", dtype);
-    first_item[t] = static_cast<int64_t>(items.size());
+    plan.first_item[t] = static_cast<int64_t>(plan.items.size());
     const int64_t numel = g.numel();
     if (numel == 0) continue;
     const auto* data = static_cast<const char*>(g.const_data_ptr());
     const int64_t element_size = static_cast<int64_t>(g.element_size());
     for (int64_t start = 0; start < numel; start += CHUNK) {
-      items.push_back({t, data + start * element_size, std::min(CHUNK, numel - start), dtype,
-                       numel <= CHUNK});
+      plan.items.push_back({t, data + start * element_size, std::min(CHUNK, numel - start),
+                            dtype, numel <= CHUNK});
       // Tasks: consecutive items, cut once they hold TASK_ELEMENTS (see the header).
-      task_load += items.back().size + ITEM_OVERHEAD_ELEMENTS;
+      task_load += plan.items.back().size + ITEM_OVERHEAD_ELEMENTS;
       if (task_load >= TASK_ELEMENTS) {
-        first_item_of_task.push_back(static_cast<int64_t>(items.size()));
+        plan.first_item_of_task.push_back(static_cast<int64_t>(plan.items.size()));
         task_load = 0;
       }
     }
   }
-  first_item[n] = static_cast<int64_t>(items.size());
-  if (task_load > 0) first_item_of_task.push_back(static_cast<int64_t>(items.size()));
+  plan.first_item[n] = static_cast<int64_t>(plan.items.size());
+  if (task_load > 0) {
+    plan.first_item_of_task.push_back(static_cast<int64_t>(plan.items.size()));
+  }
+}
 
-  std::vector<double> partial_power(items.size());
-  const Pass pass{items, norm_kind, p, num_bins, min_exp, vector_counting(),
-                  partial_power.data(),
-                  nonfinite.data_ptr<int64_t>(), hist.data_ptr<int64_t>()};
+StatsPass::~StatsPass() = default;
+
+void StatsPass::run() {
+  const Plan& plan = *plan_;
+  std::vector<double> partial_power(plan.items.size());
+  const Pass pass{plan.items, plan.norm_kind, plan.p, plan.num_bins, plan.min_exp,
+                  vector_counting(), partial_power.data(),
+                  nonfinite_.data_ptr<int64_t>(), hist_.data_ptr<int64_t>()};
   const RunItems run = run_items_for_this_cpu();
-  const auto n_tasks = static_cast<int64_t>(first_item_of_task.size()) - 1;
+  const auto& tasks = plan.first_item_of_task;
+  const auto n_tasks = static_cast<int64_t>(tasks.size()) - 1;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    run(pass, first_item_of_task[begin], first_item_of_task[end]);
+    run(pass, tasks[begin], tasks[end]);
   });
 
   // Chunk partials summed per tensor in index order (the max for the inf-norm, NaN first).
-  double* power_out = power.data_ptr<double>();
+  double* power_out = power_.data_ptr<double>();
+  const int64_t n = power_.numel();
   for (int64_t t = 0; t < n; ++t) {
     double total = 0;
-    for (int64_t k = first_item[t]; k < first_item[t + 1]; ++k) {
+    for (int64_t k = plan.first_item[t]; k < plan.first_item[t + 1]; ++k) {
       double part = partial_power[k];
-      if (norm_kind == INF) {
+      if (plan.norm_kind == INF) {
         total = (part > total || std::isnan(part)) && !std::isnan(total) ? part : total;
       } else {
         total += part;
@@ -785,7 +807,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
     }
     power_out[t] = total;
   }
-  return {power, nonfinite, hist};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_stats_of(
+    const at::Tensor* const* grads, int64_t n, double p, int64_t norm_kind, int64_t num_bins,
+    int64_t min_exp) {
+  StatsPass pass(grads, n, p, norm_kind, num_bins, min_exp);
+  pass.run();
+  return pass.outputs();
 }
 
 namespace {

@@ -4,17 +4,16 @@
 // Why: the dispatcher's boxed call of gradstats::cpu_stats copies every tensor of the list
 // into an IValue and back. A copy of a tensor that has a Python object takes a reference
 // on that object too, and dropping it takes the GIL's mutex: about 150 ns per tensor, 0.6
-// ms of a 4,500-gradient call before any element is read. Here each tensor is unpacked
-// from its Python object (THPVariable_Unpack) and copied once with the GIL held, so its
-// reference moves without taking the GIL's mutex (~50 ns a tensor; see ListedTensors for
-// why the pass must hold them), and the pass runs with the GIL released.
+// ms of a 4,500-gradient call before any element is read. Here each tensor is read through
+// its Python object (THPVariable_Unpack) with the GIL held, the pass is planned from that
+// (StatsPass: the work list, the outputs, any error), and it runs with the GIL released,
+// holding only the tensors' storages (see HeldStorages for why it must hold something).
 //
 // When it declines: it returns None, and the caller uses the registered op, for anything
 // the dispatcher would treat differently from a plain CPU tensor: a tensor subclass, a
 // torch function or dispatch mode, functorch transforms (any key in the thread's included
 // set), negative or conjugate views, other devices: any dispatch key a plain CPU tensor
-// lacks. Under torch.compile the caller never comes here (the
-// op is what gets traced).
+// lacks. Under torch.compile the caller never comes here (the op is what gets traced).
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -44,18 +43,13 @@ const c10::DispatchKeySet kPlainCpu({c10::DispatchKey::CPU, c10::DispatchKey::AD
                                      c10::DispatchKey::AutogradCPU,
                                      c10::DispatchKey::AutocastCPU});
 
-// The list's tensors, read under the GIL. With `hold`, each is copied (a reference to its
-// TensorImpl, as the op's boxed arguments take) for a pass run with the GIL released:
-// another thread may meanwhile change the list or drop the tensors, and
-// torch.utils.swap_tensors refuses a tensor another owner holds, but swaps one only its
-// Python object holds, whose TensorImpl then goes to the other object, which may be freed
-// mid-pass. Copies are made and dropped with the GIL held (a copy of a tensor with a Python
-// object references that object too). Without `hold`, pointers into the Python objects,
-// for reads that keep the GIL.
+// The list's tensors, read under the GIL: pointers into their Python objects (no
+// reference count moves; a copy of a tensor with a Python object would reference that
+// object too, and dropping it takes the GIL's mutex).
 class ListedTensors {
  public:
   // False when some item is not served here (see the header); the caller returns None.
-  bool take(PyObject* items, bool hold) {
+  bool take(PyObject* items) {
     if (!PyList_Check(items) && !PyTuple_Check(items)) return false;
     if (at::impl::torch_function_mode_enabled()) return false;
     if (!kAlwaysIncluded.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_)) {
@@ -70,13 +64,6 @@ class ListedTensors {
       if (!tensor.defined() || !kPlainCpu.isSupersetOf(tensor.key_set())) return false;
       tensors_.push_back(&tensor);
     }
-    if (hold) {
-      held_.assign(tensors_.size(), at::Tensor());
-      for (size_t t = 0; t < tensors_.size(); ++t) {
-        held_[t] = *tensors_[t];
-        tensors_[t] = &held_[t];
-      }
-    }
     return true;
   }
   const at::Tensor* const* data() const { return tensors_.data(); }
@@ -84,7 +71,26 @@ class ListedTensors {
 
  private:
   std::vector<const at::Tensor*> tensors_;
-  std::vector<at::Tensor> held_;  // with `hold`: dropped with the GIL held (see above)
+};
+
+// The storages of tensors, held while a pass reads their data with the GIL released.
+// Another thread may meanwhile change the list, drop the tensors, or give a tensor's
+// TensorImpl to another object (torch.utils.swap_tensors swaps one that only its Python
+// object holds) and free it: the pointers ListedTensors took are then dangling. A pass
+// planned under the GIL (StatsPass) reads only the data, and a storage holds that memory
+// (a reference to its StorageImpl: a few ns, no Python object involved, where a copy of
+// each tensor cost ~50 ns).
+class HeldStorages {
+ public:
+  explicit HeldStorages(const ListedTensors& tensors) {
+    storages_.reserve(tensors.size());
+    for (int64_t t = 0; t < tensors.size(); ++t) {
+      storages_.push_back(tensors.data()[t]->storage());
+    }
+  }
+
+ private:
+  std::vector<c10::Storage> storages_;
 };
 
 // Releases the GIL for its scope (an exception thrown inside takes it back on the way out).
@@ -111,17 +117,20 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   const long long num_bins = PyLong_AsLongLong(args[3]);
   const long long min_exp = PyLong_AsLongLong(args[4]);
   if (PyErr_Occurred()) return nullptr;
-  ListedTensors tensors;  // declared before `released` below: dropped with the GIL
-  if (!tensors.take(args[0], /*hold=*/true)) Py_RETURN_NONE;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs;
+  ListedTensors tensors;
+  if (!tensors.take(args[0])) Py_RETURN_NONE;
+  // Planned under the GIL (the tensors' metadata read, errors raised), run without it.
+  StatsPass pass(tensors.data(), tensors.size(), p, norm_kind, num_bins, min_exp);
+  const HeldStorages held(tensors);  // declared before `released`: dropped with the GIL
   {
     WithoutGil released;
     // The dispatcher records every op call for torch.profiler; without this record the
     // pass would vanish from its traces. (No arguments: the profiler records a list's
     // shapes as empty anyway.) Inactive, it costs a thread-local read.
     RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
-    outputs = cpu_stats_of(tensors.data(), tensors.size(), p, norm_kind, num_bins, min_exp);
+    pass.run();
   }
+  const auto outputs = pass.outputs();
   PyObject* parts[] = {THPVariable_Wrap(std::get<0>(outputs)),
                        THPVariable_Wrap(std::get<1>(outputs)),
                        THPVariable_Wrap(std::get<2>(outputs))};
@@ -143,7 +152,7 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
 PyObject* numel_list(PyObject* /*module*/, PyObject* items) {
   HANDLE_TH_ERRORS
   ListedTensors tensors;
-  if (!tensors.take(items, /*hold=*/false)) Py_RETURN_NONE;  // the GIL is kept
+  if (!tensors.take(items)) Py_RETURN_NONE;  // the GIL is kept
   at::Tensor numel = at::empty({tensors.size()}, at::TensorOptions().dtype(at::kLong));
   int64_t* out = numel.data_ptr<int64_t>();
   for (int64_t t = 0; t < tensors.size(); ++t) out[t] = tensors.data()[t]->numel();
