@@ -385,6 +385,27 @@ def check_bad_arguments(rank):
     assert len(ours._forward_pre_hooks) == forward_hooks  # the refused one left nothing
 
 
+def check_triton_clip_marks_gradients_changed(rank):
+    # A Triton kernel writes through raw pointers: the scale must still bump the version
+    # counters, or the partials of the unclipped gradients would be reused (clipping twice).
+    from gradstats.backend import interpreter_enabled, triton_importable
+    if not (triton_importable() and interpreter_enabled()):
+        return  # Triton on CPU tensors needs the interpreter (the CUDA case is the same code)
+    os.environ["GRADSTATS_BACKEND"] = "triton"
+    try:
+        ours, reference = _pair(view=True)
+        hook = _hook(ours, 2.0, histogram=False)
+        _backward(ours, rank, 0)
+        _backward(reference, rank, 0)
+        for _ in range(2):  # the second call finds the clipped gradients
+            total = hook.clip_grad_norm_(0.5)
+            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+            _assert_grads_close(ours, reference)
+            assert not hook.ready
+    finally:
+        del os.environ["GRADSTATS_BACKEND"]
+
+
 CHECKS = [
     check_clip_matches_torch_over_norm_types_and_bucket_view,
     check_several_buckets_are_used,
@@ -399,6 +420,7 @@ CHECKS = [
     check_unused_parameters_with_find_unused,
     check_static_graph,
     check_bad_arguments,
+    check_triton_clip_marks_gradients_changed,
 ]
 
 
