@@ -43,6 +43,11 @@ from .stats import GradStats, finalize_partials, grad_stats
 
 __all__ = ["DDPStatsHook"]
 
+# Gathers kept per hook: one per (bucket layouts, kept set). A model whose unused
+# parameters vary (a mixture of experts under find_unused_parameters=True) can give a new
+# kept set every step; the oldest gather goes first beyond this many.
+MAX_CACHED_GATHERS = 32
+
 _GRAD_OF = operator.attrgetter("grad")
 _VERSION_OF = torch.Tensor._version.__get__  # read at C speed under map()
 
@@ -156,9 +161,9 @@ class DDPStatsHook:
         self._names = [name for name, _ in named]
         self._params = [param for _, param in named]
         self._position_of = {id(param): i for i, param in enumerate(self._params)}
-        # Bounded: DDP's initial buckets and its one rebuild (plus the kept sets a model's
-        # unused parameters give).
+        # Bounded: DDP's initial buckets and its one rebuild.
         self._layouts: dict[tuple, _BucketLayout] = {}  # (index, parameter ids) -> layout
+        # (layout ids, kept set, device) -> gather; at most MAX_CACHED_GATHERS, oldest out.
         self._gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._lock = threading.Lock()  # bucket callbacks may finish on other threads
         self._generation = 0
@@ -308,6 +313,8 @@ class DDPStatsHook:
             numel = torch.tensor([self._params[position].numel() for position in wanted],
                                  dtype=torch.int64)
             gather = rows.to(device), numel.to(device)
+        if len(self._gathers) >= MAX_CACHED_GATHERS:
+            del self._gathers[next(iter(self._gathers))]
         self._gathers[key] = gather
         return gather
 

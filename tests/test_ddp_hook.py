@@ -406,6 +406,40 @@ def check_triton_clip_marks_gradients_changed(rank):
         del os.environ["GRADSTATS_BACKEND"]
 
 
+class _Experts(torch.nn.Module):
+    def __init__(self, count):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(6, 2) for _ in range(count))
+
+    def forward(self, x, chosen):
+        return sum(self.experts[i](x).sum() for i in chosen)
+
+
+def check_varying_unused_sets_keep_the_gather_cache_bounded(rank):
+    import itertools
+
+    from gradstats.ddp_hook import MAX_CACHED_GATHERS
+    torch.manual_seed(0)
+    experts = _Experts(8)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ours = DDP(copy.deepcopy(experts), find_unused_parameters=True, bucket_cap_mb=TINY_BUCKETS_MB)
+    reference = DDP(copy.deepcopy(experts), find_unused_parameters=True,
+                    bucket_cap_mb=TINY_BUCKETS_MB)
+    hook = _hook(ours, 2.0, histogram=False)
+    choices = list(itertools.combinations(range(8), 3))  # the same order on every rank
+    assert len(choices) > MAX_CACHED_GATHERS + 8
+    for step, chosen in enumerate(choices):
+        for model in (ours, reference):
+            model.zero_grad(set_to_none=True)
+            model(_batch(rank, step), chosen).backward()
+        total = hook.get_total_norm()
+        if step % 10 == 0:
+            _close(total, _float64_total(_grads(reference), 2.0))
+    assert len(hook._gathers) <= MAX_CACHED_GATHERS, len(hook._gathers)
+    _close(hook.clip_grad_norm_(0.5), torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+    _assert_grads_close(ours, reference)
+
+
 CHECKS = [
     check_clip_matches_torch_over_norm_types_and_bucket_view,
     check_several_buckets_are_used,
@@ -421,6 +455,7 @@ CHECKS = [
     check_static_graph,
     check_bad_arguments,
     check_triton_clip_marks_gradients_changed,
+    check_varying_unused_sets_keep_the_gather_cache_bounded,
 ]
 
 
