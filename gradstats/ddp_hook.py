@@ -158,6 +158,13 @@ class DDPStatsHook:
         self._wrapped_hook = wrapped_hook
         self._wrapped_state = wrapped_state
         named = list(unwrap_model(ddp_model).named_parameters())
+        complex_names = [name for name, param in named if param.is_complex()]
+        if complex_names:
+            # DDP averages a complex gradient as its real pairs, while the bucket's views
+            # count complex elements: the partials would describe half of each gradient.
+            raise TypeError("DDPStatsHook does not support complex parameters, got "
+                            + ", ".join(repr(name) for name in complex_names)
+                            + "; use gradstats' functions after backward instead")
         self._names = [name for name, _ in named]
         self._params = [param for _, param in named]
         self._position_of = {id(param): i for i, param in enumerate(self._params)}

@@ -440,6 +440,24 @@ def check_varying_unused_sets_keep_the_gather_cache_bounded(rank):
     _assert_grads_close(ours, reference)
 
 
+class _ComplexNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.phase = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64))
+
+    def forward(self, x):
+        return (self.phase * x).abs().sum()
+
+
+def check_complex_parameters_are_refused(rank):
+    # DDP averages a complex gradient as its real pairs, while the bucket's views count
+    # complex elements: the per-bucket partials would read half of it.
+    import gradstats
+    model = torch.nn.parallel.DistributedDataParallel(_ComplexNet())
+    with pytest.raises(TypeError, match="complex.*'phase'"):
+        gradstats.DDPStatsHook(model)
+
+
 CHECKS = [
     check_clip_matches_torch_over_norm_types_and_bucket_view,
     check_several_buckets_are_used,
@@ -456,6 +474,7 @@ CHECKS = [
     check_bad_arguments,
     check_triton_clip_marks_gradients_changed,
     check_varying_unused_sets_keep_the_gather_cache_bounded,
+    check_complex_parameters_are_refused,
 ]
 
 
