@@ -13,8 +13,11 @@ The partials are used only when they describe the gradients as they are at the c
 - every bucket of the last backward reported (a ``no_sync()`` step runs no hook at all);
 - no forward through the DDP model started since that backward began;
 - every gradient is the tensor it was when DDP finished that backward, with the same
-  version counter: an in-place change after backward (``GradScaler.unscale_``, a manual
-  edit, a clip that scaled) or a new gradient (``zero_grad``, accumulation) shows;
+  version counter: an in-place torch op after backward (a manual edit, a clip that scaled)
+  or a new gradient (``zero_grad``, accumulation) shows. A change that leaves the counter
+  alone does not: ``GradScaler.unscale_`` (torch's unscale op does not bump it) and edits
+  through ``.data`` leave the partials of the gradients as averaged in use, so the hook is
+  not for use with a ``GradScaler``;
 - every parameter holding a gradient sits in a bucket (DDP skips ignored parameters).
 
 Otherwise the methods run the post-backward pass on ``p.grad``: the same results, for one
@@ -277,7 +280,9 @@ class DDPStatsHook:
     @property
     def ready(self) -> bool:
         """Whether the partials describe the gradients as they are now, so the next call
-        only finalizes (and scales); False means it reads ``p.grad`` again."""
+        only finalizes (and scales); False means it reads ``p.grad`` again. Changes that
+        leave the version counters alone (``GradScaler.unscale_``, edits through
+        ``.data``) are not seen."""
         grads = [grad for grad in map(_GRAD_OF, self._params) if grad is not None]
         return bool(grads) and self._usable_partials(grads) is not None
 

@@ -280,7 +280,7 @@ def check_gradient_edit_after_backward_falls_back(rank):
         hook = _hook(ours, 1.0)
         _backward(ours, rank, 0)
         _backward(reference, rank, 0)
-        for model in (ours, reference):  # what GradScaler.unscale_ does
+        for model in (ours, reference):  # an in-place torch op (GradScaler's op is not seen)
             for grad in _grads(model):
                 grad.mul_(0.125)
         assert not hook.ready
