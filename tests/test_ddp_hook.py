@@ -355,6 +355,24 @@ def check_unused_parameters_with_find_unused(rank):
             _assert_grads_close(ours, reference)
 
 
+def check_globally_unused_parameter_keeping_its_gradient(rank):
+    # DDP copies a kept gradient into the bucket even where the parameter went unused on
+    # every rank, and leaves the gradient alone after: bucket and gradient agree without
+    # zeroing (here they accumulate over steps).
+    for view in (False, True):
+        ours, reference = _pair(view, find_unused=True)
+        hook = _hook(ours, 2.0)
+        for step, use_spare in enumerate((True, False, False)):
+            for model in (ours, reference):
+                model(_batch(rank, step), use_spare=use_spare).backward()
+            assert hook.ready, (view, step)
+            assert ours.module.spare.weight.grad.abs().sum() > 0
+            _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
+            total = hook.clip_grad_norm_(0.5)
+            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+            _assert_grads_close(ours, reference)
+
+
 def check_static_graph(rank):
     # DDP averages every bucket from its end-of-backward callback in the first iteration.
     ours, reference = _pair(view=True, static_graph=True)
@@ -470,6 +488,7 @@ CHECKS = [
     check_wrapped_user_hook,
     check_nan_on_one_rank_raises_on_every_rank,
     check_unused_parameters_with_find_unused,
+    check_globally_unused_parameter_keeping_its_gradient,
     check_static_graph,
     check_bad_arguments,
     check_triton_clip_marks_gradients_changed,
