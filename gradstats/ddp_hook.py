@@ -161,7 +161,9 @@ class DDPStatsHook:
         self._wrapped_hook = wrapped_hook
         self._wrapped_state = wrapped_state
         named = list(unwrap_model(ddp_model).named_parameters())
-        complex_names = [name for name, param in named if param.is_complex()]
+        # Frozen ones are fine: DDP leaves them out of its buckets.
+        complex_names = [name for name, param in named
+                         if param.is_complex() and param.requires_grad]
         if complex_names:
             # DDP averages a complex gradient as its real pairs, while the bucket's views
             # count complex elements: the partials would describe half of each gradient.
