@@ -10,7 +10,8 @@ step only the finalize (norms, total norm, clip coefficient) and the scale pass 
 The partials are used only when they describe the gradients as they are at the call
 (:attr:`DDPStatsHook.ready`):
 
-- every bucket of the last backward reported (a ``no_sync()`` step runs no hook at all);
+- every bucket of the last backward reported (a ``no_sync()`` step runs no hook at all; a
+  sparse gradient's bucket never does);
 - no forward through the DDP model started since that backward began;
 - every gradient is the tensor it was when DDP finished that backward, with the same
   version counter: an in-place torch op after backward (a manual edit, a clip that scaled)
@@ -199,6 +200,10 @@ class DDPStatsHook:
         generation = self._generation
         if bucket.is_last():
             self._bucket_count = index + 1
+        if bucket.buffer().layout != torch.strided:
+            # A sparse gradient (nn.Embedding(sparse=True)) gets a bucket of its own, with no
+            # flat buffer to split: its partials stay missing, so the calls read p.grad.
+            return self._wrapped_hook(self._wrapped_state, bucket)
         layout = self._layout_of(bucket)
         future = self._wrapped_hook(self._wrapped_state, bucket)
         return future.then(functools.partial(self._read_bucket, generation, index, layout))

@@ -478,6 +478,38 @@ def check_complex_parameters_are_refused(rank):
         gradstats.DDPStatsHook(model)
 
 
+class _SparseNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 6, sparse=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens)).sum()
+
+
+def check_sparse_gradient_falls_back(rank):
+    # DDP gives a sparse gradient a bucket of its own, with no flat buffer to split: the
+    # hook must average it untouched and let the calls read p.grad.
+    torch.manual_seed(0)
+    net = _SparseNet()
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ours, reference = DDP(copy.deepcopy(net)), DDP(copy.deepcopy(net))
+    hook = _hook(ours, 2.0)
+    for step in range(2):  # the first iteration's buckets, then the rebuilt ones
+        for model in (ours, reference):
+            model.zero_grad(set_to_none=True)
+            model(torch.tensor([1, 2, 3 + rank + step])).backward()
+        assert not hook.ready
+        dense = [g.to_dense() for g in _grads(reference)]  # torch's clip takes no sparse
+        expected = _float64_total(dense, 2.0)
+        _close(hook.get_total_norm(), expected)
+        _close(hook.clip_grad_norm_(0.5), expected)
+        coef = 0.5 / (expected + 1e-6)
+        for mine, theirs in zip(_grads(ours), dense, strict=True):
+            _close(mine.to_dense(), theirs.double() * coef)
+
+
 CHECKS = [
     check_clip_matches_torch_over_norm_types_and_bucket_view,
     check_several_buckets_are_used,
@@ -496,6 +528,7 @@ CHECKS = [
     check_triton_clip_marks_gradients_changed,
     check_varying_unused_sets_keep_the_gather_cache_bounded,
     check_complex_parameters_are_refused,
+    check_sparse_gradient_falls_back,
 ]
 
 
