@@ -409,6 +409,7 @@ def check_triton_clip_marks_gradients_changed(rank):
     from gradstats.backend import interpreter_enabled, triton_importable
     if not (triton_importable() and interpreter_enabled()):
         return  # Triton on CPU tensors needs the interpreter (the CUDA case is the same code)
+    previous = os.environ.get("GRADSTATS_BACKEND")
     os.environ["GRADSTATS_BACKEND"] = "triton"
     try:
         ours, reference = _pair(view=True)
@@ -421,7 +422,10 @@ def check_triton_clip_marks_gradients_changed(rank):
             _assert_grads_close(ours, reference)
             assert not hook.ready
     finally:
-        del os.environ["GRADSTATS_BACKEND"]
+        if previous is None:
+            del os.environ["GRADSTATS_BACKEND"]
+        else:
+            os.environ["GRADSTATS_BACKEND"] = previous
 
 
 class _Experts(torch.nn.Module):
