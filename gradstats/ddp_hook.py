@@ -10,11 +10,15 @@ step only the finalize (norms, total norm, clip coefficient) and the scale pass 
 The partials are used only when they describe the gradients as they are at the call
 (:attr:`DDPStatsHook.ready`):
 
-- every bucket of the last backward reported (a ``no_sync()`` step runs no hook at all);
+- every bucket of the last backward reported (a ``no_sync()`` step runs no hook at all; a
+  sparse gradient's bucket never does);
 - no forward through the DDP model started since that backward began;
 - every gradient is the tensor it was when DDP finished that backward, with the same
-  version counter: an in-place change after backward (``GradScaler.unscale_``, a manual
-  edit, a clip that scaled) or a new gradient (``zero_grad``, accumulation) shows;
+  version counter: an in-place torch op after backward (a manual edit, a clip that scaled)
+  or a new gradient (``zero_grad``, accumulation) shows. A change that leaves the counter
+  alone does not: ``GradScaler.unscale_`` (torch's unscale op does not bump it) and edits
+  through ``.data`` leave the partials of the gradients as averaged in use, so the hook is
+  not for use with a ``GradScaler``;
 - every parameter holding a gradient sits in a bucket (DDP skips ignored parameters).
 
 Otherwise the methods run the post-backward pass on ``p.grad``: the same results, for one
@@ -42,6 +46,11 @@ from .params import norm_result_dtype, unwrap_model
 from .stats import GradStats, finalize_partials, grad_stats
 
 __all__ = ["DDPStatsHook"]
+
+# Gathers kept per hook: one per (bucket layouts, kept set). A model whose unused
+# parameters vary (a mixture of experts under find_unused_parameters=True) can give a new
+# kept set every step; the oldest gather goes first beyond this many.
+MAX_CACHED_GATHERS = 32
 
 _GRAD_OF = operator.attrgetter("grad")
 _VERSION_OF = torch.Tensor._version.__get__  # read at C speed under map()
@@ -153,12 +162,21 @@ class DDPStatsHook:
         self._wrapped_hook = wrapped_hook
         self._wrapped_state = wrapped_state
         named = list(unwrap_model(ddp_model).named_parameters())
+        # Frozen ones are fine: DDP leaves them out of its buckets.
+        complex_names = [name for name, param in named
+                         if param.is_complex() and param.requires_grad]
+        if complex_names:
+            # DDP averages a complex gradient as its real pairs, while the bucket's views
+            # count complex elements: the partials would describe half of each gradient.
+            raise TypeError("DDPStatsHook does not support complex parameters, got "
+                            + ", ".join(repr(name) for name in complex_names)
+                            + "; use gradstats' functions after backward instead")
         self._names = [name for name, _ in named]
         self._params = [param for _, param in named]
         self._position_of = {id(param): i for i, param in enumerate(self._params)}
-        # Bounded: DDP's initial buckets and its one rebuild (plus the kept sets a model's
-        # unused parameters give).
+        # Bounded: DDP's initial buckets and its one rebuild.
         self._layouts: dict[tuple, _BucketLayout] = {}  # (index, parameter ids) -> layout
+        # (layout ids, kept set, device) -> gather; at most MAX_CACHED_GATHERS, oldest out.
         self._gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._lock = threading.Lock()  # bucket callbacks may finish on other threads
         self._generation = 0
@@ -182,6 +200,10 @@ class DDPStatsHook:
         generation = self._generation
         if bucket.is_last():
             self._bucket_count = index + 1
+        if bucket.buffer().layout != torch.strided:
+            # A sparse gradient (nn.Embedding(sparse=True)) gets a bucket of its own, with no
+            # flat buffer to split: its partials stay missing, so the calls read p.grad.
+            return self._wrapped_hook(self._wrapped_state, bucket)
         layout = self._layout_of(bucket)
         future = self._wrapped_hook(self._wrapped_state, bucket)
         return future.then(functools.partial(self._read_bucket, generation, index, layout))
@@ -265,7 +287,9 @@ class DDPStatsHook:
     @property
     def ready(self) -> bool:
         """Whether the partials describe the gradients as they are now, so the next call
-        only finalizes (and scales); False means it reads ``p.grad`` again."""
+        only finalizes (and scales); False means it reads ``p.grad`` again. Changes that
+        leave the version counters alone (``GradScaler.unscale_``, edits through
+        ``.data``) are not seen."""
         grads = [grad for grad in map(_GRAD_OF, self._params) if grad is not None]
         return bool(grads) and self._usable_partials(grads) is not None
 
@@ -308,6 +332,8 @@ class DDPStatsHook:
             numel = torch.tensor([self._params[position].numel() for position in wanted],
                                  dtype=torch.int64)
             gather = rows.to(device), numel.to(device)
+        if len(self._gathers) >= MAX_CACHED_GATHERS:
+            del self._gathers[next(iter(self._gathers))]
         self._gathers[key] = gather
         return gather
 

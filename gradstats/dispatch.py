@@ -322,8 +322,16 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
         with on_device(device):
             for work in plan.update_groups:
                 triton_scale_(work, coef)
+        _mark_written(group)
         if plan.update_fallback:
             reference.scale_([group[i] for i in plan.update_fallback], coef)
+
+
+def _mark_written(tensors: list[torch.Tensor]) -> None:
+    # What torch's in-place ops (and the native pass) do: a Triton kernel writes through
+    # raw pointers, so without this the tensors' version counters would not show the
+    # change (autograd's saved-tensor checks and DDPStatsHook.ready rely on them).
+    torch.autograd.graph.increment_version(tensors)
 
 
 def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
@@ -351,6 +359,7 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
         with on_device(device):
             for work in launched:
                 triton_clamp_(work, lo, hi)
+        _mark_written(group)
         if left_over:
             reference.clamp_(left_over, lo, hi)
 

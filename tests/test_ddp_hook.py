@@ -280,7 +280,7 @@ def check_gradient_edit_after_backward_falls_back(rank):
         hook = _hook(ours, 1.0)
         _backward(ours, rank, 0)
         _backward(reference, rank, 0)
-        for model in (ours, reference):  # what GradScaler.unscale_ does
+        for model in (ours, reference):  # an in-place torch op (GradScaler's op is not seen)
             for grad in _grads(model):
                 grad.mul_(0.125)
         assert not hook.ready
@@ -355,6 +355,24 @@ def check_unused_parameters_with_find_unused(rank):
             _assert_grads_close(ours, reference)
 
 
+def check_globally_unused_parameter_keeping_its_gradient(rank):
+    # DDP copies a kept gradient into the bucket even where the parameter went unused on
+    # every rank, and leaves the gradient alone after: bucket and gradient agree without
+    # zeroing (here they accumulate over steps).
+    for view in (False, True):
+        ours, reference = _pair(view, find_unused=True)
+        hook = _hook(ours, 2.0)
+        for step, use_spare in enumerate((True, False, False)):
+            for model in (ours, reference):
+                model(_batch(rank, step), use_spare=use_spare).backward()
+            assert hook.ready, (view, step)
+            assert ours.module.spare.weight.grad.abs().sum() > 0
+            _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
+            total = hook.clip_grad_norm_(0.5)
+            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+            _assert_grads_close(ours, reference)
+
+
 def check_static_graph(rank):
     # DDP averages every bucket from its end-of-backward callback in the first iteration.
     ours, reference = _pair(view=True, static_graph=True)
@@ -385,6 +403,117 @@ def check_bad_arguments(rank):
     assert len(ours._forward_pre_hooks) == forward_hooks  # the refused one left nothing
 
 
+def check_triton_clip_marks_gradients_changed(rank):
+    # A Triton kernel writes through raw pointers: the scale must still bump the version
+    # counters, or the partials of the unclipped gradients would be reused (clipping twice).
+    from gradstats.backend import interpreter_enabled, triton_importable
+    if not (triton_importable() and interpreter_enabled()):
+        return  # Triton on CPU tensors needs the interpreter (the CUDA case is the same code)
+    previous = os.environ.get("GRADSTATS_BACKEND")
+    os.environ["GRADSTATS_BACKEND"] = "triton"
+    try:
+        ours, reference = _pair(view=True)
+        hook = _hook(ours, 2.0, histogram=False)
+        _backward(ours, rank, 0)
+        _backward(reference, rank, 0)
+        for _ in range(2):  # the second call finds the clipped gradients
+            total = hook.clip_grad_norm_(0.5)
+            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+            _assert_grads_close(ours, reference)
+            assert not hook.ready
+    finally:
+        if previous is None:
+            del os.environ["GRADSTATS_BACKEND"]
+        else:
+            os.environ["GRADSTATS_BACKEND"] = previous
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self, count):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(6, 2) for _ in range(count))
+
+    def forward(self, x, chosen):
+        return sum(self.experts[i](x).sum() for i in chosen)
+
+
+def check_varying_unused_sets_keep_the_gather_cache_bounded(rank):
+    import itertools
+
+    from gradstats.ddp_hook import MAX_CACHED_GATHERS
+    torch.manual_seed(0)
+    experts = _Experts(8)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ours = DDP(copy.deepcopy(experts), find_unused_parameters=True, bucket_cap_mb=TINY_BUCKETS_MB)
+    reference = DDP(copy.deepcopy(experts), find_unused_parameters=True,
+                    bucket_cap_mb=TINY_BUCKETS_MB)
+    hook = _hook(ours, 2.0, histogram=False)
+    choices = list(itertools.combinations(range(8), 3))  # the same order on every rank
+    assert len(choices) > MAX_CACHED_GATHERS + 8
+    for step, chosen in enumerate(choices):
+        for model in (ours, reference):
+            model.zero_grad(set_to_none=True)
+            model(_batch(rank, step), chosen).backward()
+        total = hook.get_total_norm()
+        if step % 10 == 0:
+            _close(total, _float64_total(_grads(reference), 2.0))
+    assert len(hook._gathers) <= MAX_CACHED_GATHERS, len(hook._gathers)
+    _close(hook.clip_grad_norm_(0.5), torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+    _assert_grads_close(ours, reference)
+
+
+class _ComplexNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.phase = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64))
+        self.frozen = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64),
+                                         requires_grad=False)
+
+    def forward(self, x):
+        return (self.phase * self.frozen * x).abs().sum()
+
+
+def check_complex_parameters_are_refused(rank):
+    # DDP averages a complex gradient as its real pairs, while the bucket's views count
+    # complex elements: the per-bucket partials would read half of it.
+    import gradstats
+    model = torch.nn.parallel.DistributedDataParallel(_ComplexNet())
+    with pytest.raises(TypeError, match="complex parameters, got 'phase';"):
+        gradstats.DDPStatsHook(model)
+
+
+class _SparseNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 6, sparse=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens)).sum()
+
+
+def check_sparse_gradient_falls_back(rank):
+    # DDP gives a sparse gradient a bucket of its own, with no flat buffer to split: the
+    # hook must average it untouched and let the calls read p.grad.
+    torch.manual_seed(0)
+    net = _SparseNet()
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ours, reference = DDP(copy.deepcopy(net)), DDP(copy.deepcopy(net))
+    hook = _hook(ours, 2.0)
+    for step in range(2):  # the first iteration's buckets, then the rebuilt ones
+        for model in (ours, reference):
+            model.zero_grad(set_to_none=True)
+            model(torch.tensor([1, 2, 3 + rank + step])).backward()
+        assert not hook.ready
+        dense = [g.to_dense() for g in _grads(reference)]  # torch's clip takes no sparse
+        expected = _float64_total(dense, 2.0)
+        _close(hook.get_total_norm(), expected)
+        _close(hook.clip_grad_norm_(0.5), expected)
+        coef = 0.5 / (expected + 1e-6)
+        for mine, theirs in zip(_grads(ours), dense, strict=True):
+            _close(mine.to_dense(), theirs.double() * coef)
+
+
 CHECKS = [
     check_clip_matches_torch_over_norm_types_and_bucket_view,
     check_several_buckets_are_used,
@@ -397,8 +526,13 @@ CHECKS = [
     check_wrapped_user_hook,
     check_nan_on_one_rank_raises_on_every_rank,
     check_unused_parameters_with_find_unused,
+    check_globally_unused_parameter_keeping_its_gradient,
     check_static_graph,
     check_bad_arguments,
+    check_triton_clip_marks_gradients_changed,
+    check_varying_unused_sets_keep_the_gather_cache_bounded,
+    check_complex_parameters_are_refused,
+    check_sparse_gradient_falls_back,
 ]
 
 
