@@ -15,10 +15,11 @@ The partials are used only when they describe the gradients as they are at the c
 - no forward through the DDP model started since that backward began;
 - every gradient is the tensor it was when DDP finished that backward, with the same
   version counter: an in-place torch op after backward (a manual edit, a clip that scaled)
-  or a new gradient (``zero_grad``, accumulation) shows. A change that leaves the counter
-  alone does not: ``GradScaler.unscale_`` (torch's unscale op does not bump it) and edits
-  through ``.data`` leave the partials of the gradients as averaged in use, so the hook is
-  not for use with a ``GradScaler``;
+  or a new gradient (``zero_grad``, accumulation) shows. ``GradScaler.unscale_``, whose op
+  bumps no counter, is counted where it is called (see ``_GradScalerWatch``): with a
+  GradScaler the calls therefore read ``p.grad`` again, and the hook only adds work. An
+  edit through ``.data`` leaves the counter alone and is not seen: the partials then
+  describe the gradients as averaged;
 - every parameter holding a gradient sits in a bucket (DDP skips ignored parameters).
 
 Otherwise the methods run the post-backward pass on ``p.grad``: the same results, for one
@@ -82,6 +83,33 @@ class _Snapshot:
     kept: tuple[int, ...] | None  # positions of the parameters with a gradient; None: all
     ids: tuple[int, ...]
     versions: tuple[int, ...]
+    unscales: int  # _GradScalerWatch.calls then
+
+
+class _GradScalerWatch:
+    """Counts ``GradScaler.unscale_`` calls in this process. unscale_ multiplies the
+    gradients in place by an op that bumps no version counter, so a snapshot cannot see it
+    otherwise, and partials taken before it would clip by the scaled norm (by the loss
+    scale, ~65536x too large). The first hook wraps ``torch.amp.GradScaler.unscale_``
+    (which ``torch.cuda.amp.GradScaler`` inherits) once, for the process: the wrapper
+    counts, then calls torch's."""
+
+    calls = 0
+
+    @classmethod
+    def install(cls) -> None:
+        scaler = getattr(torch.amp, "GradScaler", None)
+        if scaler is None or getattr(scaler.unscale_, "_gradstats_counted", False):
+            return
+        unscale = scaler.unscale_
+
+        @functools.wraps(unscale)
+        def counted_unscale_(self, optimizer):
+            cls.calls += 1  # before: an unscale_ that fails may have scaled some gradients
+            return unscale(self, optimizer)
+
+        counted_unscale_._gradstats_counted = True
+        scaler.unscale_ = counted_unscale_
 
 
 def _stats_comm_hook(state, bucket):
@@ -187,6 +215,7 @@ class DDPStatsHook:
         self._snapshot: _Snapshot | None = None
         # The comm hook first: DDP refuses a second one, and then nothing is left registered.
         ddp_model.register_comm_hook(self, _stats_comm_hook)
+        _GradScalerWatch.install()
         ddp_model.register_forward_pre_hook(self._count_forward)
 
     # -- during backward ----------------------------------------------------------------
@@ -281,15 +310,15 @@ class DDPStatsHook:
             kept = tuple(i for i, grad in enumerate(grads) if grad is not None)
             grads = [grads[i] for i in kept]
         self._snapshot = _Snapshot(generation, kept, tuple(map(id, grads)),
-                                   tuple(map(_VERSION_OF, grads)))
+                                   tuple(map(_VERSION_OF, grads)), _GradScalerWatch.calls)
 
     # -- at the step -----------------------------------------------------------------------
     @property
     def ready(self) -> bool:
         """Whether the partials describe the gradients as they are now, so the next call
         only finalizes (and scales); False means it reads ``p.grad`` again. Changes that
-        leave the version counters alone (``GradScaler.unscale_``, edits through
-        ``.data``) are not seen."""
+        leave the version counters alone (edits through ``.data``) are not seen;
+        ``GradScaler.unscale_`` is."""
         grads = [grad for grad in map(_GRAD_OF, self._params) if grad is not None]
         return bool(grads) and self._usable_partials(grads) is not None
 
@@ -298,6 +327,7 @@ class DDPStatsHook:
         from the last backward's buckets, or None when they do not describe ``grads``."""
         snapshot = self._snapshot
         if (snapshot is None or snapshot.generation != self._generation
+                or snapshot.unscales != _GradScalerWatch.calls
                 or self._forwards != self._forwards_at_backward
                 or len(grads) != len(snapshot.ids)
                 or tuple(map(id, grads)) != snapshot.ids

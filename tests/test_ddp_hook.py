@@ -280,12 +280,35 @@ def check_gradient_edit_after_backward_falls_back(rank):
         hook = _hook(ours, 1.0)
         _backward(ours, rank, 0)
         _backward(reference, rank, 0)
-        for model in (ours, reference):  # an in-place torch op (GradScaler's op is not seen)
+        for model in (ours, reference):  # an in-place torch op
             for grad in _grads(model):
                 grad.mul_(0.125)
         assert not hook.ready
         total = hook.clip_grad_norm_(0.5)
         _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5, 1.0))
+        _assert_grads_close(ours, reference)
+
+
+def check_grad_scaler_unscale_falls_back(rank):
+    """GradScaler.unscale_ changes the gradients without bumping a version counter: the
+    hook counts the call and reads p.grad, instead of clipping by the scaled norm."""
+    for view in (False, True):
+        ours, reference = _pair(view)
+        hook = _hook(ours)
+        totals = []
+        for model in (ours, reference):
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            model.zero_grad(set_to_none=True)
+            scaler.scale(model(_batch(rank, 0))).backward()
+            assert model is reference or hook.ready  # nothing has touched them yet
+            scaler.unscale_(optimizer)
+            if model is ours:
+                assert not hook.ready
+                totals.append(hook.clip_grad_norm_(0.5))
+            else:
+                totals.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+        _close(totals[0], totals[1])
         _assert_grads_close(ours, reference)
 
 
@@ -515,6 +538,7 @@ def check_sparse_gradient_falls_back(rank):
 
 
 CHECKS = [
+    check_grad_scaler_unscale_falls_back,
     check_clip_matches_torch_over_norm_types_and_bucket_view,
     check_several_buckets_are_used,
     check_grad_stats_match_post_backward_pass,
