@@ -93,6 +93,14 @@ def numel_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return _extension().numel_list(tensors)
 
 
+def bump_versions(tensors: list[torch.Tensor]) -> bool:
+    """Bumps each tensor's version counter (as an in-place torch op would) in C++; False,
+    doing nothing, without the native layer or when some item is not a tensor."""
+    if torch.compiler.is_compiling() or _load() is not None:
+        return False
+    return _extension().bump_versions(tensors) is not None
+
+
 @functools.cache
 def _extension():
     """``gradstats._C``, once :func:`_load` found it (kept: an import statement per call

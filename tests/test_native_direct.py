@@ -208,3 +208,19 @@ def test_direct_call_leaves_reference_counts_as_they_were_on_success_and_error()
         assert direct([tensor, "not a tensor"]) is None
     assert (sys.getrefcount(tensor), sys.getrefcount(gaps)) == before
     assert tensor._use_count() == 1  # no C++ owner left behind either
+
+
+def test_bump_versions_bumps_each_tensor_once_and_skips_inference_tensors():
+    tensors = [torch.randn(3), torch.randn(2, 2).t(), torch.nn.Parameter(torch.randn(4))]
+    with torch.inference_mode():
+        inference = torch.randn(3)
+    before = [t._version for t in tensors]
+    assert native.bump_versions(tensors + [inference])
+    assert [t._version for t in tensors] == [v + 1 for v in before]
+
+
+def test_bump_versions_does_nothing_for_a_list_holding_a_non_tensor():
+    tensor = torch.randn(3)
+    before = tensor._version
+    assert not native.bump_versions([tensor, "not a tensor"])
+    assert tensor._version == before
