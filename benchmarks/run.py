@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime
 import functools
+import os
 import platform
 import shlex
 import sys
@@ -146,11 +147,24 @@ def run(device: torch.device, workloads: list[str], dtypes: list[str]) -> list[R
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; on these shared machines the same
+    command lands on AMD EPYC or Intel Xeon hosts, whose ratios differ)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, module: str = "benchmarks.run") -> dict:
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     return {
         "device": name,
         "torch": torch.__version__,
