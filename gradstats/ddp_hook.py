@@ -90,18 +90,37 @@ class _GradScalerWatch:
     """Counts ``GradScaler.unscale_`` calls in this process. unscale_ multiplies the
     gradients in place by an op that bumps no version counter, so a snapshot cannot see it
     otherwise, and partials taken before it would clip by the scaled norm (by the loss
-    scale, ~65536x too large). The first hook wraps ``torch.amp.GradScaler.unscale_``
-    (which ``torch.cuda.amp.GradScaler`` inherits) once, for the process: the wrapper
-    counts, then calls torch's."""
+    scale, ~65536x too large). Every hook wraps the ``unscale_`` of
+    ``torch.amp.GradScaler`` (which ``torch.cuda.amp.GradScaler`` inherits) and of each
+    subclass that defines its own (FSDP's ``ShardedGradScaler`` does, without calling
+    torch's), once per class; subclasses defined later are wrapped as they are created.
+    The wrapper counts, then calls the class's own. A subclass's unscale_ that calls its
+    parent's counts twice: only a change of the count matters."""
 
     calls = 0
 
     @classmethod
     def install(cls) -> None:
-        scaler = getattr(torch.amp, "GradScaler", None)
-        if scaler is None or getattr(scaler.unscale_, "_gradstats_counted", False):
+        base = getattr(torch.amp, "GradScaler", None)
+        if base is None:
             return
-        unscale = scaler.unscale_
+        pending = [base]
+        while pending:  # the subclasses defined so far (ShardedGradScaler, once imported)
+            scaler = pending.pop()
+            cls._count_calls_of(scaler)
+            pending.extend(scaler.__subclasses__())
+        if "__init_subclass__" not in base.__dict__:  # and those defined from now on
+            def count_subclass_calls(subclass, **kwargs):
+                super(base, subclass).__init_subclass__(**kwargs)
+                cls._count_calls_of(subclass)
+
+            base.__init_subclass__ = classmethod(count_subclass_calls)
+
+    @classmethod
+    def _count_calls_of(cls, scaler: type) -> None:
+        unscale = scaler.__dict__.get("unscale_")  # its own, not an inherited one
+        if unscale is None or getattr(unscale, "_gradstats_counted", False):
+            return
 
         @functools.wraps(unscale)
         def counted_unscale_(self, optimizer):

@@ -563,3 +563,30 @@ CHECKS = [
 @pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__[len("check_"):])
 def test_ddp_stats_hook(check):
     _assert_ok(check)
+
+
+def test_grad_scaler_watch_counts_subclasses_that_define_their_own_unscale_():
+    """ShardedGradScaler.unscale_ (and any subclass's own) never calls torch.amp's: unless
+    wrapped too, its calls went uncounted and the hook clipped by the scaled norm."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from gradstats.ddp_hook import _GradScalerWatch
+
+    class DefinedBefore(torch.amp.GradScaler):
+        def unscale_(self, optimizer):  # changes gradients, calls no parent
+            return None
+
+    _GradScalerWatch.install()
+
+    class DefinedAfter(DefinedBefore):
+        def unscale_(self, optimizer):
+            return None
+
+    _GradScalerWatch.install()  # a second hook: nothing wrapped twice
+    for scaler in (torch.amp.GradScaler, ShardedGradScaler, DefinedBefore, DefinedAfter):
+        assert scaler.unscale_._gradstats_counted, scaler
+        assert not getattr(scaler.unscale_.__wrapped__, "_gradstats_counted", False), scaler
+    for scaler in (DefinedBefore("cpu"), DefinedAfter("cpu")):
+        before = _GradScalerWatch.calls
+        scaler.unscale_(None)
+        assert _GradScalerWatch.calls == before + 1
