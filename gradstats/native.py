@@ -20,15 +20,23 @@ from . import launch_config
 NATIVE_CHUNK = 16384
 
 
+# The direct calls (csrc/direct_calls.cpp) this Python code calls on the extension.
+_DIRECT_CALLS = ("cpu_stats_list", "numel_list", "bump_versions")
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> str | None:
     """None when the extension loaded and its op is registered; otherwise why not."""
     try:
-        from . import _C  # noqa: F401
+        from . import _C
     except ImportError as error:
         return f"gradstats._C not built: {error}"
     if launch_config.INTERPRETER_CONFIG.chunk != NATIVE_CHUNK:
         return "gradstats._C chunks differ from launch_config.INTERPRETER_CONFIG.chunk"
+    missing = [name for name in _DIRECT_CALLS if not hasattr(_C, name)]
+    if missing:  # a build left in place from an older source tree
+        return (f"gradstats._C is out of date (no {', '.join(missing)}): rebuild it "
+                "(make test, or python setup.py build_ext --inplace)")
     _register_fake()
     return None
 

@@ -12,7 +12,7 @@ import torch
 from helpers import make_params, with_grads
 
 import gradstats
-from gradstats import capture, device_cache, host_path, stats, worklist
+from gradstats import capture, device_cache, host_path, native, stats, worklist
 from gradstats.device_cache import DeviceCache
 
 OTHER_PLANS = worklist.PLAN_CACHE_SIZE + 5
@@ -66,6 +66,9 @@ def fake_cuda(monkeypatch):
     cuda = _FakeCuda()
     monkeypatch.setattr(capture, "capturing", cuda.is_capturing)
     monkeypatch.setattr(device_cache, "streams_of", lambda device: cuda)
+    # CPU tensors stand in for a CUDA device here: the element counts go through the
+    # device cache as CUDA ones do, not through the native layer's count for CPU lists.
+    monkeypatch.setattr(native, "numel_tensor", lambda tensors: None)
     worklist.clear_plan_cache()
     stats._numel_tensors.clear()
     yield cuda
