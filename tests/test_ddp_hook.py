@@ -12,16 +12,14 @@ import copy
 import datetime
 import json
 import math
-import multiprocessing
 import os
-import socket
 import tempfile
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
+from spawned_ranks import free_port, run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -34,12 +32,6 @@ TINY_BUCKETS_MB = 0.0002  # ~200 bytes: the model below spreads over 4 buckets
 
 
 # -- spawning ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -62,20 +54,9 @@ def _rank_main(rank: int, port: int, outdir: str) -> None:
 
 def _run_suite() -> dict[str, list[str]]:
     """Each check's outcome on every rank ("ok", a traceback, or "unfinished")."""
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
-        processes = [context.Process(target=_rank_main, args=(rank, port, outdir))
-                     for rank in range(WORLD)]
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + SUITE_TIMEOUT_S
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+        run_ranks(_rank_main, [(rank, port, outdir) for rank in range(WORLD)], SUITE_TIMEOUT_S)
         outcomes = {check.__name__: [] for check in CHECKS}
         for rank in range(WORLD):
             path = os.path.join(outdir, f"{rank}.json")
@@ -163,6 +144,14 @@ def _assert_grads_close(ours, reference) -> None:
 def _hook(model, p=2.0, **kwargs):
     import gradstats
     return gradstats.DDPStatsHook(model, p, num_bins=BINS, min_exp=MIN_EXP, **kwargs)
+
+
+def _assert_clips_like_torch(hook, ours, reference, torch_norm_type=2.0) -> None:
+    """hook.clip_grad_norm_(0.5) on ``ours`` gives torch's total and gradients on the
+    reference model."""
+    total = hook.clip_grad_norm_(0.5)
+    _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5, torch_norm_type))
+    _assert_grads_close(ours, reference)
 
 
 def _assert_stats_equal_post_backward(stats, model, p) -> None:
@@ -259,9 +248,7 @@ def check_no_sync_step_falls_back_then_sync_step_uses_partials(rank):
             model(_batch(rank, 1)).backward()  # the sync step averages the accumulated sum
         assert hook.ready
         _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
-        total = hook.clip_grad_norm_(0.5)
-        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
-        _assert_grads_close(ours, reference)
+        _assert_clips_like_torch(hook, ours, reference)
 
 
 def check_forward_after_backward_invalidates_partials(rank):
@@ -284,9 +271,7 @@ def check_gradient_edit_after_backward_falls_back(rank):
             for grad in _grads(model):
                 grad.mul_(0.125)
         assert not hook.ready
-        total = hook.clip_grad_norm_(0.5)
-        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5, 1.0))
-        _assert_grads_close(ours, reference)
+        _assert_clips_like_torch(hook, ours, reference, torch_norm_type=1.0)
 
 
 def check_grad_scaler_unscale_falls_back(rank):
@@ -331,9 +316,7 @@ def check_wrapped_user_hook(rank):
             assert hook.ready
             _assert_grads_close(ours, reference)  # fp16 rounding: the same in both
             _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
-            total = hook.clip_grad_norm_(0.5)
-            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
-            _assert_grads_close(ours, reference)
+            _assert_clips_like_torch(hook, ours, reference)
 
 
 def check_nan_on_one_rank_raises_on_every_rank(rank):
@@ -373,9 +356,7 @@ def check_unused_parameters_with_find_unused(rank):
             stats = hook.grad_stats()
             assert ("spare.weight" in stats.names) == (step > 0), stats.names
             _assert_stats_equal_post_backward(stats, ours, 2.0)
-            total = hook.clip_grad_norm_(0.5)
-            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
-            _assert_grads_close(ours, reference)
+            _assert_clips_like_torch(hook, ours, reference)
 
 
 def check_globally_unused_parameter_keeping_its_gradient(rank):
@@ -391,9 +372,7 @@ def check_globally_unused_parameter_keeping_its_gradient(rank):
             assert hook.ready, (view, step)
             assert ours.module.spare.weight.grad.abs().sum() > 0
             _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
-            total = hook.clip_grad_norm_(0.5)
-            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
-            _assert_grads_close(ours, reference)
+            _assert_clips_like_torch(hook, ours, reference)
 
 
 def check_static_graph(rank):
@@ -405,9 +384,7 @@ def check_static_graph(rank):
         _backward(reference, rank, step)
         assert hook.ready, step
         _assert_stats_equal_post_backward(hook.grad_stats(), ours, 2.0)
-        total = hook.clip_grad_norm_(0.5)
-        _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
-        _assert_grads_close(ours, reference)
+        _assert_clips_like_torch(hook, ours, reference)
 
 
 def check_bad_arguments(rank):
@@ -440,9 +417,7 @@ def check_triton_clip_marks_gradients_changed(rank):
         _backward(ours, rank, 0)
         _backward(reference, rank, 0)
         for _ in range(2):  # the second call finds the clipped gradients
-            total = hook.clip_grad_norm_(0.5)
-            _close(total, torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
-            _assert_grads_close(ours, reference)
+            _assert_clips_like_torch(hook, ours, reference)
             assert not hook.ready
     finally:
         if previous is None:

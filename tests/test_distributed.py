@@ -14,17 +14,15 @@ import copy
 import datetime
 import json
 import math
-import multiprocessing
 import os
-import socket
 import tempfile
-import time
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+from spawned_ranks import free_port, run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -37,12 +35,6 @@ COMPOSED_NORM_TYPES = (0.0, -1.0, -0.5, -math.inf)
 
 
 # -- spawning ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(suite: str, rank: int, world: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GRADSTATS_TEST_OUTDIR=outdir)
     torch.set_num_threads(1)
@@ -66,20 +58,10 @@ def _rank_main(suite: str, rank: int, world: int, port: int, outdir: str) -> Non
 
 def _run_suite(suite: str, world: int) -> dict[str, list[str]]:
     """Each check's outcome on every rank ("ok" or a traceback; "unfinished")."""
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
-        processes = [context.Process(target=_rank_main, args=(suite, rank, world, port, outdir))
-                     for rank in range(world)]
-        for process in processes:
-            process.start()
-        deadline = _now() + SUITE_TIMEOUT_S
-        for process in processes:
-            process.join(max(0.0, deadline - _now()))
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+        run_ranks(_rank_main, [(suite, rank, world, port, outdir) for rank in range(world)],
+                  SUITE_TIMEOUT_S)
         outcomes = {check.__name__: [] for check in SUITES[suite]}
         for rank in range(world):
             path = os.path.join(outdir, f"{suite}-{rank}.json")
@@ -88,10 +70,6 @@ def _run_suite(suite: str, world: int) -> dict[str, list[str]]:
                 outcomes[name].append(done.get(name, f"unfinished on rank {rank} (timeout "
                                                       "or crash)"))
     return outcomes
-
-
-def _now() -> float:
-    return time.monotonic()
 
 
 _suite_cache: dict[str, dict[str, list[str]]] = {}
@@ -589,16 +567,8 @@ class _TinyTransformer(torch.nn.Module):
 
 
 def check_fsdp2_equals_torch_and_one_process(rank, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     gradstats = _gradstats()
-    torch.manual_seed(5)
-    reference = _TinyTransformer()
-    model = copy.deepcopy(reference)
-    mesh = init_device_mesh("cpu", (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model, reference = _fsdp_pair(world, seed=5)
     tokens = torch.randint(0, 11, (2, 5))  # the same batch on every rank: grads as one process
     model(tokens).backward()
     reference(tokens).backward()
@@ -633,10 +603,11 @@ def check_fsdp2_equals_torch_and_one_process(rank, world):
             _close(mine, ref.grad, rtol=1e-5, atol=1e-6)
 
 
-def _fsdp_pair(world):
+def _fsdp_pair(world, seed: int = 7):
+    """(the small transformer under FSDP2 fully_shard, an unsharded copy of it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     reference = _TinyTransformer()
     model = copy.deepcopy(reference)
     mesh = init_device_mesh("cpu", (world,))
