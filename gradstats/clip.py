@@ -34,7 +34,6 @@ name parameters. ``foreach`` is accepted for compatibility and has no effect.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -48,6 +47,7 @@ from .checks import (
     describe,
     non_negative_float,
 )
+from .grad_mode import no_grad
 from .host_path import local_gradients_and_route
 from .norms import parse_norm_type
 from .params import ParametersLike, gradients, named_items, norm_result_dtype
@@ -59,15 +59,6 @@ __all__ = [
     "clip_grads_with_norm_",
     "clip_grad_value_",
 ]
-
-
-def _no_grad(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        with torch.no_grad():
-            return func(*args, **kwargs)
-
-    return wrapper
 
 
 def _check_foreach(foreach: bool | None) -> None:
@@ -106,7 +97,7 @@ def _raise_if_nonfinite(result: FusedResult, total: torch.Tensor, p: float,
     )
 
 
-@_no_grad
+@no_grad
 def get_total_norm(
     tensors: ParametersLike,
     norm_type: float = 2.0,
@@ -155,7 +146,7 @@ def get_total_norm(
     return distributed.as_total(total, sharding)
 
 
-@_no_grad
+@no_grad
 def clip_grads_with_norm_(
     parameters: ParametersLike,
     max_norm: float,
@@ -208,7 +199,7 @@ def clip_grads_with_norm_(
     ops.scale_(grads, clip_coef, route)
 
 
-@_no_grad
+@no_grad
 def fused_clip_grad_norm_(
     parameters: ParametersLike,
     max_norm: float,
@@ -270,7 +261,7 @@ def fused_clip_grad_norm_(
     return distributed.as_total(total, sharding)
 
 
-@_no_grad
+@no_grad
 def clip_grad_value_(
     parameters: ParametersLike,
     clip_value: float,

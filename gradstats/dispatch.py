@@ -125,8 +125,12 @@ def _triton_launchers() -> types.SimpleNamespace:
     from .kernels import apply, finalize, stats
 
     return types.SimpleNamespace(accumulate_stats_=stats.accumulate_stats_,
+                                 partial_specs=stats.partial_specs,
                                  finalize_=finalize.finalize_, scale_=apply.scale_,
                                  clamp_=apply.clamp_)
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: it keeps no state between uses
 
 
 def on_device(device: torch.device):
@@ -134,7 +138,7 @@ def on_device(device: torch.device):
     Triton launches on it, on its current stream. Nothing for other devices."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
 
 
 def accumulate_stats(
@@ -158,24 +162,31 @@ def accumulate_stats(
 
 
 def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
-    accumulate_stats_ = _triton_launchers().accumulate_stats_
+    launchers = _triton_launchers()
     device = plan.device
     n = len(tensors)
-    power = torch.empty(n, dtype=torch.float64, device=device)
-    nonfinite = torch.empty(n, dtype=torch.int64, device=device)
-    hist = torch.zeros(n, num_bins, dtype=torch.int64, device=device)
     fallback = list(plan.fallback)
+    launched = []
     for group in plan.groups:
         if kind == NormKind.LP and group.dtype == torch.float64:
             # |x|^p for general p needs log2/exp2; in float64 those are libdevice calls we
             # do not rely on, and float32 ones would lose float64's precision.
             fallback.extend(group.positions)
         else:
-            # The histogram options select constexprs only when the histogram is on.
-            capture.note_launch(
-                ("stats", device, *_kernel_options(group), kind, num_bins,
-                 num_bins and min_exp), device)
-            accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist)
+            launched.append(group)
+    # The outputs, then each launched group's scratch, made in one call.
+    specs = [((n,), torch.float64, False), ((n,), torch.int64, False),
+             ((n, num_bins), torch.int64, True)]
+    for group in launched:
+        specs.extend(launchers.partial_specs(group))
+    power, nonfinite, hist, *partials = native.new_tensors(device, tuple(specs))
+    for index, group in enumerate(launched):
+        # The histogram options select constexprs only when the histogram is on.
+        capture.note_launch(
+            ("stats", device, *_kernel_options(group), kind, num_bins, num_bins and min_exp),
+            device)
+        launchers.accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist,
+                                    partials[2 * index:2 * index + 2])
     _fill_from_reference(tensors, fallback, p, kind, num_bins, min_exp, power, nonfinite, hist)
     return power, nonfinite, hist
 
@@ -260,9 +271,9 @@ def finalize(
         return reference.finalize(power, p, kind, max_norm, norms_dtype)
 
     finalize_ = _triton_launchers().finalize_
-    norms = torch.empty(power.shape, dtype=norms_dtype, device=power.device)
-    total = torch.empty((), dtype=norms_dtype, device=power.device)
-    clip_coef = torch.empty((), dtype=norms_dtype, device=power.device)
+    norms, total, clip_coef = native.new_tensors(
+        power.device, ((power.shape, norms_dtype, False), ((), norms_dtype, False),
+                       ((), norms_dtype, False)))
     capture.note_launch(("finalize", power.device, kind, norms_dtype), power.device)
     with on_device(power.device):
         finalize_(power, kind, max_norm, norms, total, clip_coef)

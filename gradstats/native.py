@@ -21,7 +21,7 @@ NATIVE_CHUNK = 16384
 
 
 # The direct calls (csrc/direct_calls.cpp) this Python code calls on the extension.
-_DIRECT_CALLS = ("cpu_stats_list", "numel_list", "bump_versions")
+_DIRECT_CALLS = ("cpu_stats_list", "numel_list", "bump_versions", "new_tensors")
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,6 +107,22 @@ def bump_versions(tensors: list[torch.Tensor]) -> bool:
     if torch.compiler.is_compiling() or _load() is not None:
         return False
     return _extension().bump_versions(tensors) is not None
+
+
+# (shape, dtype, zeroed): one tensor new_tensors makes.
+TensorSpec = tuple[tuple[int, ...], torch.dtype, bool]
+
+
+def new_tensors(device: torch.device, specs: tuple[TensorSpec, ...]) -> tuple[torch.Tensor, ...]:
+    """New tensors on ``device``, one per spec: zeros where ``zeroed``, else uninitialised.
+    In one C++ call where the native layer serves (outside ``torch.compile`` and torch
+    function modes), each ``torch.empty`` from Python costing 1.2-2 us; else torch's."""
+    if not torch.compiler.is_compiling() and _load() is None:
+        made = _extension().new_tensors(device, specs)
+        if made is not None:
+            return made
+    return tuple((torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
+                 for shape, dtype, zeroed in specs)
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import torch
 from . import capture, dispatch, distributed, native, ops, reference
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .device_cache import DeviceCache
+from .grad_mode import no_grad
 from .host_path import local_gradients_and_route
 from .norms import NormKind, norm_kind, parse_norm_type
 from .params import ParametersLike, named_items
@@ -178,7 +179,7 @@ def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> torch.Tensor
     return _numel_tensors.add((numels, device), numel, device, [numel])
 
 
-@torch.no_grad()
+@no_grad
 def grad_stats(
     parameters: ParametersLike,
     norm_type: float = 2.0,

@@ -224,3 +224,61 @@ def test_bump_versions_does_nothing_for_a_list_holding_a_non_tensor():
     before = tensor._version
     assert not native.bump_versions([tensor, "not a tensor"])
     assert tensor._version == before
+
+
+SPECS = (((5,), torch.float64, False), ((5,), torch.int64, False), ((5, 3), torch.int64, True),
+         ((0,), torch.float32, False), ((), torch.bfloat16, True), ((2, 0, 4), torch.int32, True))
+
+
+@pytest.mark.parametrize("native_layer", [True, False])
+def test_new_tensors_makes_each_spec_on_the_device(native_layer, monkeypatch):
+    if not native_layer:  # the fallback: torch.empty / torch.zeros from Python
+        monkeypatch.setattr(native, "_load", lambda: "off for this test")
+    made = native.new_tensors(torch.device("cpu"), SPECS)
+    assert len(made) == len(SPECS)
+    for tensor, (shape, dtype, zeroed) in zip(made, SPECS):
+        assert tensor.shape == shape and tensor.dtype == dtype
+        assert tensor.device.type == "cpu" and tensor.is_contiguous()
+        assert not tensor.requires_grad
+        if zeroed:
+            assert torch.equal(tensor, torch.zeros(shape, dtype=dtype))
+    assert len({t.data_ptr() for t in made if t.numel()}) == sum(1 for t in made if t.numel())
+
+
+def test_new_tensors_steps_aside_under_a_function_mode_so_the_mode_sees_torch_empty():
+    seen = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert native._extension().new_tensors(torch.device("cpu"), SPECS[:1]) is None
+        (made,) = native.new_tensors(torch.device("cpu"), SPECS[:1])
+    assert made.shape == (5,) and torch.empty in seen
+
+
+def test_new_tensors_is_seen_by_a_dispatch_mode():
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        native.new_tensors(torch.device("cpu"), SPECS[:3])
+    assert torch.ops.aten.empty.memory_format in seen
+
+
+@pytest.mark.parametrize("specs, message", [
+    ((((5,), "float64", False),), "spec"),
+    ((((5,), torch.float64),), "spec"),
+    (([5], torch.float64, False), "spec"),
+    ((((5.5,), torch.float64, False),), "integer"),
+    ((((-1,), torch.float64, False),), "negative"),
+])
+def test_new_tensors_rejects_malformed_specs(specs, message):
+    with pytest.raises((TypeError, RuntimeError), match=message):
+        native._extension().new_tensors(torch.device("cpu"), specs)

@@ -333,14 +333,24 @@ def _shared_counter_sets(device: torch.device, config: LaunchConfig, hist_bins: 
     return min(32, _COUNTER_WORDS.value // hist_bins)
 
 
+def partial_specs(work: WorkList) -> tuple[tuple, tuple]:
+    """The scratch of one group's statistics, as ``native.new_tensors`` specs: each work
+    item's power (in the accumulation dtype) and non-finite count."""
+    acc_dtype = torch.float64 if work.dtype == torch.float64 else torch.float32
+    return ((work.n_work,), acc_dtype, False), ((work.n_work,), torch.int32, False)
+
+
 def accumulate_stats_(
     work: WorkList, p: float, norm_kind: NormKind, num_bins: int, min_exp: int,
     power: torch.Tensor, nonfinite: torch.Tensor, hist: torch.Tensor,
+    partials: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """Add one dtype group's statistics into the rows ``work.slots`` of the outputs.
 
     ``power`` (float64) and ``nonfinite`` (int64) rows are overwritten; ``hist`` (int64,
     ``[n, num_bins]``) rows must start at zero. ``num_bins == 0`` skips the histogram.
+    ``partials``: scratch shaped by :func:`partial_specs`, made by the caller with the
+    outputs (one allocation call for all of them).
     """
     is_fp64 = work.dtype == torch.float64
     exp_shift, exp_bias, nonfinite_exp = FP64_LAYOUT if is_fp64 else FP32_LAYOUT
@@ -357,9 +367,7 @@ def accumulate_stats_(
     device = work.meta.device
     counter_sets = (_shared_counter_sets(device, work.config, hist_args["HIST_BINS"])
                     if histogram else 0)
-    partial_power = torch.empty(work.n_work, dtype=torch.float64 if is_fp64 else torch.float32,
-                                device=device)
-    partial_nonfinite = torch.empty(work.n_work, dtype=torch.int32, device=device)
+    partial_power, partial_nonfinite = partials
     if work.n_work > 0:
         _stats_kernel[(work.n_work,)](
             work.ptrs, work.numels, work.slots, work.work_tensor, work.work_chunk,
