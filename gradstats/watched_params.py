@@ -46,7 +46,8 @@ class WatchedParameters:
         if self.module is not None:
             self._read_module()
             return
-        self.params, names = named_items(model)  # repeated names are refused there
+        params, names = named_items(model)  # repeated names are refused there
+        self.params = list(params)  # a copy: named_items returns a list as given
         self.names = names or [str(i) for i in range(len(self.params))]
 
     def current(self) -> tuple[list[torch.Tensor], list[str]]:

@@ -115,6 +115,19 @@ def test_a_list_of_parameters_is_fixed():
     monitor.close()
 
 
+def test_a_plain_list_is_fixed_when_the_caller_appends_to_it_later():
+    model = make_model()
+    params = list(model.parameters())
+    sink = ListSink()
+    monitor = gradstats.GradMonitor(params, sinks=[sink])
+    params.append(torch.nn.Parameter(torch.ones(2)))  # the caller's list, not the monitor's
+    params[-1].grad = torch.ones(2)
+    model(torch.randn(3, 4)).sum().backward()
+    monitor.step()
+    assert list(sink.records[0].norms) == ["0", "1", "2", "3"]
+    monitor.close()
+
+
 def test_duplicate_names_in_pairs_are_refused():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="'w' appears more than once"):
