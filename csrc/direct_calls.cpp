@@ -222,9 +222,9 @@ PyObject* new_tensors(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
     }
     const int zeroed = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 2));
     if (zeroed < 0) return nullptr;
-    const auto options = at::TensorOptions()
-                             .dtype(reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(spec, 1))->scalar_type)
-                             .device(device);
+    const at::ScalarType dtype =
+        reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(spec, 1))->scalar_type;
+    const auto options = at::TensorOptions().dtype(dtype).device(device);
     made.push_back(zeroed ? at::zeros(shape, options) : at::empty(shape, options));
   }
   PyObject* result = PyTuple_New(count);

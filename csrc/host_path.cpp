@@ -25,6 +25,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
@@ -279,25 +280,25 @@ const at::Tensor& grad_of(const at::Tensor& param) {
   return param.grad();
 }
 
-// The gradient's Python object, as .grad returns it (a new reference), or Py_None.
+// The gradient's Python object, as .grad returns it (a new reference), or nullptr with
+// no Python error set when the parameter has no gradient.
 PyObject* gradient_object(PyObject* param) {
   const at::Tensor& grad = grad_of(THPVariable_Unpack(param));
-  if (!grad.defined()) return Py_NewRef(Py_None);
+  if (!grad.defined()) return nullptr;
   // The common case: the gradient has its Python object, which THPVariable_Wrap returns
-  // with one more reference, running no Python code. Wrapping by reference spares a copy
-  // of the at::Tensor, whose atomic reference count increment and decrement (each also
-  // taking and dropping a reference on that Python object) were a third of the walk.
+  // with one more reference (torch 2.13: no other branch there runs Python code or
+  // allocates). Wrapping by reference spares a copy of the at::Tensor, whose atomic
+  // reference count increment and decrement (each also taking and dropping a reference
+  // on that Python object) were a third of the walk.
   if (grad.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj() != nullptr) {
     return THPVariable_Wrap(grad);
   }
   // A new Python object: making it may run the garbage collector, and a finaliser that
   // sets p.grad = None would free the gradient while THPVariable_Wrap still reads it, so
-  // it wraps an owned copy, taken with the parameter held.
-  Py_INCREF(param);
+  // it wraps an owned copy, taken with the parameter held (released however Wrap ends).
+  const THPObjectPtr held(Py_NewRef(param));
   const at::Tensor owned = grad;
-  PyObject* wrapped = THPVariable_Wrap(owned);
-  Py_DECREF(param);
-  return wrapped;
+  return THPVariable_Wrap(owned);
 }
 
 // How far ahead of the walk, in items, each level of its pointer chain is fetched (see
@@ -357,7 +358,10 @@ void read_ahead(PyObject* const* items, Py_ssize_t size, Py_ssize_t i, bool take
   }
   if (PyObject* object = next_item()) {
     if (const c10::TensorImpl* impl = gradient_impl(object, take_grad)) {
-      prefetch_object(impl->unsafe_storage().unsafeGetStorageImpl());
+      // (A sparse tensor has no storage.)
+      if (const auto* storage = impl->unsafe_storage().unsafeGetStorageImpl()) {
+        prefetch_object(storage);
+      }
       if (take_grad) __builtin_prefetch(impl->pyobj_slot()->load_pyobj());
     }
   }
@@ -367,10 +371,10 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
   // Every read below either succeeds or throws; a throw means Python's path should run
   // (and raise its own error), so it is caught as "not described".
   try {
-    // Size and item re-read every time, each item and its gradient held while they are
-    // read: making a new gradient object (THPVariable_Wrap) may run the garbage collector,
-    // and a finaliser could change the list or a parameter's .grad. Nothing sane does;
-    // nothing here reads freed memory if it does. Python code runs nowhere else in the
+    // Size and item re-read every time: making a new gradient object (THPVariable_Wrap)
+    // may run the garbage collector, and a finaliser could change the list or a
+    // parameter's .grad. Nothing sane does; nothing here reads freed memory if it does
+    // (gradient_object holds what it reads then). Python code runs nowhere else in the
     // walk but in a Py_DECREF that frees a parameter a finaliser took out of the list,
     // when only owned references are held; TORCH_WARN (a non-leaf's .grad) is buffered
     // until host_pass has built its result.
@@ -382,8 +386,10 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
       PyObject* tensor = object;
       if (take_grad) {
         tensor = gradient_object(object);
-        if (tensor == Py_None) continue;
-        if (tensor == nullptr) return Outcome::kPythonError;
+        if (tensor == nullptr) {
+          if (PyErr_Occurred()) return Outcome::kPythonError;
+          continue;  // no gradient
+        }
         walk.tensors.push_back(tensor);
         walk.kept.push_back(i);
         if (!THPVariable_CheckExact(tensor)) return Outcome::kNotDescribed;

@@ -107,6 +107,27 @@ def test_inductor_compiled_clip_on_native_matches_torch(dtype, monkeypatch):
         torch.testing.assert_close(param.grad, twin.grad)
 
 
+@pytest.mark.parametrize("p", [3.0, 0.5, 2.0, 1.0, float("inf")])
+def test_fp64_groups_between_others_line_up_with_their_scratch(triton_device, p):
+    """Under a general p, float64 groups are read by the reference and get no scratch
+    buffers; the launched groups around them must still read and write their own."""
+    torch.manual_seed(0)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float64, torch.float16,
+              torch.float32]
+    grads = [torch.randn(37 + 11 * i, dtype=dtype, device=triton_device)
+             for i, dtype in enumerate(dtypes)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    stats = gradstats.grad_stats(params, norm_type=p, histogram=False)
+    expected = [torch.linalg.vector_norm(g.double().cpu(), p) for g in grads]
+    torch.testing.assert_close(stats.norms.double().cpu(), torch.stack(expected),
+                               rtol=1e-5, atol=0)
+    total = torch.linalg.vector_norm(torch.cat([g.double().cpu() for g in grads]), p)
+    torch.testing.assert_close(gradstats.get_total_norm(grads, p).double().cpu(), total,
+                               rtol=1e-5, atol=0)
+
+
 def test_plan_is_cached_and_rebuilt_when_grads_move(triton_device):
     worklist.clear_plan_cache()
     params = make_params([10, 20], torch.float32, triton_device)
