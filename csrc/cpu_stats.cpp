@@ -32,6 +32,7 @@
 #include <Python.h>
 
 #include "cpu_stats.h"
+#include "stream_prefetch.h"
 
 #include <algorithm>
 #include <atomic>
@@ -64,16 +65,6 @@ constexpr int64_t ITEM_OVERHEAD_ELEMENTS = 256;
 // small's pass by 6-20% (AMD EPYC, one thread).
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int64_t PREFETCH_AFTER_BYTES = 16384;
-// Within a larger item, on Intel CPUs, each step also fetches the line this many bytes
-// ahead. Every step's load feeds several dependent instructions (the power, the non-finite
-// count), and while they wait on memory they fill the scheduler, so fewer loads are in
-// flight than in a plain sum's loop: on a 2-core Xeon, one thread, GPT-2 small read at
-// 9.6 GB/s in fp32 and 7.7 GB/s in bf16 where torch's per-tensor sums read at 12.5 and
-// 8.0; fetching 4 KB ahead gave 12.1 and 11.9 GB/s (2 and 8 KB: within noise of 4). Not
-// measured on AMD, whose hardware prefetcher streamed this loop at a plain sum's speed
-// (and where fetching the next item's start after a larger item slowed the pass): off
-// there.
-constexpr int64_t STREAM_PREFETCH_BYTES = 4096;
 // Elements per inner step: one accumulator per lane (a GCC vector, see Vec). The lanes
 // fix the summation order within a chunk, so vector code needs no -ffast-math.
 constexpr int LANES = 16;
@@ -262,12 +253,7 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
   for (int64_t begin = 0; begin < n; begin += SUB_BLOCK) {
     const int64_t end = std::min(n, begin + SUB_BLOCK);
     for (; i + kStep <= end; i += kStep) {
-      if (stream_prefetch) {  // (past the tensor's end near its end: a harmless fetch)
-        const char* ahead = reinterpret_cast<const char*>(x + i) + STREAM_PREFETCH_BYTES;
-        for (size_t line = 0; line < kStep * sizeof(T); line += 64) {
-          __builtin_prefetch(ahead + line);
-        }
-      }
+      if (stream_prefetch) fetch_ahead<kStep * sizeof(T)>(x + i);
       accumulate_step<Kind>(x + i, sum, sum_high, max_bits, max_bits_high, nonfinite_lanes, p);
     }
     visit(begin, end);
@@ -631,7 +617,7 @@ struct Pass {
   int64_t num_bins;
   int64_t min_exp;
   bool vector_counting;  // count histogram exponents in AVX-512 lanes (see chunk_histogram)
-  bool stream_prefetch;  // fetch ahead within larger items (see STREAM_PREFETCH_BYTES)
+  bool stream_prefetch;  // fetch ahead within larger items (csrc/stream_prefetch.h)
   double* partial_power;  // one slot per work item
   int64_t* nonfinite;     // one per tensor
   int64_t* hist;          // [tensors, num_bins]
@@ -646,8 +632,7 @@ GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
   for (int64_t k = begin; k < end; ++k) {
     const WorkItem& item = pass.items[k];
     const int64_t item_bytes = item.size * static_cast<int64_t>(c10::elementSize(item.dtype));
-    const bool small = item_bytes <= PREFETCH_AFTER_BYTES;
-    if (small && k + 1 < n_items) {  // see PREFETCH_BYTES
+    if (item_bytes <= PREFETCH_AFTER_BYTES && k + 1 < n_items) {  // see PREFETCH_BYTES
       const WorkItem& next = pass.items[k + 1];
       const char* bytes = static_cast<const char*>(next.data);
       const int64_t length =
@@ -658,7 +643,7 @@ GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
     int64_t* count = pass.nonfinite + item.tensor;
     double* slot = pass.partial_power + k;
     const int64_t kind = pass.norm_kind, num_bins = pass.num_bins, min_exp = pass.min_exp;
-    const bool stream = pass.stream_prefetch && !small;
+    const bool stream = pass.stream_prefetch && item_bytes > STREAM_PREFETCH_MIN_ITEM_BYTES;
     switch (item.dtype) {
       case at::kFloat:
         item_stats<float>(item, kind, pass.p, num_bins, min_exp, slot, count, row,
@@ -713,16 +698,6 @@ RunItems run_items_for_this_cpu() {
   return run_items_baseline;
 }
 
-// Whether larger items fetch ahead of their loop (see STREAM_PREFETCH_BYTES): on Intel.
-bool stream_prefetch() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
-#else
-  return false;
-#endif
-}
-
 // Whether histograms count exponents in AVX-512 lanes: where the CPU has AVX-512BW, GFNI
 // and BITALG (Ice Lake, Zen 4 and later), unless
 // GRADSTATS_NATIVE_HISTOGRAM=scalar (read on every call: tests compare both ways).
@@ -739,6 +714,15 @@ bool vector_counting() {
 }
 
 }  // namespace
+
+bool stream_prefetch() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
+  return intel;
+#else
+  return false;
+#endif
+}
 
 // What StatsPass::run reads and writes: the work list built from the tensors' metadata.
 struct StatsPass::Plan {
