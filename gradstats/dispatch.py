@@ -183,7 +183,7 @@ def _accumulate_on_triton(tensors, p, kind, num_bins, min_exp, plan: Plan):
     for index, group in enumerate(launched):
         # The histogram options select constexprs only when the histogram is on.
         capture.note_launch(
-            ("stats", device, *_kernel_options(group), kind, num_bins, num_bins and min_exp),
+            ("stats", device, *group.kernel_options, kind, num_bins, num_bins and min_exp),
             device)
         launchers.accumulate_stats_(group, p, kind, num_bins, min_exp, power, nonfinite, hist,
                                     partials[2 * index:2 * index + 2])
@@ -248,15 +248,6 @@ def _native_stats(tensors, p, kind, num_bins, min_exp):
     if torch.is_grad_enabled():
         tensors = list(map(torch.Tensor.detach, tensors))
     return native.cpu_stats(tensors, p, kind, num_bins, min_exp)
-
-
-def _kernel_options(work: WorkList) -> tuple:
-    """What of a work list selects the compiled kernel (for :func:`capture.note_launch`):
-    dtype, launch config, and whether the main kernel launches at all (pointer alignment
-    is decided inside the kernels, per chunk, so it selects nothing). The config's fields
-    rather than the config: a dataclass hashes in Python, per launch."""
-    config = work.config
-    return (work.dtype, config.chunk, config.block, config.num_warps, work.n_work > 0)
 
 
 def finalize(
@@ -329,7 +320,7 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor,
         # Every launch is announced before the first one: a refusal in capture must come
         # before any gradient is scaled, never between two dtype groups.
         for work in plan.update_groups:
-            capture.note_launch(("scale", device, *_kernel_options(work), coef.dtype), device)
+            capture.note_launch(("scale", device, *work.kernel_options, coef.dtype), device)
         with on_device(device):
             for work in plan.update_groups:
                 triton_scale_(work, coef)
@@ -368,7 +359,7 @@ def clamp_(tensors: list[torch.Tensor], lo: float, hi: float,
             if work.dtype == torch.float64:
                 left_over.extend(group[i] for i in work.positions)
         for work in launched:  # all announced before the first launch, as in scale_
-            capture.note_launch(("clamp", device, *_kernel_options(work)), device)
+            capture.note_launch(("clamp", device, *work.kernel_options), device)
         with on_device(device):
             for work in launched:
                 triton_clamp_(work, lo, hi)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import operator
 import types
@@ -117,10 +118,13 @@ def norm_result_dtype(tensors: list[torch.Tensor], dtypes=None) -> torch.dtype:
     """The dtype torch's ``get_total_norm`` returns: its per-tensor norms (real, in each
     tensor's dtype) promoted together by ``torch.stack``. ``dtypes``: the tensors' dtype
     set, when the caller knows it (then ``tensors`` is not read)."""
-    if dtypes is None:
-        dtypes = {t.dtype for t in tensors}
-    dtypes = {_REAL_OF_COMPLEX.get(dtype, dtype) for dtype in dtypes}
-    result = dtypes.pop()
-    for dtype in dtypes:
+    return _promoted_real(frozenset({t.dtype for t in tensors} if dtypes is None else dtypes))
+
+
+@functools.lru_cache(maxsize=64)  # a process sees a handful of dtype sets
+def _promoted_real(dtypes: frozenset) -> torch.dtype:
+    reals = {_REAL_OF_COMPLEX.get(dtype, dtype) for dtype in dtypes}
+    result = reals.pop()
+    for dtype in reals:
         result = torch.promote_types(result, dtype)
     return result

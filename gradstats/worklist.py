@@ -59,6 +59,16 @@ class WorkList:
         return self.meta[start:start + length]
 
     @functools.cached_property
+    def kernel_options(self) -> tuple:
+        """What of this list selects the compiled kernel (for ``capture.note_launch``):
+        dtype, launch config, and whether the main kernel launches at all (pointer alignment
+        is decided inside the kernels, per chunk, so it selects nothing). The config's
+        fields rather than the config: a dataclass hashes in Python, per launch. Kept: the
+        same list serves every call of its plan."""
+        config = self.config
+        return (self.dtype, config.chunk, config.block, config.num_warps, self.n_work > 0)
+
+    @functools.cached_property
     def ptrs(self) -> torch.Tensor:
         return self._part(0, self.n_tensors)
 
