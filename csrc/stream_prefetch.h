@@ -8,11 +8,12 @@
 // sum's loop and the pass reads below the memory's speed. Fetching the line this many
 // bytes ahead from every step lets the misses overlap again. Measured on a 2-core Intel
 // Xeon, one thread, GPT-2 small (124M elements): the statistics pass 9.6 -> 13.5 GB/s in
-// fp32 and 7.7 -> 12.6 GB/s in bf16 (torch's per-tensor sums: 12.5 and 8.0), the bf16 scale
-// 13.5-14.6 -> 23.8-24.7 GB/s read + written (fp32: 26-28; torch's _foreach_mul_ on bf16:
-// 10-11); 2 KB and 8 KB ahead measured within noise of 4 KB. Off on AMD, where it was not measured: the hardware
-// prefetcher there streamed the statistics loop at a plain sum's speed, and fetching the
-// next work item's start after a large one slowed the pass by 6-20%.
+// fp32 and 7.7 -> 12.6-14 GB/s in bf16 (torch's per-tensor sums: 12.5 and 8.0), the bf16
+// scale 13.5-14.6 -> 23.8-24.7 GB/s read + written (fp32: 26-28; torch's _foreach_mul_ on
+// bf16: 10-11); 2 KB and 8 KB ahead measured within noise of 4 KB. Off on AMD, where it
+// was not measured: the hardware prefetcher there streamed the statistics loop at a plain
+// sum's speed, and fetching the next work item's start after a large one slowed the pass
+// by 6-20%.
 #pragma once
 
 #include <cstddef>
@@ -31,10 +32,13 @@ bool stream_prefetch();
 
 // Fetches the `bytes` (a multiple of 64, at most a few lines) that lie STREAM_PREFETCH_BYTES
 // past `at`, for writing when `for_write`. A fetch past the end of the tensor is harmless.
+// Into the outer caches (locality 1: prefetcht2 on x86), not L1: the demand loads keep
+// L1's few miss buffers (bf16 statistics, one thread: 13.6-14.1 GB/s, where fetching into
+// L1 gave 11.2-13.2; float32 and the bf16 scale the same either way).
 template <size_t bytes, bool for_write = false>
 __attribute__((always_inline)) inline void fetch_ahead(const void* at) {
   const char* ahead = static_cast<const char*>(at) + STREAM_PREFETCH_BYTES;
-  for (size_t line = 0; line < bytes; line += 64) __builtin_prefetch(ahead + line, for_write);
+  for (size_t line = 0; line < bytes; line += 64) __builtin_prefetch(ahead + line, for_write, 1);
 }
 
 }  // namespace gradstats

@@ -117,9 +117,32 @@ def test_nan_and_inf_are_counted_and_propagate(dtype, p):
 
 def test_float32_chunk_sum_overflows_like_the_kernels():
     big = torch.full((10,), 1e20)  # squares overflow float32; float64 would not
-    power, _, _ = stats_of([big], 2.0, 0, 0, on_native=True)
+    power, nonfinite, _ = stats_of([big], 2.0, 0, 0, on_native=True)
     ref_power, _, _ = stats_of([big], 2.0, 0, 0, on_native=False)
     assert math.isinf(power[0]) and math.isinf(ref_power[0])
+    assert nonfinite.tolist() == [0]  # an overflowing power is no NaN/Inf element
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_nonfinite_counts_where_the_power_overflows_or_holds_nan(dtype, p):
+    """NaN/Inf are counted only in chunks whose power is not finite: chunks of huge finite
+    values (the power overflows: none to count), of NaN and Inf at scattered positions,
+    and of both, each counted as the reference counts them."""
+    finfo = torch.finfo(dtype)
+    n = 2 * CHUNK + 5
+    huge = torch.full((n,), finfo.max, dtype=dtype)
+    scattered = sample(n, dtype, spread=False)
+    scattered[::1001] = math.nan
+    scattered[500::3001] = -math.inf
+    both = huge.clone()
+    both[CHUNK + 17] = math.inf
+    tensors = [huge, scattered, both, *extremes(dtype)]
+    _, nonfinite, _ = stats_of(tensors, p, 0, 0, on_native=True)
+    _, ref_nonfinite, _ = stats_of(tensors, p, 0, 0, on_native=False)
+    expected = [int((~torch.isfinite(t)).sum()) for t in tensors]
+    assert nonfinite.tolist() == ref_nonfinite.tolist() == expected
+    assert expected[0] == 0 and expected[2] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
