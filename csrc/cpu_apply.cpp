@@ -229,7 +229,7 @@ __attribute__((target("avx512f"))) void update_span_16_avx512(void* data, int64_
   const __m512 lo = widen_16_avx512<IsBF16>(lo_bits), hi = widen_16_avx512<IsBF16>(hi_bits);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    if (ahead) fetch_ahead<64, true>(x + i);  // each line twice: the second costs little
+    if (ahead) fetch_ahead<64>(x + i);  // each line twice: the second costs little
     const __m512i h =
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<__m256i*>(x + i)));
     const __m512 f = widen_16_avx512<IsBF16>(h);
@@ -269,7 +269,7 @@ __attribute__((target("avx512f,avx512bw"))) void scale_bf16_avx512bw(void* data,
   const __m512i zero = _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    if (ahead) fetch_ahead<64, true>(x + i);
+    if (ahead) fetch_ahead<64>(x + i);
     const __m512i v = _mm512_loadu_si512(x + i);
     const __m512 low = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
     const __m512 high = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));

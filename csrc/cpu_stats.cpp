@@ -316,7 +316,9 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
     largest = std::max(largest, max_bits_high[lane]);
   }
   if constexpr (Kind == INF) total = std::bit_cast<Acc>(largest);
-  const int64_t nonfinite = std::isfinite(total) ? 0 : count_nonfinite(x, n);
+  // (A p too small for the accumulation type is 0 there, and NaN^0 = 1: always counted.)
+  const bool shows_nonfinite = Kind != LP || p > Acc(0);
+  const int64_t nonfinite = shows_nonfinite && std::isfinite(total) ? 0 : count_nonfinite(x, n);
   return {static_cast<double>(total), nonfinite};
 }
 

@@ -31,14 +31,18 @@ constexpr int64_t STREAM_PREFETCH_MIN_ITEM_BYTES = 16384;
 bool stream_prefetch();
 
 // Fetches the `bytes` (a multiple of 64, at most a few lines) that lie STREAM_PREFETCH_BYTES
-// past `at`, for writing when `for_write`. A fetch past the end of the tensor is harmless.
-// Into the outer caches (locality 1: prefetcht2 on x86), not L1: the demand loads keep
-// L1's few miss buffers (bf16 statistics, one thread: 13.6-14.1 GB/s, where fetching into
-// L1 gave 11.2-13.2; float32 and the bf16 scale the same either way).
-template <size_t bytes, bool for_write = false>
+// past `at`. Into the outer caches (locality 1: prefetcht2 on x86), not L1: the demand loads
+// keep L1's few miss buffers (bf16 statistics, one thread: 13.6-14.1 GB/s, where fetching
+// into L1 gave 11.2-13.2; float32 and the bf16 scale the same either way). A read fetch for
+// the updates too: the line is read before it is written. The address is formed as an
+// integer: near a tensor's end it lies past the allocation, harmless for a prefetch, which
+// never faults, but not a pointer C++ lets one form.
+template <size_t bytes>
 __attribute__((always_inline)) inline void fetch_ahead(const void* at) {
-  const char* ahead = static_cast<const char*>(at) + STREAM_PREFETCH_BYTES;
-  for (size_t line = 0; line < bytes; line += 64) __builtin_prefetch(ahead + line, for_write, 1);
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(at) + STREAM_PREFETCH_BYTES;
+  for (size_t line = 0; line < bytes; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + line), 0, 1);
+  }
 }
 
 }  // namespace gradstats

@@ -8,6 +8,7 @@ against. They share the kernels' contracts (see ``gradstats/ops.py``) and numeri
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false
@@ -132,6 +133,18 @@ def log2_histogram(
     return counts[:num_bins]
 
 
+def _power_shows_nonfinite(p: float, kind: NormKind, dtype: torch.dtype) -> bool:
+    """Whether any NaN or Inf element makes the power NaN or Inf: every term is >= 0 and a
+    NaN or Inf term stays one, except for a general p that rounds to 0 in float32 (the
+    accumulation dtype below float64), where NaN^0 = Inf^0 = 1."""
+    if kind != NormKind.LP or dtype in (torch.float64, torch.complex128):
+        return True
+    try:
+        return struct.unpack("f", struct.pack("f", p))[0] > 0.0
+    except OverflowError:  # beyond float32's range: far from 0
+        return True
+
+
 def accumulate_stats(
     tensors: list[torch.Tensor], p: float, kind: NormKind, num_bins: int, min_exp: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,7 +159,8 @@ def accumulate_stats(
         power[row] = tensor_pow
         # A NaN or Inf element makes the power non-finite (p > 0), so a finite power proves
         # there is none and saves a full pass. Reading the value is free on the CPU only.
-        if device.type == "cpu" and math.isfinite(tensor_pow):
+        if (device.type == "cpu" and math.isfinite(tensor_pow)
+                and _power_shows_nonfinite(p, kind, tensor.dtype)):
             has_nonfinite = False
         else:
             nonfinite[row] = values.numel() - torch.isfinite(values).sum()

@@ -124,7 +124,7 @@ def test_float32_chunk_sum_overflows_like_the_kernels():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("p", [*NORM_TYPES, 1e-50])  # 1e-50: 0 in float32, and NaN^0 = 1
 def test_nonfinite_counts_where_the_power_overflows_or_holds_nan(dtype, p):
     """NaN/Inf are counted only in chunks whose power is not finite: chunks of huge finite
     values (the power overflows: none to count), of NaN and Inf at scattered positions,
