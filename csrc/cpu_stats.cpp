@@ -281,8 +281,8 @@ constexpr int64_t SUB_BLOCK = 4096;
 // is >= 0 (|x|^p, or the largest magnitude), so a NaN or Inf element makes it NaN or Inf,
 // and a finite power means there is none. A non-finite power from finite elements (squares
 // beyond the float range) only costs a recount that finds none. The loop then does the
-// power alone: counting in it cost a third of its instructions and, on the Xeon, bf16's
-// speed per byte.
+// power alone: counting in it was a third of its instructions (a compute-bound CPU gains;
+// on the Xeon, fetching ahead, the loop waits on memory and timings did not move).
 template <typename T, int64_t Kind, typename Visit>
 GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T>::Acc p,
                                          bool stream_prefetch, Visit&& visit) {
