@@ -118,7 +118,10 @@ def norm_result_dtype(tensors: list[torch.Tensor], dtypes=None) -> torch.dtype:
     """The dtype torch's ``get_total_norm`` returns: its per-tensor norms (real, in each
     tensor's dtype) promoted together by ``torch.stack``. ``dtypes``: the tensors' dtype
     set, when the caller knows it (then ``tensors`` is not read)."""
-    return _promoted_real(frozenset({t.dtype for t in tensors} if dtypes is None else dtypes))
+    dtypes = frozenset({t.dtype for t in tensors} if dtypes is None else dtypes)
+    if torch.compiler.is_compiling():  # dynamo warns on a cache it cannot keep: trace the work
+        return _promoted_real.__wrapped__(dtypes)
+    return _promoted_real(dtypes)
 
 
 @functools.lru_cache(maxsize=64)  # a process sees a handful of dtype sets
