@@ -31,7 +31,7 @@ import torch
 from . import capture, known_tensors, native, reference
 from .backend import TRITON_DTYPES, Backend, choose_backend, triton_can_read
 from .norms import NormKind, norm_kind
-from .worklist import Plan, PlanKey, WorkList, cached_plan, plan_for, plan_key, update_targets
+from .worklist import Plan, PlanKey, cached_plan, plan_for, plan_key, update_targets
 
 FP32_MAX = torch.finfo(torch.float32).max
 _DEVICE_OF = torch.Tensor.device.__get__  # the attributes, read at C speed under map()

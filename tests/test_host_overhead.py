@@ -1,5 +1,7 @@
 """benchmarks/host_overhead.py: the stubbed GPU path runs gradstats' Triton host path on
 CPU tensors without launching anything, and puts everything back afterwards."""
+import types
+
 import pytest
 import torch
 from helpers import make_params
@@ -26,3 +28,13 @@ def test_stubbed_gpu_path_takes_the_triton_route_and_restores_it(monkeypatch):
     grads = [p.grad.clone() for p in params]
     gradstats.fused_clip_grad_norm_(params, 1e-3)  # real launches again (reference path)
     assert all(not torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+def test_two_trees_table_keeps_each_trees_best_round(tmp_path):
+    trees = pytest.importorskip("benchmarks.host_overhead_trees")
+    key = ("gpt2-small fp32 (148 tensors)", "grad_stats(histogram=False)")
+    runs = {"this": [{key: 60.0}, {key: 50.0}], "other": [{key: 80.0}, {key: 100.0}]}
+    args = types.SimpleNamespace(calls=5, rounds=2)
+    trees.write_results(runs, tmp_path, tmp_path / "out", args)
+    table = (tmp_path / "out" / "host-overhead-trees.md").read_text()
+    assert f"| {key[0]} | {key[1]} | 50.0 | 80.0 | 0.625 | 60, 50; 80, 100 |" in table
