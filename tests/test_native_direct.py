@@ -245,31 +245,27 @@ def test_new_tensors_makes_each_spec_on_the_device(native_layer, monkeypatch):
     assert len({t.data_ptr() for t in made if t.numel()}) == sum(1 for t in made if t.numel())
 
 
+class _RecordingFunctionMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 def test_new_tensors_steps_aside_under_a_function_mode_so_the_mode_sees_torch_empty():
-    seen = []
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Watch():
+    with _RecordingFunctionMode() as mode:
         assert native._extension().new_tensors(torch.device("cpu"), SPECS[:1]) is None
         (made,) = native.new_tensors(torch.device("cpu"), SPECS[:1])
-    assert made.shape == (5,) and torch.empty in seen
+    assert made.shape == (5,) and torch.empty in mode.funcs
 
 
 def test_new_tensors_is_seen_by_a_dispatch_mode():
-    seen = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Watch():
+    with _RecordingMode() as mode:
         native.new_tensors(torch.device("cpu"), SPECS[:3])
-    assert torch.ops.aten.empty.memory_format in seen
+    assert str(torch.ops.aten.empty.memory_format) in mode.ops
 
 
 @pytest.mark.parametrize("specs, message", [
