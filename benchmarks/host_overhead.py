@@ -9,6 +9,7 @@ the launch arguments. This script measures that work without a GPU. CPU tensors 
 down the Triton backend's path (``dispatch.choose_backend`` answers ``TRITON``, the work
 lists take the GPU launch configs), with every kernel launch replaced by a stub that does
 nothing (the reduce stub zeroes the non-finite counts so the monitor sees a clean step).
+The backend choice runs as for a CUDA device (its environment reads included).
 
 Counted: everything gradstats runs on the host per call, the gradient collection, the plan
 key and cache lookup, the output allocations (CPU allocator), and the launchers' argument
@@ -52,7 +53,7 @@ import torch
 import gradstats
 from benchmarks.timing import new_results_dir
 from benchmarks.workloads import gpt2_small_shapes, make_params, many_small_shapes
-from gradstats import dispatch, native, worklist
+from gradstats import backend, dispatch, native, worklist
 from gradstats.backend import Backend
 from gradstats.launch_config import GPU_CONFIGS
 
@@ -83,6 +84,16 @@ class _StubLaunch:
             self.effect(args)
 
 
+_A_CUDA_DEVICE = torch.device("cuda")  # only its type is read: no CUDA call
+
+
+def _choose_as_for_cuda(device: torch.device) -> Backend:
+    """``choose_backend`` as a call on CUDA tensors runs it (its environment reads are
+    host time too), answering Triton for the CPU tensors that stand in for CUDA ones."""
+    backend.choose_backend(_A_CUDA_DEVICE)
+    return Backend.TRITON
+
+
 def _zero_nonfinite(args) -> None:
     args[6].zero_()  # _reduce_chunks_kernel's nonfinite output: a clean step
 
@@ -97,7 +108,7 @@ def stubbed_gpu_path():
         (stats, "_reduce_chunks_kernel"): _StubLaunch(_zero_nonfinite),
         (finalize, "_finalize_kernel"): _StubLaunch(),
         (apply, "_update_kernel"): _StubLaunch(),
-        (dispatch, "choose_backend"): lambda device: Backend.TRITON,
+        (dispatch, "choose_backend"): _choose_as_for_cuda,
         (worklist, "launch_config"): lambda dtype, device: GPU_CONFIGS[dtype],
     }
     saved = {place: getattr(*place) for place in stubs}

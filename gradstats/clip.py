@@ -66,6 +66,11 @@ def _check_foreach(foreach: bool | None) -> None:
         raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
 
 
+def _in_dtype(total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``total.to(dtype)``, without the call when it has that dtype (~0.9 us)."""
+    return total if total.dtype is dtype else total.to(dtype)
+
+
 def _norms_pass(grads: list[torch.Tensor], p: float, max_norm: float, route,
                 sharding=None) -> FusedResult:
     return fused_pass(grads, p, num_bins=0, min_exp=0, max_norm=max_norm, route=route,
@@ -140,7 +145,7 @@ def get_total_norm(
     dtypes = route and route.dtypes
     check_norm_inputs(tensors, names, "tensor", p, dtypes=dtypes)
     result = _norms_pass(tensors, p, math.inf, route, sharding)
-    total = result.total_norm.to(norm_result_dtype(tensors, dtypes))
+    total = _in_dtype(result.total_norm, norm_result_dtype(tensors, dtypes))
     if error_if_nonfinite:
         _raise_if_nonfinite(result, total, p, names, "tensor", sharding=sharding)
     return distributed.as_total(total, sharding)
@@ -252,7 +257,7 @@ def fused_clip_grad_norm_(
     check_norm_inputs(grads, names, "parameter", p, params, dtypes)
     check_updatable(grads, names, params, route and route.all_contiguous)
     result = _norms_pass(grads, p, max_norm, route, sharding)
-    total = result.total_norm.to(norm_result_dtype(grads, dtypes))
+    total = _in_dtype(result.total_norm, norm_result_dtype(grads, dtypes))
     if error_if_nonfinite:
         _raise_if_nonfinite(result, total, p, names, "parameter", params, sharding)
     if max_norm != math.inf:  # inf: no clipping asked for (see the module docstring)

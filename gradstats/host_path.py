@@ -44,8 +44,11 @@ def local_gradients_and_route(
     such, and the layout that combines their partials (None when nothing is sharded).
     ``view_options``: :func:`distributed.local_view`'s."""
     grads, names, route = gradients_and_route(params, names)
-    sharding = (distributed.local_view(grads, process_group, **view_options) if grads
-                else None)
+    if not grads or (route is not None and process_group is None):
+        # A route is only ever made for plain tensors (no DTensor), so nothing is sharded:
+        # local_view's check of every gradient's type is spared (~25 us at 4,500).
+        return grads, names, route, None
+    sharding = distributed.local_view(grads, process_group, **view_options)
     if sharding is not None:
         grads = sharding.tensors
         route = route or ops.route(grads)  # DTensor gradients: routed as their local shards

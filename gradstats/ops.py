@@ -159,10 +159,10 @@ def accumulate_stats(tensors, norm_type, num_bins, min_exp, tensors_route=None):
     return dispatch.accumulate_stats(tensors, norm_type, num_bins, min_exp, tensors_route)
 
 
-def finalize(power, norm_type, max_norm, norms_dtype):
+def finalize(power, norm_type, max_norm, norms_dtype, backend=None):
     if _compiling():
         return _finalize_op(power, norm_type, max_norm, norms_dtype)
-    return dispatch.finalize(power, norm_type, max_norm, norms_dtype)
+    return dispatch.finalize(power, norm_type, max_norm, norms_dtype, backend)
 
 
 def scale_(tensors, clip_coef, tensors_route=None) -> None:

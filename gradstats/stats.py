@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import capture, dispatch, distributed, native, ops, reference
+from .backend import Backend
 from .checks import check_histogram_range, check_norm_inputs, check_updatable, non_negative_float
 from .device_cache import DeviceCache
 from .grad_mode import no_grad
@@ -101,7 +102,9 @@ def fused_pass(
     norms_dtype = (torch.float64 if torch.float64 in dtypes or torch.complex128 in dtypes
                    else torch.float32)
     if not composed:
-        return finalize_partials(power, nonfinite, hist, p, max_norm, norms_dtype, numel)
+        backend = route.backend if route is not None else None
+        return finalize_partials(power, nonfinite, hist, p, max_norm, norms_dtype, numel,
+                                 backend)
     per_tensor = ([reference.composed_norm(g, p) for g in grads] if sharding is None
                   else reference.composed_norms_from_partials(power, p, grads))
     norms = torch.stack([n.to(first_device, norms_dtype) for n in per_tensor])
@@ -114,11 +117,13 @@ def fused_pass(
 def finalize_partials(
     power: torch.Tensor, nonfinite: torch.Tensor, hist: torch.Tensor, p: float,
     max_norm: float, norms_dtype: torch.dtype, numel: torch.Tensor | None = None,
+    backend: Backend | None = None,
 ) -> FusedResult:
     """The end of a fused pass whose per-tensor partials are at hand (``p`` a fused norm
     type, not 0, < 0 or -inf): norms, total norm and clip coefficient from the powers.
-    Shared with :mod:`gradstats.ddp_hook`, which accumulates the partials during backward."""
-    norms, total, clip_coef = ops.finalize(power, p, max_norm, norms_dtype)
+    Shared with :mod:`gradstats.ddp_hook`, which accumulates the partials during backward.
+    ``backend``: the one serving ``power``'s device, when the caller knows it."""
+    norms, total, clip_coef = ops.finalize(power, p, max_norm, norms_dtype, backend)
     return FusedResult(nonfinite=nonfinite, hist=hist, norms=norms, total_norm=total,
                        clip_coef=clip_coef, numel=numel)
 

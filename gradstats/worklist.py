@@ -21,7 +21,7 @@ alignment followed the parity of ``n`` and ``W`` would compile a new kernel per 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,8 @@ PLAN_CACHE_SIZE = 16
 # Each part of ``meta`` is padded to a multiple of this many int64s (16 bytes): the same
 # divisibility Triton specializes pointer arguments on.
 META_PART_ALIGNMENT = 2
+# Entries a plan or work list keeps in its launch memo (_LaunchMemo).
+_LAUNCH_MEMO_SIZE = 32
 
 
 def _padded(length: int) -> int:
@@ -44,14 +46,33 @@ def _padded(length: int) -> int:
     return -(-length // META_PART_ALIGNMENT) * META_PART_ALIGNMENT
 
 
+class _LaunchMemo:
+    """What launchers derive from a plan or work list and their own options (keyword
+    arguments, output specs, the groups they launch), made once: the same plan serves
+    every call of a training loop, and remaking them cost a few microseconds per call."""
+
+    _launch_memo: dict
+
+    def launch_memo(self, key: tuple, make):
+        """``make()``, remembered under ``key`` (the caller's options). A few keys are in
+        use at a time; the memo is emptied if callers cycle through many."""
+        value = self._launch_memo.get(key)
+        if value is None:
+            if len(self._launch_memo) >= _LAUNCH_MEMO_SIZE:
+                self._launch_memo.clear()
+            value = self._launch_memo[key] = make()
+        return value
+
+
 @dataclass(frozen=True)
-class WorkList:
+class WorkList(_LaunchMemo):
     dtype: torch.dtype
     positions: tuple[int, ...]  # the caller's indices of this group's tensors (= slots)
     config: LaunchConfig
     n_tensors: int
     n_work: int
     meta: torch.Tensor  # device int64, layout in the module docstring
+    _launch_memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     # Views of ``meta``, made on first use and kept: a view costs about a microsecond of
     # host time, and every launch passes several.
@@ -98,7 +119,7 @@ class WorkList:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(_LaunchMemo):
     device: torch.device
     groups: tuple[WorkList, ...]  # for the statistics: every position
     fallback: tuple[int, ...]  # positions the statistics read on the reference path
@@ -112,6 +133,7 @@ class Plan:
     dtypes: frozenset[torch.dtype]
     all_contiguous: bool
     numel: torch.Tensor  # device int64: every tensor's element count, in the caller's order
+    _launch_memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class PlanKey:

@@ -34,7 +34,22 @@ def test_two_trees_table_keeps_each_trees_best_round(tmp_path):
     trees = pytest.importorskip("benchmarks.host_overhead_trees")
     key = ("gpt2-small fp32 (148 tensors)", "grad_stats(histogram=False)")
     runs = {"this": [{key: 60.0}, {key: 50.0}], "other": [{key: 80.0}, {key: 100.0}]}
-    args = types.SimpleNamespace(calls=5, rounds=2)
+    args = types.SimpleNamespace(calls=5, rounds=2, at_once=False)
     trees.write_results(runs, tmp_path, tmp_path / "out", args)
     table = (tmp_path / "out" / "host-overhead-trees.md").read_text()
-    assert f"| {key[0]} | {key[1]} | 50.0 | 80.0 | 0.625 | 60, 50; 80, 100 |" in table
+    # lowest medians 50 / 80; rounds' ratios 0.75 and 0.5, their median 0.625 too
+    assert f"| {key[0]} | {key[1]} | 50.0 | 80.0 | 0.625 | 0.625 | 60, 50; 80, 100 |" in table
+    assert "in turn" in table
+
+
+def test_two_trees_at_once_pairs_each_round(tmp_path):
+    trees = pytest.importorskip("benchmarks.host_overhead_trees")
+    key = ("many-small fp32 (4,500 tensors)", "fused_clip_grad_norm_, clipping")
+    runs = {"this": [{key: 90.0}, {key: 45.0}, {key: 40.0}],
+            "other": [{key: 100.0}, {key: 50.0}, {key: 80.0}]}
+    args = types.SimpleNamespace(calls=5, rounds=3, at_once=True)
+    trees.write_results(runs, tmp_path, tmp_path / "out", args)
+    table = (tmp_path / "out" / "host-overhead-trees.md").read_text()
+    # rounds' ratios 0.9, 0.9, 0.5: their median 0.9; the lowest medians 40 / 50 = 0.8
+    assert f"| {key[0]} | {key[1]} | 40.0 | 50.0 | 0.800 | 0.900 |" in table
+    assert "at once" in table and "each on a core of its own" in table

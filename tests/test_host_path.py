@@ -298,6 +298,24 @@ def test_sparse_gradients_key_their_identity(triton_device, host_path):
 
 
 @needs_native
+@needs_native
+def test_an_unchanged_key_is_the_same_object():
+    """The walk returns the last key's bytes object for the same bytes, and the plan key
+    made from it is the same object (the plan cache then finds it by identity); a changed
+    gradient gives new ones."""
+    params = make_params([10, 300, 7], torch.float32, "cpu")
+    first = native.host_pass(params, True)
+    again = native.host_pass(params, True)
+    assert again.key_bytes is first.key_bytes
+    assert dispatch.native_plan_key(again) is dispatch.native_plan_key(first)
+    params[1].grad = params[1].grad.clone()  # new memory: another key
+    moved = native.host_pass(params, True)
+    assert moved.key_bytes != first.key_bytes
+    assert dispatch.native_plan_key(moved) != dispatch.native_plan_key(first)
+    native.host_pass(params[:2], True)  # another list between two calls
+    assert native.host_pass(params, True).key_bytes == moved.key_bytes
+
+
 def test_key_holds_ndim_beyond_a_byte():
     """torch allows hundreds of dimensions: the key's ndim is a word of its own."""
     dims = 300
@@ -317,7 +335,9 @@ def test_key_holds_ndim_beyond_a_byte():
 _FINALISER_DROPS_GRADIENTS = """
 import gc, torch
 from gradstats import _C
-params = [torch.nn.Parameter(torch.randn(3)) for _ in range(8)]
+# More parameters than the walk reads ahead (csrc/host_path.cpp, ReadAhead): pointers it
+# read for later items go stale when the finaliser runs.
+params = [torch.nn.Parameter(torch.randn(3)) for _ in range(64)]
 class DropGrads:
     def __init__(self):
         self.cycle = self  # only the cyclic collector frees it
@@ -325,8 +345,13 @@ class DropGrads:
         for p in params:
             p.grad  # a Python object for the gradient, then none at all
             p.grad = None
+        del params[40:]  # and later parameters leave the list (freed with their tensors)
 for _ in range(50):
+    while len(params) < 64:
+        params.append(torch.nn.Parameter(torch.randn(3)))
     sum((p * p).sum() for p in params).backward()  # gradients without Python objects
+    for p in params[:30]:
+        p.grad  # ... but for the first 30: the walk reads ahead before it collects
     gc.disable()
     DropGrads()
     gc.enable()

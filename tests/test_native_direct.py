@@ -219,6 +219,21 @@ def test_bump_versions_bumps_each_tensor_once_and_skips_inference_tensors():
     assert [t._version for t in tensors] == [v + 1 for v in before]
 
 
+def test_bump_versions_bumps_a_long_list_with_shared_counters_and_inference_tensors():
+    """Beyond the tensors it reads ahead: views sharing a counter are bumped once each, as
+    torch's in-place ops on each view would, and inference tensors anywhere are skipped."""
+    base = torch.zeros(40, 3)
+    tensors = [torch.randn(5) for _ in range(30)] + list(base)  # 40 views of one buffer
+    with torch.inference_mode():
+        inference = [torch.randn(2) for _ in range(5)]
+    mixed = tensors[:10] + inference + tensors[10:]
+    before = [t._version for t in tensors[:30]]
+    shared_before = base._version
+    assert native.bump_versions(mixed)
+    assert [t._version for t in tensors[:30]] == [v + 1 for v in before]
+    assert base._version == shared_before + 40
+
+
 def test_bump_versions_does_nothing_for_a_list_holding_a_non_tensor():
     tensor = torch.randn(3)
     before = tensor._version

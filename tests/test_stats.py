@@ -1,5 +1,6 @@
 """grad_stats: every field against an independent float64 NumPy reference."""
 import math
+import types
 
 import numpy as np
 import pytest
@@ -139,6 +140,31 @@ def test_many_tensors_mixed_dtypes(backend_device, small_chunks):
     torch.testing.assert_close(stats.norms.cpu().double(), expected, rtol=2e-5, atol=0)
     expected_hist = np.stack([np_histogram(a, 64, -40) for a in arrays])
     np.testing.assert_array_equal(stats.hist.cpu().numpy(), expected_hist)
+
+
+def test_one_plan_serves_changing_options_call_after_call(backend_device, small_chunks):
+    """The same gradients, with the norm type and histogram options changing between calls:
+    each call's launch arguments (kept per plan and options) are its own."""
+    grads = [g for dtype in (torch.float32, torch.bfloat16, torch.float64)
+             for g in make_grads([300, 7, 1000], dtype, backend_device)]
+    params = with_grads(grads)
+    for p, num_bins, min_exp in [(2.0, 16, -20), (1.0, 64, -40), (math.inf, 16, -20),
+                                 (3.0, 8, -6), (2.0, 0, 0), (2.0, 16, -20)]:
+        stats = gradstats.grad_stats(params, p, histogram=num_bins > 0,
+                                     num_bins=num_bins or 64, min_exp=min_exp)
+        for rows in (slice(0, 3), slice(3, 6), slice(6, 9)):  # one dtype each
+            part = types.SimpleNamespace(
+                nonfinite=stats.nonfinite[rows], numel=stats.numel[rows],
+                hist=None if stats.hist is None else stats.hist[rows])
+            check_stats(part, grads[rows], p, backend_device, num_bins or 64, min_exp,
+                        norms=False)
+            expected = torch.tensor([np_norm(as_float64(g), p) for g in grads[rows]],
+                                    dtype=torch.float64)
+            torch.testing.assert_close(
+                stats.norms[rows].cpu().double(), expected, atol=0,
+                rtol=norm_rtol(grads[rows][0].dtype, p, backend_device))
+        expected_total = np_total_norm([as_float64(g) for g in grads], p)
+        assert stats.total_norm.item() == pytest.approx(expected_total, rel=1e-5)
 
 
 def test_mixed_with_float64_gives_float64_norms(backend_device):

@@ -87,13 +87,14 @@ def _acc_dtype(dtype: torch.dtype):
 def _launch(work: WorkList, op, clip_coef: torch.Tensor | None, lo: float, hi: float) -> None:
     if work.n_work == 0:
         return
-    _update_kernel[(work.n_work,)](
-        work.ptrs, work.numels, work.work_tensor, work.work_chunk, clip_coef, lo, hi,
+    options = work.launch_memo(("update", op.value), lambda: dict(
         OP=op, DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=_acc_dtype(work.dtype),
         CHUNK=work.config.chunk, BLOCK=work.config.block,
         VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
         num_warps=work.config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
-    )
+    ))
+    _update_kernel[(work.n_work,)](
+        work.ptrs, work.numels, work.work_tensor, work.work_chunk, clip_coef, lo, hi, **options)
 
 
 def scale_(work: WorkList, clip_coef: torch.Tensor) -> None:

@@ -352,6 +352,23 @@ def accumulate_stats_(
     ``partials``: scratch shaped by :func:`partial_specs`, made by the caller with the
     outputs (one allocation call for all of them).
     """
+    stats_options, reduce_options = work.launch_memo(
+        ("stats", norm_kind, num_bins, min_exp),
+        lambda: _launch_options(work, norm_kind, num_bins, min_exp))
+    partial_power, partial_nonfinite = partials
+    if work.n_work > 0:
+        _stats_kernel[(work.n_work,)](
+            work.ptrs, work.numels, work.slots, work.work_tensor, work.work_chunk,
+            partial_power, partial_nonfinite, hist, p, **stats_options)
+    _reduce_chunks_kernel[(work.n_tensors,)](
+        work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
+        power, nonfinite, hist, **reduce_options)
+
+
+def _launch_options(work: WorkList, norm_kind: NormKind, num_bins: int,
+                    min_exp: int) -> tuple[dict, dict]:
+    """The keyword arguments (constexprs, launch options) of the statistics and reduce
+    kernels for one group and these options."""
     is_fp64 = work.dtype == torch.float64
     exp_shift, exp_bias, nonfinite_exp = FP64_LAYOUT if is_fp64 else FP32_LAYOUT
     histogram = num_bins > 0
@@ -363,27 +380,20 @@ def accumulate_stats_(
     else:
         hist_args = _NO_HISTOGRAM
         nonfinite_column = 1
-    acc_dtype = tl.float64 if is_fp64 else tl.float32
-    device = work.meta.device
-    counter_sets = (_shared_counter_sets(device, work.config, hist_args["HIST_BINS"])
-                    if histogram else 0)
-    partial_power, partial_nonfinite = partials
-    if work.n_work > 0:
-        _stats_kernel[(work.n_work,)](
-            work.ptrs, work.numels, work.slots, work.work_tensor, work.work_chunk,
-            partial_power, partial_nonfinite, hist, p,
-            DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=acc_dtype, NORM_KIND=int(norm_kind),
-            CHUNK=work.config.chunk, BLOCK=work.config.block,
-            VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
-            HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
-            EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
-            COUNTER_SETS=counter_sets, num_warps=work.config.num_warps,
-            enable_fp_fusion=ENABLE_FP_FUSION,
-        )
-    _reduce_chunks_kernel[(work.n_tensors,)](
-        work.numels, work.slots, work.first_work, partial_power, partial_nonfinite,
-        power, nonfinite, hist,
+    counter_sets = (_shared_counter_sets(work.meta.device, work.config,
+                                         hist_args["HIST_BINS"]) if histogram else 0)
+    stats_options = dict(
+        DTYPE=_TRITON_DTYPES[work.dtype], ACC_DTYPE=tl.float64 if is_fp64 else tl.float32,
+        NORM_KIND=int(norm_kind), CHUNK=work.config.chunk, BLOCK=work.config.block,
+        VEC=launch_vector_width(work.dtype, work.config.chunk, work.config.block),
+        HISTOGRAM=histogram, EXP_SHIFT=exp_shift, EXP_BIAS=exp_bias,
+        EXACT_SUBNORMALS=histogram and min_exp < 1 - exp_bias, **hist_args,
+        COUNTER_SETS=counter_sets, num_warps=work.config.num_warps,
+        enable_fp_fusion=ENABLE_FP_FUSION,
+    )
+    reduce_options = dict(
         NORM_KIND=int(norm_kind), BLOCK=REDUCE_BLOCK, HISTOGRAM=histogram,
         NUM_BINS=hist_args["NUM_BINS"], HIST_BINS=hist_args["HIST_BINS"],
         NONFINITE_COLUMN=nonfinite_column, num_warps=4, enable_fp_fusion=ENABLE_FP_FUSION,
     )
+    return stats_options, reduce_options
