@@ -419,26 +419,43 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
   return Outcome::kDescribed;
 }
 
-// The key's bytes object: the one returned last time when the words are the same (the
-// usual case: a training loop's gradients keep their memory), so Python finds its plan
-// key by identity (dispatch.native_plan_key): at 4,500 gradients no new 108 KB object
-// and no comparison of two. `remembered`: where the last key is kept (nullptr: nowhere).
-PyObject* key_bytes(const std::vector<uint64_t>& words, PyObject** remembered) {
+// Whether `words` are the bytes of `key` (a bytes object, or nullptr).
+bool same_bytes(const std::vector<uint64_t>& words, PyObject* key) {
   const auto size = static_cast<Py_ssize_t>(words.size() * sizeof(uint64_t));
-  if (remembered != nullptr && *remembered != nullptr && PyBytes_GET_SIZE(*remembered) == size &&
-      std::memcmp(PyBytes_AS_STRING(*remembered), words.data(), size) == 0) {
+  return key != nullptr && PyBytes_GET_SIZE(key) == size &&
+         std::memcmp(PyBytes_AS_STRING(key), words.data(), static_cast<size_t>(size)) == 0;
+}
+
+// The key of a finished walk, a new reference. When its records are the bytes of the key
+// returned last time (`remembered`, nullptr for none; the usual case: a training loop's
+// gradients keep their memory), that bytes object: Python then finds its plan key by
+// identity (dispatch.native_plan_key), with no new 108 KB object at 4,500 gradients, no
+// comparison of two, and no search for an address listed twice (the same addresses as last
+// time, where none was: that key has no trailer, as equal bytes decode alike). Otherwise a
+// new object, with its trailer, remembered in its place.
+PyObject* walk_key(Walk& walk, PyObject** remembered) {
+  if (remembered != nullptr && same_bytes(walk.words, *remembered)) {
     return Py_NewRef(*remembered);
   }
-  PyObject* key = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()), size);
+  add_shared_addresses(walk);
+  PyObject* key = PyBytes_FromStringAndSize(
+      reinterpret_cast<const char*>(walk.words.data()),
+      static_cast<Py_ssize_t>(walk.words.size() * sizeof(uint64_t)));
   if (key != nullptr && remembered != nullptr) Py_XSETREF(*remembered, Py_NewRef(key));
   return key;
 }
 
 // The result tuple of host_pass from a finished walk; its tensors' references move into it.
-// `remembered_key`: see key_bytes.
+// `remembered_key`: see walk_key.
 PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remembered_key) {
+  PyObject* key = walk_key(walk, remembered_key);  // first: it may add the trailer's hash
+  if (key == nullptr) {
+    walk.release_tensors();
+    return nullptr;
+  }
   PyObject* tensor_list = PyList_New(static_cast<Py_ssize_t>(walk.tensors.size()));
   if (tensor_list == nullptr) {
+    Py_DECREF(key);
     walk.release_tensors();
     return nullptr;
   }
@@ -462,7 +479,6 @@ PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remem
   const uint64_t key_hash =
       mix(walk.hash, walk.hash2 ^ static_cast<uint64_t>(PyList_GET_SIZE(tensor_list)));
   PyObject* hash = PyLong_FromLongLong(static_cast<long long>(key_hash));
-  PyObject* key = key_bytes(walk.words, remembered_key);
   PyObject* parts[] = {tensor_list, kept_list, device, dtypes, flags, hash, key};
   constexpr Py_ssize_t kParts = sizeof(parts) / sizeof(parts[0]);
   PyObject* result = nullptr;
@@ -527,7 +543,6 @@ PyObject* host_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
     if (outcome == Outcome::kNotDescribed) Py_RETURN_NONE;
     return nullptr;
   }
-  add_shared_addresses(walk);
   result.object = walk_result(walk, n, take_grad != 0, &walk == &shared ? &shared_key : nullptr);
   if (result.object == nullptr) return nullptr;
   END_HANDLE_TH_ERRORS

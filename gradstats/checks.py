@@ -6,6 +6,7 @@ gradient still count, so ``parameter 1`` is ``parameters[1]``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -76,8 +77,8 @@ def check_norm_inputs(
     (``p > 0``): torch's composed norms have no sparse kernels. Say which tensor fails.
     ``dtypes``: the tensors' dtype set when the caller has it (from the call's route)."""
     if dtypes is None:
-        dtypes = {t.dtype for t in tensors}  # the common case: one cheap pass
-    if not all(dtype.is_floating_point or dtype.is_complex for dtype in dtypes):
+        dtypes = frozenset(t.dtype for t in tensors)  # the common case: one cheap pass
+    if not _all_have_norms(frozenset(dtypes)):
         for index, tensor in enumerate(tensors):
             if not (tensor.is_floating_point() or tensor.is_complex()):
                 raise TypeError(
@@ -91,6 +92,19 @@ def check_norm_inputs(
                     f"sparse gradients need norm_type > 0 (or inf), got {p}: "
                     f"{_subject(index, names, what, params)} is {tensor.layout}"
                 )
+
+
+def _all_have_norms(dtypes: frozenset[torch.dtype]) -> bool:
+    """Every dtype floating-point or complex: remembered per dtype set (the check cost ~1 us
+    a call), except while compiling (dynamo warns on a cache it cannot keep)."""
+    if torch.compiler.is_compiling():
+        return _have_norms.__wrapped__(dtypes)
+    return _have_norms(dtypes)
+
+
+@functools.lru_cache(maxsize=64)  # a process sees a handful of dtype sets
+def _have_norms(dtypes: frozenset[torch.dtype]) -> bool:
+    return all(dtype.is_floating_point or dtype.is_complex for dtype in dtypes)
 
 
 def check_total_norm(total_norm: torch.Tensor) -> None:
