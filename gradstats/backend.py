@@ -37,15 +37,18 @@ class Backend(enum.Enum):
 # os.environ's mapping methods encode the name and decode the value in Python, ~0.8 us a
 # read, and every call reads two variables. On POSIX, CPython keeps the mapping's contents
 # in ``os.environ._data`` (bytes to bytes, updated by every change made through
-# os.environ), where a read is one dict lookup. Elsewhere the public way is used.
+# os.environ), where a read is one dict lookup. Elsewhere, or once os.environ has been
+# replaced by another mapping (mock.patch.object(os, "environ", ...)), the public way.
+_ENVIRON = os.environ
 _ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 def _environ_get(name: str, default: str) -> str:
     """``os.environ.get(name, default)`` for an ASCII ``name``, at a dict lookup's cost on
     POSIX."""
-    if not isinstance(_ENVIRON_BYTES, dict):
-        return os.environ.get(name, default)
+    environ = os.environ
+    if environ is not _ENVIRON or not isinstance(_ENVIRON_BYTES, dict):
+        return environ.get(name, default)
     value = _ENVIRON_BYTES.get(name.encode())
     return default if value is None else os.fsdecode(value)
 

@@ -47,3 +47,12 @@ def test_device_type_is_the_devices(name):
     device = torch.device(name)
     assert backend.device_type(device) == device.type
     assert backend.device_type(torch.device(name)) == device.type  # remembered
+
+
+def test_a_replaced_os_environ_is_read(monkeypatch):
+    """os.environ replaced by another mapping (mock.patch.object(os, "environ", {...}),
+    monkeypatch.setattr): the backend follows it, as os.environ.get does."""
+    monkeypatch.setattr(os, "environ", {backend.BACKEND_ENV: "torch", "TRITON_INTERPRET": "1"})
+    assert backend.requested_backend() == "torch"
+    assert backend.interpreter_enabled()
+    assert backend.choose_backend(torch.device("cpu")) is Backend.TORCH
