@@ -298,7 +298,6 @@ def test_sparse_gradients_key_their_identity(triton_device, host_path):
 
 
 @needs_native
-@needs_native
 def test_an_unchanged_key_is_the_same_object():
     """The walk returns the last key's bytes object for the same bytes, and the plan key
     made from it is the same object (the plan cache then finds it by identity); a changed
@@ -316,6 +315,7 @@ def test_an_unchanged_key_is_the_same_object():
     assert native.host_pass(params, True).key_bytes == moved.key_bytes
 
 
+@needs_native
 def test_key_holds_ndim_beyond_a_byte():
     """torch allows hundreds of dimensions: the key's ndim is a word of its own."""
     dims = 300
@@ -335,7 +335,7 @@ def test_key_holds_ndim_beyond_a_byte():
 _FINALISER_DROPS_GRADIENTS = """
 import gc, torch
 from gradstats import _C
-# More parameters than the walk reads ahead (csrc/host_path.cpp, ReadAhead): pointers it
+# More parameters than the walk reads ahead (csrc/host_path.cpp, read_ahead): pointers it
 # read for later items go stale when the finaliser runs.
 params = [torch.nn.Parameter(torch.randn(3)) for _ in range(64)]
 class DropGrads:
