@@ -48,19 +48,21 @@ def _start_run(tree: Path, calls: int, scratch: Path, cpu: int | None = None):
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(tree)}
     pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.host_overhead", "--paths", "native",
-         "--calls", str(calls), "--out", str(out / "results")],
-        cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=pin)
+    # Its errors go to a file: a pipe left unread while the other run is awaited could fill
+    # and stall this one.
+    with open(out / "stderr.txt", "wb") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.host_overhead", "--paths", "native",
+             "--calls", str(calls), "--out", str(out / "results")],
+            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=pin)
     return process, out / "results"
 
 
 def _finish_run(process, out: Path) -> dict[tuple[str, str], float]:
     """Medians (us) by (workload, case) of a started run, once it has ended."""
-    _, errors = process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"host_overhead failed:\n{errors.decode()[-2000:]}")
+    if process.wait() != 0:
+        errors = (out.parent / "stderr.txt").read_text(errors="replace")
+        raise RuntimeError(f"host_overhead failed:\n{errors[-2000:]}")
     with open(out / "host-overhead.csv", newline="") as f:
         return {(row["workload"], row["case"]): float(row["median_us"])
                 for row in csv.DictReader(f)}

@@ -430,9 +430,10 @@ bool same_bytes(const std::vector<uint64_t>& words, PyObject* key) {
 // returned last time (`remembered`, nullptr for none; the usual case: a training loop's
 // gradients keep their memory), that bytes object: Python then finds its plan key by
 // identity (dispatch.native_plan_key), with no new 108 KB object at 4,500 gradients, no
-// comparison of two, and no search for an address listed twice (the same addresses as last
-// time, where none was: that key has no trailer, as equal bytes decode alike). Otherwise a
-// new object, with its trailer, remembered in its place.
+// comparison of two, and no search for an address listed twice: the same addresses as last
+// time, where none was listed twice (that key has no trailer: a key with one decodes to the
+// same records plus kTrailerMark, which no header word can equal, so its bytes differ from
+// records alone). Otherwise a new object, with its trailer, remembered in its place.
 PyObject* walk_key(Walk& walk, PyObject** remembered) {
   if (remembered != nullptr && same_bytes(walk.words, *remembered)) {
     return Py_NewRef(*remembered);
@@ -467,7 +468,12 @@ PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remem
   if (take_grad && static_cast<Py_ssize_t>(walk.kept.size()) != n) {
     kept_list = PyList_New(static_cast<Py_ssize_t>(walk.kept.size()));
     for (size_t j = 0; kept_list != nullptr && j < walk.kept.size(); ++j) {
-      PyList_SET_ITEM(kept_list, static_cast<Py_ssize_t>(j), PyLong_FromSsize_t(walk.kept[j]));
+      PyObject* position = PyLong_FromSsize_t(walk.kept[j]);
+      if (position == nullptr) {  // no list with an empty slot: the result fails whole
+        Py_CLEAR(kept_list);
+        break;
+      }
+      PyList_SET_ITEM(kept_list, static_cast<Py_ssize_t>(j), position);
     }
   } else {
     kept_list = Py_NewRef(Py_None);

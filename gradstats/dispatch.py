@@ -111,6 +111,10 @@ def _route_from_facts(tensors: list[torch.Tensor], facts: native.HostFacts) -> R
     return Route(device, backend, None, dtypes, all_contiguous)
 
 
+# The last native key's bytes object and the plan key made from it (see native_plan_key).
+_last_native_key: tuple[bytes | None, PlanKey | None] = (None, None)
+
+
 def native_plan_key(facts: native.HostFacts) -> PlanKey:
     """The plan key in ``native.host_pass``'s facts: its bytes, hashed in C++. The walk
     returns the same bytes object as last time for the same bytes, so the same gradients
@@ -124,9 +128,6 @@ def native_plan_key(facts: native.HostFacts) -> PlanKey:
                   facts.key_hash)
     _last_native_key = (facts.key_bytes, key)
     return key
-
-
-_last_native_key: tuple[bytes | None, PlanKey | None] = (None, None)
 
 
 @functools.cache

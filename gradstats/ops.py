@@ -26,7 +26,8 @@ Contracts (``n`` tensors, all on one device for ``accumulate_stats``):
 - ``accumulate_stats(tensors, norm_type, num_bins, min_exp) -> (power, nonfinite, hist)``:
   ``power[i]`` is ``sum |x|^p`` (``max |x|`` for inf) in float64, ``nonfinite[i]`` the
   NaN/Inf count (int64), ``hist[i]`` the ``num_bins`` log2-magnitude counts (int64).
-- ``finalize(power, norm_type, max_norm, norms_dtype) -> (norms, total_norm, clip_coef)``.
+- ``finalize(power, norm_type, max_norm, norms_dtype) -> (norms, total_norm, clip_coef)``
+  (the eager wrapper also takes the call's resolved ``backend``, sparing a second choice).
 - ``scale_(tensors, clip_coef)``: in-place ``t *= clip_coef``, nothing done when >= 1.
 - ``clamp_(tensors, lo, hi)``: in-place clamp.
 """
