@@ -499,7 +499,9 @@ GRADSTATS_INLINE void count_block(const T* x, int64_t n, bool vector_counting,
 // columns come from their mantissas; both are counted by rescanning the chunk, only when
 // the slot is not empty. `table` (its `copies` copies) and `chunk_row` (num_bins) are zero
 // again on return. `exclusive`: the chunk is its tensor's only one, so its counts go
-// straight into hist_row, which no other thread writes. Thousands of small tensors are
+// straight into hist_row, which no other thread writes and nothing zeroed before (it is
+// zeroed here, while its lines are being written anyway: a separate zero fill of every row
+// was 5% of a call on 4,500 small tensors). Thousands of small tensors are
 // one chunk each, and what is done per chunk here is most of their histogram's cost
 // (with the counting, ~100 ns a chunk at 256 float32 elements, on an Intel Xeon).
 template <typename T>
@@ -522,6 +524,7 @@ GRADSTATS_INLINE void chunk_histogram(const T* x, int64_t n, int64_t num_bins,
     merged = merged_copies;
   }
   int64_t* row = exclusive ? hist_row : chunk_row;
+  if (exclusive) std::memset(row, 0, num_bins * sizeof *row);
 
   // Finite exponents e in [1, kSlots - 2]: column e - shift, clamped into [1, last]. Three
   // runs of slots (clamped low, one to one, clamped high), each a plain loop that vectorises.
@@ -766,7 +769,10 @@ StatsPass::StatsPass(const at::Tensor* const* grads, int64_t n, double p, int64_
   auto i64 = at::TensorOptions().dtype(at::kLong);
   power_ = at::zeros({n}, f64);
   nonfinite_ = at::zeros({n}, i64);
-  hist_ = at::zeros({n, num_bins}, i64);
+  // Rows of one-chunk tensors are zeroed by the chunk that fills them (chunk_histogram);
+  // the others (no chunk, or several adding to the row) here.
+  hist_ = at::empty({n, num_bins}, i64);
+  int64_t* hist_rows = hist_.data_ptr<int64_t>();
 
   // The work list: every tensor's chunks in order, so each tensor's slots are adjacent.
   plan.first_item.resize(n + 1);
@@ -787,6 +793,9 @@ StatsPass::StatsPass(const at::Tensor* const* grads, int64_t n, double p, int64_
                 "gradstats::cpu_stats reads float32/float64/bfloat16/float16, got ", dtype);
     plan.first_item[t] = static_cast<int64_t>(plan.items.size());
     const int64_t numel = g.numel();
+    if (num_bins > 0 && (numel == 0 || numel > CHUNK)) {
+      std::memset(hist_rows + t * num_bins, 0, num_bins * sizeof *hist_rows);
+    }
     if (numel == 0) continue;
     const auto* data = static_cast<const char*>(g.const_data_ptr());
     const int64_t element_size = static_cast<int64_t>(g.element_size());

@@ -98,6 +98,21 @@ def test_histogram_is_exact_over_every_binade(dtype, num_bins):
         np.testing.assert_array_equal(ref_hist.numpy(), expected)
 
 
+@pytest.mark.parametrize("num_bins", [2, 64])
+def test_histogram_rows_are_exact_in_reused_memory(num_bins):
+    """The histogram's rows are not zero-filled up front (each one-chunk tensor's row is
+    zeroed by its chunk, the others when the pass is planned): in memory the allocator
+    hands back dirty, every row (no chunk, one, several) must still be exact."""
+    tensors = [sample(n, torch.float32, spread=True) for n in SIZES * 3]
+    rows = len(tensors) * num_bins
+    for _ in range(3):
+        dirty = torch.full((rows,), -(2**62), dtype=torch.int64)  # freed just before the pass
+        del dirty
+        _, _, hist = stats_of(tensors, 2.0, num_bins, -30, on_native=True)
+        expected = np.stack([np_histogram(as_float64(t), num_bins, -30) for t in tensors])
+        np.testing.assert_array_equal(hist.numpy(), expected)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_nan_and_inf_are_counted_and_propagate(dtype, p):
