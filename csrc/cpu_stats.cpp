@@ -749,7 +749,47 @@ struct StatsPass::Plan {
   double p = 0;
 };
 
+namespace {
+
+bool readable_layout(const at::Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided &&
+         (t.is_contiguous() || t.is_non_overlapping_and_dense());
+}
+
+bool readable_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+         dtype == at::kHalf;
+}
+
+// grads as the pass reads them, or an error naming what it cannot read.
+std::vector<ListedTensor> listed_for_pass(const at::Tensor* const* grads, int64_t n) {
+  std::vector<ListedTensor> listed(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    const at::Tensor& g = *grads[t];
+    TORCH_CHECK(readable_layout(g),
+                "gradstats::cpu_stats reads CPU tensors that are contiguous or permuted-dense "
+                "(non-overlapping and dense)");
+    const auto dtype = g.scalar_type();
+    TORCH_CHECK(readable_dtype(dtype),
+                "gradstats::cpu_stats reads float32/float64/bfloat16/float16, got ", dtype);
+    const int64_t numel = g.numel();
+    // A permuted-dense tensor fills numel slots from its data_ptr, its lowest address.
+    listed[t] = {numel == 0 ? nullptr : g.const_data_ptr(), numel, dtype};
+  }
+  return listed;
+}
+
+}  // namespace
+
+bool pass_reads(const at::Tensor& t) {
+  return readable_dtype(t.scalar_type()) && readable_layout(t);
+}
+
 StatsPass::StatsPass(const at::Tensor* const* grads, int64_t n, double p, int64_t norm_kind,
+                     int64_t num_bins, int64_t min_exp)
+    : StatsPass(listed_for_pass(grads, n).data(), n, p, norm_kind, num_bins, min_exp) {}
+
+StatsPass::StatsPass(const ListedTensor* tensors, int64_t n, double p, int64_t norm_kind,
                      int64_t num_bins, int64_t min_exp)
     : plan_(std::make_unique<Plan>()) {
   TORCH_CHECK(norm_kind >= INF && norm_kind <= LP, "gradstats::cpu_stats: bad norm_kind ",
@@ -774,33 +814,23 @@ StatsPass::StatsPass(const at::Tensor* const* grads, int64_t n, double p, int64_
   hist_ = at::empty({n, num_bins}, i64);
   int64_t* hist_rows = hist_.data_ptr<int64_t>();
 
-  // The work list: every tensor's chunks in order, so each tensor's slots are adjacent.
+  // The work list: every tensor's chunks in order, so each tensor's slots are adjacent. A
+  // permuted-dense tensor's chunks are those of the flat block it fills, as the Triton
+  // kernels' (and the reference's).
   plan.first_item.resize(n + 1);
   plan.first_item_of_task.push_back(0);
   int64_t task_load = 0;
   for (int64_t t = 0; t < n; ++t) {
-    const at::Tensor& g = *grads[t];
-    // A permuted-dense tensor (transposed, channels-last) fills numel slots from its
-    // data_ptr, its lowest address: it is read as that flat block, in memory order, as the
-    // Triton kernels read it, so its chunks are theirs (and the reference's).
-    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided &&
-                    (g.is_contiguous() || g.is_non_overlapping_and_dense()),
-                "gradstats::cpu_stats reads CPU tensors that are contiguous or permuted-dense "
-                "(non-overlapping and dense)");
-    auto dtype = g.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                    dtype == at::kHalf,
-                "gradstats::cpu_stats reads float32/float64/bfloat16/float16, got ", dtype);
+    const auto [data, numel, dtype] = tensors[t];
     plan.first_item[t] = static_cast<int64_t>(plan.items.size());
-    const int64_t numel = g.numel();
     if (num_bins > 0 && (numel == 0 || numel > CHUNK)) {
       std::memset(hist_rows + t * num_bins, 0, num_bins * sizeof *hist_rows);
     }
     if (numel == 0) continue;
-    const auto* data = static_cast<const char*>(g.const_data_ptr());
-    const int64_t element_size = static_cast<int64_t>(g.element_size());
+    const auto* bytes = static_cast<const char*>(data);
+    const auto element_size = static_cast<int64_t>(c10::elementSize(dtype));
     for (int64_t start = 0; start < numel; start += CHUNK) {
-      plan.items.push_back({t, data + start * element_size, std::min(CHUNK, numel - start),
+      plan.items.push_back({t, bytes + start * element_size, std::min(CHUNK, numel - start),
                             dtype, numel <= CHUNK});
       // Tasks: consecutive items, cut once they hold TASK_ELEMENTS (see the header).
       task_load += plan.items.back().size + ITEM_OVERHEAD_ELEMENTS;

@@ -29,9 +29,11 @@
 
 #include <Python.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "cpu_listing.h"
 #include "cpu_stats.h"
 
 namespace gradstats {
@@ -40,11 +42,13 @@ namespace {
 // A thread's included keys outside any mode or transform.
 const c10::DispatchKeySet kAlwaysIncluded({c10::DispatchKey::BackendSelect,
                                            c10::DispatchKey::ADInplaceOrView});
-// A plain CPU tensor's keys: any other (Python, Negative, Conjugate, ZeroTensor, functorch
-// wrappers, another device) makes the dispatcher do more than call the CPU kernel.
-const c10::DispatchKeySet kPlainCpu({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
-                                     c10::DispatchKey::AutogradCPU,
-                                     c10::DispatchKey::AutocastCPU});
+
+// Whether no torch function mode, dispatch mode or functorch transform is in force: the
+// op would then run code of theirs, which a direct call would skip.
+bool outside_modes() {
+  return !at::impl::torch_function_mode_enabled() &&
+         kAlwaysIncluded.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_);
+}
 
 // The list's tensors, read under the GIL: pointers into their Python objects (no
 // reference count moves; a copy of a tensor with a Python object would reference that
@@ -54,17 +58,14 @@ class ListedTensors {
   // False when some item is not served here (see the header); the caller returns None.
   bool take(PyObject* items) {
     if (!PyList_Check(items) && !PyTuple_Check(items)) return false;
-    if (at::impl::torch_function_mode_enabled()) return false;
-    if (!kAlwaysIncluded.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_)) {
-      return false;
-    }
+    if (!outside_modes()) return false;
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
     PyObject** item = PySequence_Fast_ITEMS(items);
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_CheckExact(item[i])) return false;
       const at::Tensor& tensor = THPVariable_Unpack(item[i]);
-      if (!tensor.defined() || !kPlainCpu.isSupersetOf(tensor.key_set())) return false;
+      if (!tensor.defined() || !plain_cpu_keys(tensor)) return false;
       tensors_.push_back(&tensor);
     }
     return true;
@@ -106,6 +107,24 @@ class WithoutGil {
   PyThreadState* state_;
 };
 
+// (power, nonfinite, hist) of a pass that has run, as a new tuple.
+PyObject* outputs_tuple(const StatsPass& pass) {
+  const auto outputs = pass.outputs();
+  PyObject* parts[] = {THPVariable_Wrap(std::get<0>(outputs)),
+                       THPVariable_Wrap(std::get<1>(outputs)),
+                       THPVariable_Wrap(std::get<2>(outputs))};
+  PyObject* result = nullptr;
+  if (parts[0] != nullptr && parts[1] != nullptr && parts[2] != nullptr) {
+    result = PyTuple_New(3);
+  }
+  if (result == nullptr) {
+    for (PyObject* part : parts) Py_XDECREF(part);
+    return nullptr;
+  }
+  for (Py_ssize_t j = 0; j < 3; ++j) PyTuple_SET_ITEM(result, j, parts[j]);  // steals
+  return result;
+}
+
 // cpu_stats_list(tensors, p, norm_kind, num_bins, min_exp) -> (power, nonfinite, hist),
 // what gradstats::cpu_stats returns, or None (see the header).
 PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -133,20 +152,55 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
     RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
     pass.run();
   }
-  const auto outputs = pass.outputs();
-  PyObject* parts[] = {THPVariable_Wrap(std::get<0>(outputs)),
-                       THPVariable_Wrap(std::get<1>(outputs)),
-                       THPVariable_Wrap(std::get<2>(outputs))};
-  PyObject* result = nullptr;
-  if (parts[0] != nullptr && parts[1] != nullptr && parts[2] != nullptr) {
-    result = PyTuple_New(3);
-  }
-  if (result == nullptr) {
-    for (PyObject* part : parts) Py_XDECREF(part);
+  return outputs_tuple(pass);
+  END_HANDLE_TH_ERRORS
+}
+
+// cpu_stats_listed(listing, tensors, p, norm_kind, num_bins, min_exp) -> what
+// cpu_stats_list returns for `tensors`, from the listing host_pass made of them
+// (csrc/cpu_listing.h), or None when the listing does not serve them (another list, a
+// changed one) or a mode is in force: the caller then calls cpu_stats_list.
+PyObject* cpu_stats_listed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "cpu_stats_listed(listing, tensors, p, norm_kind, "
+                    "num_bins, min_exp) takes 6 arguments");
     return nullptr;
   }
-  for (Py_ssize_t j = 0; j < 3; ++j) PyTuple_SET_ITEM(result, j, parts[j]);  // steals
-  return result;
+  const double p = PyFloat_AsDouble(args[2]);
+  const long long norm_kind = PyLong_AsLongLong(args[3]);
+  const long long num_bins = PyLong_AsLongLong(args[4]);
+  const long long min_exp = PyLong_AsLongLong(args[5]);
+  if (PyErr_Occurred()) return nullptr;
+  const CpuListing* listing = listing_of(args[0], args[1]);
+  if (listing == nullptr || !outside_modes()) Py_RETURN_NONE;
+  StatsPass pass(listing->tensors.data(), static_cast<int64_t>(listing->tensors.size()), p,
+                 norm_kind, num_bins, min_exp);
+  {
+    // The listing holds the storages; the caller's reference to it lasts the call.
+    WithoutGil released;
+    RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
+    pass.run();
+  }
+  return outputs_tuple(pass);
+  END_HANDLE_TH_ERRORS
+}
+
+// listing_numel(listing, tensors) -> the element counts of `tensors` as an int64 tensor,
+// from the listing host_pass made of them, or None (as cpu_stats_listed).
+PyObject* listing_numel(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "listing_numel(listing, tensors) takes 2 arguments");
+    return nullptr;
+  }
+  const CpuListing* listing = listing_of(args[0], args[1]);
+  if (listing == nullptr || !outside_modes()) Py_RETURN_NONE;
+  const auto n = static_cast<int64_t>(listing->tensors.size());
+  at::Tensor numel = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = numel.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) out[t] = listing->tensors[t].numel;
+  return THPVariable_Wrap(numel);
   END_HANDLE_TH_ERRORS
 }
 
@@ -277,10 +331,38 @@ PyMethodDef methods[] = {
      "new_tensors(device, specs): new tensors, one per (shape, dtype, zeroed), or None"},
     {"numel_list", numel_list, METH_O,
      "numel_list(tensors): their element counts as an int64 tensor, or None"},
+    {"cpu_stats_listed",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cpu_stats_listed)),
+     METH_FASTCALL,
+     "cpu_stats_listed(listing, tensors, p, norm_kind, num_bins, min_exp): cpu_stats_list "
+     "from host_pass's listing of tensors, or None"},
+    {"listing_numel",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(listing_numel)),
+     METH_FASTCALL,
+     "listing_numel(listing, tensors): element counts from host_pass's listing, or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 
 }  // namespace
+
+PyObject* wrap_listing(CpuListing* listing) {
+  PyObject* capsule = PyCapsule_New(listing, kCpuListingName, [](PyObject* object) {
+    delete static_cast<CpuListing*>(PyCapsule_GetPointer(object, kCpuListingName));
+  });
+  if (capsule == nullptr) delete listing;
+  return capsule;
+}
+
+const CpuListing* listing_of(PyObject* capsule, PyObject* tensors) {
+  if (!PyCapsule_IsValid(capsule, kCpuListingName)) return nullptr;
+  const auto* listing =
+      static_cast<const CpuListing*>(PyCapsule_GetPointer(capsule, kCpuListingName));
+  if (tensors != listing->list) return nullptr;
+  const auto n = static_cast<size_t>(PyList_GET_SIZE(tensors));
+  if (n != listing->objects.size() || n != listing->tensors.size()) return nullptr;
+  PyObject* const* items = PySequence_Fast_ITEMS(tensors);
+  return std::equal(items, items + n, listing->objects.begin()) ? listing : nullptr;
+}
 
 // The direct calls of gradstats._C (its module is created in cpu_stats.cpp).
 PyMethodDef* direct_call_methods() {

@@ -39,6 +39,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_listing.h"
+
 namespace gradstats {
 namespace {
 
@@ -138,6 +140,11 @@ struct Walk {
   long flags = 0;
   c10::Device first_device{c10::kCPU};
   bool busy = false;
+  // Asked for, and every tensor so far is one the CPU pass reads (see csrc/cpu_listing.h):
+  // each one's ListedTensor and storage.
+  bool listing = false;
+  std::vector<ListedTensor> listed;
+  std::vector<c10::Storage> held;
 
   void reset() {
     words.clear();
@@ -156,6 +163,12 @@ struct Walk {
     for (PyObject* t : tensors) Py_DECREF(t);
     tensors.clear();
   }
+
+  void drop_listing() {
+    listing = false;
+    listed.clear();
+    held.clear();
+  }
 };
 
 enum class Outcome { kDescribed, kNotDescribed, kPythonError };
@@ -168,6 +181,18 @@ void push_shape(std::vector<uint64_t>& words, const at::Tensor& t, bool with_str
   if (!with_strides) return;
   const auto strides = t.strides();
   for (int64_t d = 0; d < ndim; ++d) words.push_back(static_cast<uint64_t>(strides[d]));
+}
+
+// Lists a strided tensor for the CPU pass, or gives the listing up for this walk when the
+// pass cannot read it (a walk over CUDA gradients gives it up at the first one).
+void list_for_cpu_pass(Walk& walk, const at::Tensor& t, uint64_t address, uint64_t numel) {
+  if (!plain_cpu_keys(t) || !pass_reads(t)) {
+    walk.drop_listing();
+    return;
+  }
+  walk.listed.push_back({numel == 0 ? nullptr : reinterpret_cast<const void*>(address),
+                         static_cast<int64_t>(numel), t.scalar_type()});
+  walk.held.push_back(t.storage());
 }
 
 // Appends one tensor's record to the key and its facts to the walk's summary. `object`
@@ -202,7 +227,9 @@ void describe(Walk& walk, PyObject* object, const at::Tensor& t) {
     if (!contiguous) push_shape(walk.words, t, true);
     walk.hash = mix(walk.hash, address);
     walk.hash2 = mix(walk.hash2, header ^ (numel << 8));
+    if (walk.listing) list_for_cpu_pass(walk, t, address, numel);
   } else {
+    walk.drop_listing();
     // A sparse tensor owns its values and is updated once however often it is listed
     // (by identity), so the key says which positions hold the same tensor object.
     const auto position = static_cast<uint64_t>(walk.tensors.size() - 1);
@@ -463,6 +490,13 @@ PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remem
   for (size_t j = 0; j < walk.tensors.size(); ++j) {
     PyList_SET_ITEM(tensor_list, static_cast<Py_ssize_t>(j), walk.tensors[j]);  // steals
   }
+  PyObject* listing = Py_NewRef(Py_None);
+  if (walk.listing && !walk.tensors.empty()) {
+    Py_DECREF(listing);
+    listing = wrap_listing(new CpuListing{Py_NewRef(tensor_list), walk.tensors,
+                                          std::move(walk.listed), std::move(walk.held)});
+  }
+  walk.drop_listing();
   walk.tensors.clear();
   PyObject* kept_list = nullptr;
   if (take_grad && static_cast<Py_ssize_t>(walk.kept.size()) != n) {
@@ -485,7 +519,7 @@ PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remem
   const uint64_t key_hash =
       mix(walk.hash, walk.hash2 ^ static_cast<uint64_t>(PyList_GET_SIZE(tensor_list)));
   PyObject* hash = PyLong_FromLongLong(static_cast<long long>(key_hash));
-  PyObject* parts[] = {tensor_list, kept_list, device, dtypes, flags, hash, key};
+  PyObject* parts[] = {tensor_list, kept_list, device, dtypes, flags, hash, key, listing};
   constexpr Py_ssize_t kParts = sizeof(parts) / sizeof(parts[0]);
   PyObject* result = nullptr;
   bool complete = true;
@@ -499,21 +533,26 @@ PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remem
   return result;
 }
 
-// host_pass(items, take_grad) -> None, or
-//   (tensors, kept, device, dtypes, flags, key_hash, key_bytes)
+// host_pass(items, take_grad, list_for_cpu_pass=False) -> None, or
+//   (tensors, kept, device, dtypes, flags, key_hash, key_bytes, cpu_listing)
 // items: a list or tuple of tensors (take_grad False) or of parameters (take_grad True).
 // tensors: the items, or their non-None .grad in order; kept: None when every item gave a
 // tensor, else the positions in items of those that did. device: the first tensor's (None
 // when there is none). dtypes: frozenset of torch.dtype. flags: kSingleDevice | ...
+// cpu_listing: with list_for_cpu_pass, when every tensor is one the CPU statistics pass
+// reads, a capsule listing them for it (csrc/cpu_listing.h); else None.
 // None: the walk could not describe the items; the caller takes the Python path.
 PyObject* host_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "host_pass(items, take_grad) takes two arguments");
+  if (nargs != 2 && nargs != 3) {
+    PyErr_SetString(PyExc_TypeError,
+                    "host_pass(items, take_grad, list_for_cpu_pass=False) takes 2 or 3 arguments");
     return nullptr;
   }
   PyObject* items = args[0];
   const int take_grad = PyObject_IsTrue(args[1]);
   if (take_grad < 0) return nullptr;
+  const int list_for_cpu_pass = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+  if (list_for_cpu_pass < 0) return nullptr;
   if (!PyList_Check(items) && !PyTuple_Check(items)) Py_RETURN_NONE;
   // A torch function mode may intercept .grad and every attribute read: Python's business.
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
@@ -532,11 +571,17 @@ PyObject* host_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   Walk own;
   Walk& walk = shared.busy ? own : shared;
   walk.reset();
+  walk.listing = list_for_cpu_pass != 0;
+  if (walk.listing) {
+    walk.listed.reserve(static_cast<size_t>(PySequence_Fast_GET_SIZE(items)));
+    walk.held.reserve(static_cast<size_t>(PySequence_Fast_GET_SIZE(items)));
+  }
   struct Busy {  // however the walk ends (an exception included): free again, holding
-    Walk& walk;  // no tensor that the result did not take
+    Walk& walk;  // no tensor or storage that the result did not take
     explicit Busy(Walk& w) : walk(w) { walk.busy = true; }
     ~Busy() {
       walk.release_tensors();
+      walk.drop_listing();
       walk.busy = false;
     }
   } busy(walk);
@@ -579,7 +624,8 @@ PyObject* first_non_tensor(PyObject* /*module*/, PyObject* items) {
 PyMethodDef methods[] = {
     {"host_pass", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(host_pass)),
      METH_FASTCALL,
-     "host_pass(items, take_grad): tensors or gradients, routing facts and plan key"},
+     "host_pass(items, take_grad, list_for_cpu_pass=False): tensors or gradients, routing "
+     "facts, plan key and CPU pass listing"},
     {"first_non_tensor", first_non_tensor, METH_O,
      "first_non_tensor(items): index of the first non-tensor item, or -1"},
     {nullptr, nullptr, 0, nullptr},

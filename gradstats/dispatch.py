@@ -53,6 +53,9 @@ class Route(NamedTuple):
     # Every tensor dense and contiguous: known from the plan or the native host pass;
     # None when neither was at hand (not known without a pass over the tensors).
     all_contiguous: bool | None = None
+    # The native host pass's listing of the tensors for the CPU statistics pass
+    # (native.HostFacts.cpu_listing), when it made one.
+    cpu_listing: object = None
 
 
 # The flags of native.host_pass (csrc/host_path.cpp).
@@ -108,7 +111,7 @@ def _route_from_facts(tensors: list[torch.Tensor], facts: native.HostFacts) -> R
     if backend is Backend.TRITON:
         plan = plan_for(tensors, device, native_plan_key(facts))
         return Route(device, backend, plan, dtypes, all_contiguous)
-    return Route(device, backend, None, dtypes, all_contiguous)
+    return Route(device, backend, None, dtypes, all_contiguous, facts.cpu_listing)
 
 
 # The last native key's bytes object and the plan key made from it (see native_plan_key).
@@ -232,6 +235,11 @@ def _accumulate_on_native(tensors, p, kind, num_bins, min_exp, tensors_route: Ro
     permuted-dense (transposed, channels-last: read as the flat block it fills, as the
     Triton kernels read it, and chunked as the reference chunks it); the reference over the
     rest (sparse, complex, other dtypes, strided with gaps or overlaps)."""
+    if tensors_route.cpu_listing is not None:  # the host walk listed them for this pass
+        outputs = native.cpu_stats_listed(tensors_route.cpu_listing, tensors, p, kind,
+                                          num_bins, min_exp)
+        if outputs is not None:
+            return outputs
     readable_dtypes = tensors_route.dtypes.issubset(TRITON_DTYPES)
     if tensors_route.all_contiguous and readable_dtypes:  # known from the host walk
         return _native_stats(tensors, p, kind, num_bins, min_exp)

@@ -13,17 +13,23 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, distributed, native, ops, worklist
+from .backend import Backend
 from .params import gradients
+
+_CPU = torch.device("cpu")
 
 
 def gradients_and_route(
-    params: list[torch.Tensor], names: list[str] | None,
+    params: list[torch.Tensor], names: list[str] | None, statistics: bool = False,
 ) -> tuple[list[torch.Tensor], list[str] | None, dispatch.Route | None]:
     """The non-``None`` gradients of ``params``, the names of their parameters, and their
     route (None when there is no gradient, for ``DTensor`` gradients, or under
-    ``torch.compile``)."""
+    ``torch.compile``). ``statistics``: the caller runs the statistics pass on them next;
+    where the native CPU pass will, the walk lists them for it (``Route.cpu_listing``)."""
     if not torch.compiler.is_compiling():
-        facts = native.host_pass(params, True)
+        # (dispatch's choose_backend: the one host_overhead's stub answers as for CUDA)
+        list_for_cpu_pass = statistics and dispatch.choose_backend(_CPU) is Backend.NATIVE
+        facts = native.host_pass(params, True, list_for_cpu_pass)
         if facts is not None:
             grads, kept = facts.tensors, facts.kept
             if names is not None:
@@ -42,8 +48,10 @@ def local_gradients_and_route(
     """:func:`gradients_and_route`, with sharded gradients (``DTensor``, or plain ones
     under ``process_group``) replaced by the local tensors the fused pass reads, routed as
     such, and the layout that combines their partials (None when nothing is sharded).
-    ``view_options``: :func:`distributed.local_view`'s."""
-    grads, names, route = gradients_and_route(params, names)
+    ``view_options``: :func:`distributed.local_view`'s (``statistics=False``: the caller
+    only scales, see there)."""
+    statistics = view_options.get("statistics", True)
+    grads, names, route = gradients_and_route(params, names, statistics)
     if not grads or (route is not None and process_group is None):
         # A route is only ever made for plain tensors (no DTensor), so nothing is sharded:
         # local_view's check of every gradient's type is spared (~25 us at 4,500).

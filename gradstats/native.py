@@ -21,7 +21,8 @@ NATIVE_CHUNK = 16384
 
 
 # The direct calls (csrc/direct_calls.cpp) this Python code calls on the extension.
-_DIRECT_CALLS = ("cpu_stats_list", "numel_list", "bump_versions", "new_tensors")
+_DIRECT_CALLS = ("cpu_stats_list", "numel_list", "bump_versions", "new_tensors",
+                 "cpu_stats_listed", "listing_numel")
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,12 +93,30 @@ def cpu_stats_direct(
     return _extension().cpu_stats_list(tensors, float(p), int(kind), num_bins, min_exp)
 
 
-def numel_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+def cpu_stats_listed(
+    listing, tensors: list[torch.Tensor], p: float, kind: int, num_bins: int, min_exp: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What :func:`cpu_stats_direct` returns for ``tensors``, planned from ``listing``
+    (:attr:`HostFacts.cpu_listing` of the walk that returned ``tensors``) instead of from
+    the tensors again; None when the listing does not serve them (another or a changed
+    list) or a mode is in force."""
+    if torch.compiler.is_compiling():
+        return None
+    return _extension().cpu_stats_listed(listing, tensors, float(p), int(kind), num_bins,
+                                         min_exp)
+
+
+def numel_tensor(tensors: list[torch.Tensor], listing=None) -> torch.Tensor | None:
     """The element counts of a list of plain CPU tensors as an int64 tensor, read in C++
-    (a Python call per tensor cost 0.3 ms at 4,500 gradients); None when the native layer
-    is missing or the list holds anything else."""
+    (a Python call per tensor cost 0.3 ms at 4,500 gradients), or from ``listing`` (see
+    :func:`cpu_stats_listed`) when it serves them; None when the native layer is missing
+    or the list holds anything else."""
     if torch.compiler.is_compiling() or _load() is not None:  # (the order: see above)
         return None
+    if listing is not None:
+        numel = _extension().listing_numel(listing, tensors)
+        if numel is not None:
+            return numel
     return _extension().numel_list(tensors)
 
 
@@ -180,15 +199,21 @@ class HostFacts(NamedTuple):
     flags: int  # bits: dispatch._SINGLE_DEVICE, dispatch._ALL_CONTIGUOUS
     key_hash: int  # a 64-bit hash of key_bytes' metadata
     key_bytes: bytes  # the exact plan key (layout in csrc/host_path.cpp)
+    # With list_for_cpu_pass: the tensors as the CPU statistics pass reads them (an opaque
+    # capsule, csrc/cpu_listing.h), when it reads every one; else None.
+    cpu_listing: object
 
 
-def host_pass(items: list | tuple, take_grad: bool) -> HostFacts | None:
+def host_pass(items: list | tuple, take_grad: bool,
+              list_for_cpu_pass: bool = False) -> HostFacts | None:
     """One native walk over ``items`` (tensors, or parameters when ``take_grad``), or None
     when the native host path is off or cannot describe ``items`` (a tensor subclass, a
-    torch function mode, an unusual layout): the Python path runs then."""
+    torch function mode, an unusual layout): the Python path runs then.
+    ``list_for_cpu_pass``: also list the tensors for the native CPU statistics pass (for
+    callers about to run it: the listing holds every tensor's storage until dropped)."""
     if not host_path_available():
         return None
-    facts = _host_path_module().host_pass(items, take_grad)
+    facts = _host_path_module().host_pass(items, take_grad, list_for_cpu_pass)
     return None if facts is None else HostFacts._make(facts)
 
 

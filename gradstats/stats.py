@@ -167,7 +167,8 @@ def _numel_of(grads: list[torch.Tensor], route: dispatch.Route | None) -> torch.
         return route.plan.numel.clone()  # the plan's key fixes every shape
     device = grads[0].device
     if device.type == "cpu" and not capture.capturing(device):
-        numel = native.numel_tensor(grads)  # read in C++; None without it
+        listing = route.cpu_listing if route is not None else None
+        numel = native.numel_tensor(grads, listing)  # read in C++; None without it
         if numel is not None:
             return numel
     # map() reads the counts at C speed: a generator cost 1.5 ms at 4,500 gradients.

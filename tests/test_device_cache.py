@@ -68,7 +68,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(device_cache, "streams_of", lambda device: cuda)
     # CPU tensors stand in for a CUDA device here: the element counts go through the
     # device cache as CUDA ones do, not through the native layer's count for CPU lists.
-    monkeypatch.setattr(native, "numel_tensor", lambda tensors: None)
+    monkeypatch.setattr(native, "numel_tensor", lambda tensors, listing=None: None)
     worklist.clear_plan_cache()
     stats._numel_tensors.clear()
     yield cuda
