@@ -6,7 +6,10 @@
 // second round of cache misses over the same ~5 lines per tensor (and the element counts a
 // third). The listing serves only the list the walk returned, unchanged (the same object
 // holding the same items), and holds the tensors' storages, so the pass reads memory that
-// stays allocated even when the tensors are dropped or given new storage meanwhile.
+// stays allocated even when the tensors are dropped or given new storage meanwhile. A held
+// storage can still swap its buffer (a tensor's resize_ past its storage's size reallocates
+// it in place, freeing the old one): the listing records each storage's buffer and serves
+// only while every one is unchanged.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +38,7 @@ struct CpuListing {
   std::vector<PyObject*> objects;  // its items when listed: compared, never dereferenced
   std::vector<ListedTensor> tensors;
   std::vector<c10::Storage> storages;  // held while the listing lives
+  std::vector<const void*> buffers;     // each storage's buffer when listed
   ~CpuListing() { Py_XDECREF(list); }  // (dropped with its capsule, the GIL held)
 };
 

@@ -361,7 +361,13 @@ const CpuListing* listing_of(PyObject* capsule, PyObject* tensors) {
   const auto n = static_cast<size_t>(PyList_GET_SIZE(tensors));
   if (n != listing->objects.size() || n != listing->tensors.size()) return nullptr;
   PyObject* const* items = PySequence_Fast_ITEMS(tensors);
-  return std::equal(items, items + n, listing->objects.begin()) ? listing : nullptr;
+  if (!std::equal(items, items + n, listing->objects.begin())) return nullptr;
+  // A listed pointer into a buffer its storage has since replaced (and freed) would be
+  // read after free; the direct call reads such a tensor as it is now.
+  for (size_t s = 0; s < listing->storages.size(); ++s) {
+    if (listing->storages[s].data_ptr().get() != listing->buffers[s]) return nullptr;
+  }
+  return listing;
 }
 
 // The direct calls of gradstats._C (its module is created in cpu_stats.cpp).

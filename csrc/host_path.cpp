@@ -145,6 +145,7 @@ struct Walk {
   bool listing = false;
   std::vector<ListedTensor> listed;
   std::vector<c10::Storage> held;
+  std::vector<const void*> buffers;  // each held storage's buffer as listed
 
   void reset() {
     words.clear();
@@ -168,6 +169,7 @@ struct Walk {
     listing = false;
     listed.clear();
     held.clear();
+    buffers.clear();
   }
 };
 
@@ -193,6 +195,7 @@ void list_for_cpu_pass(Walk& walk, const at::Tensor& t, uint64_t address, uint64
   walk.listed.push_back({numel == 0 ? nullptr : reinterpret_cast<const void*>(address),
                          static_cast<int64_t>(numel), t.scalar_type()});
   walk.held.push_back(t.storage());
+  walk.buffers.push_back(walk.held.back().data_ptr().get());
 }
 
 // Appends one tensor's record to the key and its facts to the walk's summary. `object`
@@ -494,7 +497,8 @@ PyObject* walk_result(Walk& walk, Py_ssize_t n, bool take_grad, PyObject** remem
   if (walk.listing && !walk.tensors.empty()) {
     Py_DECREF(listing);
     listing = wrap_listing(new CpuListing{Py_NewRef(tensor_list), walk.tensors,
-                                          std::move(walk.listed), std::move(walk.held)});
+                                          std::move(walk.listed), std::move(walk.held),
+                                          std::move(walk.buffers)});
   }
   walk.drop_listing();
   walk.tensors.clear();
@@ -575,6 +579,7 @@ PyObject* host_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   if (walk.listing) {
     walk.listed.reserve(static_cast<size_t>(PySequence_Fast_GET_SIZE(items)));
     walk.held.reserve(static_cast<size_t>(PySequence_Fast_GET_SIZE(items)));
+    walk.buffers.reserve(static_cast<size_t>(PySequence_Fast_GET_SIZE(items)));
   }
   struct Busy {  // however the walk ends (an exception included): free again, holding
     Walk& walk;  // no tensor or storage that the result did not take

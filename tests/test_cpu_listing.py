@@ -13,7 +13,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradstats
-from gradstats import host_path, native
+from gradstats import dispatch, host_path, native
+from gradstats.backend import Backend
 from gradstats.norms import norm_kind
 
 pytestmark = pytest.mark.skipif(not native.host_path_available(),
@@ -210,3 +211,24 @@ def test_grad_stats_and_clipping_run_the_listed_pass(monkeypatch):
     torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(theirs, 1.0))
     for mine, other in zip(params, theirs):
         torch.testing.assert_close(mine.grad, other.grad)
+
+
+def test_the_listing_steps_aside_when_a_held_storage_gets_a_new_buffer():
+    # A tensor's resize_ past its storage's size reallocates that same storage's buffer
+    # and frees the old one, which the listing points into (a finaliser running during or
+    # after the walk can do it): the listing then serves nothing, and the statistics and
+    # counts are those of the tensor as it is now, not of freed memory.
+    grad = torch.ones(1000)
+    params = with_grads([grad])
+    facts = native.host_pass(params, True, True)
+    storage = grad.untyped_storage()
+    grad.resize_(4 * CHUNK)
+    assert grad.untyped_storage()._cdata == storage._cdata  # the storage held, reallocated
+    grad.fill_(2.0)
+    assert listed_stats(facts) is None
+    assert native.numel_tensor(facts.tensors, facts.cpu_listing).tolist() == [4 * CHUNK]
+    route = dispatch.Route(torch.device("cpu"), Backend.NATIVE, None,
+                           frozenset({torch.float32}), True, facts.cpu_listing)
+    power, nonfinite, _ = dispatch.accumulate_stats(facts.tensors, 2.0, 0, 0, route)
+    assert power.tolist() == [grad.double().square().sum().item()] == [16.0 * CHUNK]
+    assert nonfinite.tolist() == [0]
