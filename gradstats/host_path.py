@@ -27,8 +27,7 @@ def gradients_and_route(
     ``torch.compile``). ``statistics``: the caller runs the statistics pass on them next;
     where the native CPU pass will, the walk lists them for it (``Route.cpu_listing``)."""
     if not torch.compiler.is_compiling():
-        # (dispatch's choose_backend: the one host_overhead's stub answers as for CUDA)
-        list_for_cpu_pass = statistics and dispatch.choose_backend(_CPU) is Backend.NATIVE
+        list_for_cpu_pass = statistics and _native_serves_cpu()
         facts = native.host_pass(params, True, list_for_cpu_pass)
         if facts is not None:
             grads, kept = facts.tensors, facts.kept
@@ -39,6 +38,18 @@ def gradients_and_route(
     # DTensor gradients are routed as their local shards, once the caller has them.
     routable = grads and not distributed.any_dtensor(grads)
     return grads, names, ops.route(grads) if routable else None
+
+
+def _native_serves_cpu() -> bool:
+    """Whether the native pass serves CPU tensors. A setting no backend can serve CPU
+    tensors under (``GRADSTATS_BACKEND=triton`` without the interpreter, the usual way to
+    require Triton on CUDA) answers False: the gradients may be CUDA ones, and a CPU
+    gradient meets the error when it is routed. (dispatch's choose_backend: the one
+    host_overhead's stub answers as for CUDA.)"""
+    try:
+        return dispatch.choose_backend(_CPU) is Backend.NATIVE
+    except RuntimeError:
+        return False
 
 
 def local_gradients_and_route(

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradstats
-from gradstats import dispatch, host_path, native
+from gradstats import backend, dispatch, host_path, native
 from gradstats.backend import Backend
 from gradstats.norms import norm_kind
 
@@ -232,3 +232,22 @@ def test_the_listing_steps_aside_when_a_held_storage_gets_a_new_buffer():
     power, nonfinite, _ = dispatch.accumulate_stats(facts.tensors, 2.0, 0, 0, route)
     assert power.tolist() == [grad.double().square().sum().item()] == [16.0 * CHUNK]
     assert nonfinite.tolist() == [0]
+
+
+def test_a_setting_that_serves_no_cpu_tensor_does_not_stop_other_devices(monkeypatch):
+    # GRADSTATS_BACKEND=triton without the interpreter serves CUDA tensors only: deciding
+    # whether to list for the CPU pass must not raise the CPU tensors' error for them.
+    # (No CUDA here: the route is stubbed, so the decision is the only CPU question.)
+    monkeypatch.setenv("GRADSTATS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        backend.choose_backend(torch.device("cpu"))
+    asked = []
+    host_pass = native.host_pass
+    monkeypatch.setattr(native, "host_pass", lambda items, take_grad, listing=False:
+                        asked.append(listing) or host_pass(items, take_grad, listing))
+    monkeypatch.setattr(dispatch, "route", lambda grads, facts: "routed")
+    params = with_grads([torch.randn(3)])
+    grads, _, route = host_path.gradients_and_route(params, None, statistics=True)
+    assert asked == [False] and route == "routed" and grads[0] is params[0].grad
