@@ -49,8 +49,12 @@ inline constexpr const char* kCpuListingName = "gradstats._C.cpu_listing";
 // listing is then freed).
 PyObject* wrap_listing(CpuListing* listing);
 
-// The listing in `capsule` when it lists `tensors` as they are: the same list object,
-// holding the same items; else nullptr (no Python error).
+// The listing in `capsule` when it lists `tensors`: the same list object, holding the same
+// items; else nullptr (no Python error).
 const CpuListing* listing_of(PyObject* capsule, PyObject* tensors);
+
+// Whether every held storage still has the buffer it was listed with (reading a listed
+// pointer is then safe). One read of each storage: ~8 ns a tensor.
+bool buffers_unchanged(const CpuListing& listing);
 
 }  // namespace gradstats

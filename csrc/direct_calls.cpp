@@ -107,8 +107,33 @@ class WithoutGil {
   PyThreadState* state_;
 };
 
-// (power, nonfinite, hist) of a pass that has run, as a new tuple.
-PyObject* outputs_tuple(const StatsPass& pass) {
+// The pass's options, the last four arguments of both pass calls: (p, norm_kind,
+// num_bins, min_exp).
+struct PassOptions {
+  double p;
+  long long norm_kind, num_bins, min_exp;
+
+  // False with a Python error when an argument has the wrong type.
+  bool read(PyObject* const* args) {
+    p = PyFloat_AsDouble(args[0]);
+    norm_kind = PyLong_AsLongLong(args[1]);
+    num_bins = PyLong_AsLongLong(args[2]);
+    min_exp = PyLong_AsLongLong(args[3]);
+    return !PyErr_Occurred();
+  }
+};
+
+// Runs a planned pass with the GIL released (whatever it reads held alive by the caller)
+// and returns (power, nonfinite, hist) as a new tuple.
+PyObject* run_without_gil(StatsPass& pass) {
+  {
+    WithoutGil released;
+    // The dispatcher records every op call for torch.profiler; without this record the
+    // pass would vanish from its traces. (No arguments: the profiler records a list's
+    // shapes as empty anyway.) Inactive, it costs a thread-local read.
+    RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
+    pass.run();
+  }
   const auto outputs = pass.outputs();
   PyObject* parts[] = {THPVariable_Wrap(std::get<0>(outputs)),
                        THPVariable_Wrap(std::get<1>(outputs)),
@@ -134,25 +159,15 @@ PyObject* cpu_stats_list(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
                     "cpu_stats_list(tensors, p, norm_kind, num_bins, min_exp) takes 5 arguments");
     return nullptr;
   }
-  const double p = PyFloat_AsDouble(args[1]);
-  const long long norm_kind = PyLong_AsLongLong(args[2]);
-  const long long num_bins = PyLong_AsLongLong(args[3]);
-  const long long min_exp = PyLong_AsLongLong(args[4]);
-  if (PyErr_Occurred()) return nullptr;
+  PassOptions options;
+  if (!options.read(args + 1)) return nullptr;
   ListedTensors tensors;
   if (!tensors.take(args[0])) Py_RETURN_NONE;
   // Planned under the GIL (the tensors' metadata read, errors raised), run without it.
-  StatsPass pass(tensors.data(), tensors.size(), p, norm_kind, num_bins, min_exp);
-  const HeldStorages held(tensors);  // declared before `released`: dropped with the GIL
-  {
-    WithoutGil released;
-    // The dispatcher records every op call for torch.profiler; without this record the
-    // pass would vanish from its traces. (No arguments: the profiler records a list's
-    // shapes as empty anyway.) Inactive, it costs a thread-local read.
-    RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
-    pass.run();
-  }
-  return outputs_tuple(pass);
+  StatsPass pass(tensors.data(), tensors.size(), options.p, options.norm_kind,
+                 options.num_bins, options.min_exp);
+  const HeldStorages held(tensors);  // dropped after the run, with the GIL
+  return run_without_gil(pass);
   END_HANDLE_TH_ERRORS
 }
 
@@ -167,27 +182,22 @@ PyObject* cpu_stats_listed(PyObject* /*module*/, PyObject* const* args, Py_ssize
                     "num_bins, min_exp) takes 6 arguments");
     return nullptr;
   }
-  const double p = PyFloat_AsDouble(args[2]);
-  const long long norm_kind = PyLong_AsLongLong(args[3]);
-  const long long num_bins = PyLong_AsLongLong(args[4]);
-  const long long min_exp = PyLong_AsLongLong(args[5]);
-  if (PyErr_Occurred()) return nullptr;
+  PassOptions options;
+  if (!options.read(args + 2)) return nullptr;
   const CpuListing* listing = listing_of(args[0], args[1]);
-  if (listing == nullptr || !outside_modes()) Py_RETURN_NONE;
-  StatsPass pass(listing->tensors.data(), static_cast<int64_t>(listing->tensors.size()), p,
-                 norm_kind, num_bins, min_exp);
-  {
-    // The listing holds the storages; the caller's reference to it lasts the call.
-    WithoutGil released;
-    RECORD_FUNCTION("gradstats::cpu_stats", std::vector<c10::IValue>());
-    pass.run();
-  }
-  return outputs_tuple(pass);
+  // A listed pointer into a buffer its storage has since replaced (and freed) would be
+  // read after free; the direct call reads such a tensor as it is now.
+  if (listing == nullptr || !outside_modes() || !buffers_unchanged(*listing)) Py_RETURN_NONE;
+  StatsPass pass(listing->tensors.data(), static_cast<int64_t>(listing->tensors.size()),
+                 options.p, options.norm_kind, options.num_bins, options.min_exp);
+  // The listing holds the storages; the caller's reference to it lasts the call.
+  return run_without_gil(pass);
   END_HANDLE_TH_ERRORS
 }
 
 // listing_numel(listing, tensors) -> the element counts of `tensors` as an int64 tensor,
-// from the listing host_pass made of them, or None (as cpu_stats_listed).
+// from the listing host_pass made of them (as walked: it reads no tensor memory, so a
+// buffer replaced since does not matter here), or None (as cpu_stats_listed).
 PyObject* listing_numel(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 2) {
@@ -361,13 +371,14 @@ const CpuListing* listing_of(PyObject* capsule, PyObject* tensors) {
   const auto n = static_cast<size_t>(PyList_GET_SIZE(tensors));
   if (n != listing->objects.size() || n != listing->tensors.size()) return nullptr;
   PyObject* const* items = PySequence_Fast_ITEMS(tensors);
-  if (!std::equal(items, items + n, listing->objects.begin())) return nullptr;
-  // A listed pointer into a buffer its storage has since replaced (and freed) would be
-  // read after free; the direct call reads such a tensor as it is now.
-  for (size_t s = 0; s < listing->storages.size(); ++s) {
-    if (listing->storages[s].data_ptr().get() != listing->buffers[s]) return nullptr;
+  return std::equal(items, items + n, listing->objects.begin()) ? listing : nullptr;
+}
+
+bool buffers_unchanged(const CpuListing& listing) {
+  for (size_t s = 0; s < listing.storages.size(); ++s) {
+    if (listing.storages[s].data_ptr().get() != listing.buffers[s]) return false;
   }
-  return listing;
+  return true;
 }
 
 // The direct calls of gradstats._C (its module is created in cpu_stats.cpp).

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 FUSED_NORM_TYPES = [0.5, 1.0, 2.0, 3.5, math.inf]
@@ -112,3 +113,15 @@ def count_plan_key_builds(monkeypatch) -> list[int]:
         return real(tensors, device)
     monkeypatch.setattr(dispatch, "plan_key", counting)
     return builds
+
+
+class RecordingMode(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees and runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

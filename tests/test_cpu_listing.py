@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from helpers import RecordingMode, with_grads
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradstats
 from gradstats import backend, dispatch, host_path, native
@@ -22,15 +22,6 @@ pytestmark = pytest.mark.skipif(not native.host_path_available(),
 
 CHUNK = native.NATIVE_CHUNK
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def with_grads(grads):
-    params = []
-    for grad in grads:
-        param = torch.nn.Parameter(torch.empty(grad.shape, dtype=grad.dtype))
-        param.grad = grad
-        params.append(param)
-    return params
 
 
 def mixed_grads(dtype):
@@ -128,14 +119,9 @@ def test_the_listing_serves_only_the_unchanged_list_it_was_made_from():
     assert listed_stats(facts) is None
 
 
-class _RecordingMode(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_listing_steps_aside_under_modes_entered_after_the_walk():
     facts = native.host_pass(with_grads([torch.randn(5)]), True, True)
-    with _RecordingMode():
+    with RecordingMode():
         assert listed_stats(facts) is None
     with TorchFunctionMode():
         assert listed_stats(facts) is None
@@ -216,8 +202,10 @@ def test_grad_stats_and_clipping_run_the_listed_pass(monkeypatch):
 def test_the_listing_steps_aside_when_a_held_storage_gets_a_new_buffer():
     # A tensor's resize_ past its storage's size reallocates that same storage's buffer
     # and frees the old one, which the listing points into (a finaliser running during or
-    # after the walk can do it): the listing then serves nothing, and the statistics and
-    # counts are those of the tensor as it is now, not of freed memory.
+    # after the walk can do it): the listing then serves no pass, whose statistics are
+    # those of the tensor as it is now, not of freed memory. (The counts, which read no
+    # tensor memory, stay those walked: as before, counts and pass read the tensors at two
+    # moments, and a tensor resized in between shows both.)
     grad = torch.ones(1000)
     params = with_grads([grad])
     facts = native.host_pass(params, True, True)
@@ -226,7 +214,7 @@ def test_the_listing_steps_aside_when_a_held_storage_gets_a_new_buffer():
     assert grad.untyped_storage()._cdata == storage._cdata  # the storage held, reallocated
     grad.fill_(2.0)
     assert listed_stats(facts) is None
-    assert native.numel_tensor(facts.tensors, facts.cpu_listing).tolist() == [4 * CHUNK]
+    assert native.numel_tensor(facts.tensors, facts.cpu_listing).tolist() == [1000]
     route = dispatch.Route(torch.device("cpu"), Backend.NATIVE, None,
                            frozenset({torch.float32}), True, facts.cpu_listing)
     power, nonfinite, _ = dispatch.accumulate_stats(facts.tensors, 2.0, 0, 0, route)

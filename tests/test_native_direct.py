@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
+from helpers import RecordingMode
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradstats
 from gradstats import native
@@ -76,16 +76,6 @@ class _Subclass(torch.Tensor):
     pass
 
 
-class _RecordingMode(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("odd_one", ["subclass", "negative view", "meta", "not a tensor"])
 def test_direct_call_steps_aside_for_what_the_dispatcher_treats_differently(odd_one):
     plain = torch.randn(8)
@@ -101,7 +91,7 @@ def test_direct_call_steps_aside_for_what_the_dispatcher_treats_differently(odd_
 
 def test_direct_call_steps_aside_under_dispatch_and_function_modes():
     tensors = [torch.randn(8)]
-    with _RecordingMode():
+    with RecordingMode():
         assert direct(tensors) is None
     with TorchFunctionMode():
         assert direct(tensors) is None
@@ -114,7 +104,7 @@ def test_grad_stats_under_a_dispatch_mode_calls_the_op_the_mode_sees(monkeypatch
     for param in params:
         param.grad = torch.randn(6)
     expected = gradstats.grad_stats(params)
-    mode = _RecordingMode()
+    mode = RecordingMode()
     with mode:
         seen = gradstats.grad_stats(params)
     assert any("gradstats.cpu_stats" in name for name in mode.ops)
@@ -278,7 +268,7 @@ def test_new_tensors_steps_aside_under_a_function_mode_so_the_mode_sees_torch_em
 
 
 def test_new_tensors_is_seen_by_a_dispatch_mode():
-    with _RecordingMode() as mode:
+    with RecordingMode() as mode:
         native.new_tensors(torch.device("cpu"), SPECS[:3])
     assert str(torch.ops.aten.empty.memory_format) in mode.ops
 
