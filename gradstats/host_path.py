@@ -13,10 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, distributed, native, ops, worklist
-from .backend import Backend
 from .params import gradients
-
-_CPU = torch.device("cpu")
 
 
 def gradients_and_route(
@@ -25,10 +22,12 @@ def gradients_and_route(
     """The non-``None`` gradients of ``params``, the names of their parameters, and their
     route (None when there is no gradient, for ``DTensor`` gradients, or under
     ``torch.compile``). ``statistics``: the caller runs the statistics pass on them next;
-    where the native CPU pass will, the walk lists them for it (``Route.cpu_listing``)."""
+    the walk then lists CPU gradients for the native CPU pass (``Route.cpu_listing``)."""
     if not torch.compiler.is_compiling():
-        list_for_cpu_pass = statistics and _native_serves_cpu()
-        facts = native.host_pass(params, True, list_for_cpu_pass)
+        # The walk lists CPU gradients only (at the first other one it stops), and only
+        # the native backend reads the listing: asking the backend here would cost every
+        # call (CUDA ones too) an environment read.
+        facts = native.host_pass(params, True, statistics)
         if facts is not None:
             grads, kept = facts.tensors, facts.kept
             if names is not None:
@@ -38,18 +37,6 @@ def gradients_and_route(
     # DTensor gradients are routed as their local shards, once the caller has them.
     routable = grads and not distributed.any_dtensor(grads)
     return grads, names, ops.route(grads) if routable else None
-
-
-def _native_serves_cpu() -> bool:
-    """Whether the native pass serves CPU tensors. A setting no backend can serve CPU
-    tensors under (``GRADSTATS_BACKEND=triton`` without the interpreter, the usual way to
-    require Triton on CUDA) answers False: the gradients may be CUDA ones, and a CPU
-    gradient meets the error when it is routed. (dispatch's choose_backend: the one
-    host_overhead's stub answers as for CUDA.)"""
-    try:
-        return dispatch.choose_backend(_CPU) is Backend.NATIVE
-    except RuntimeError:
-        return False
 
 
 def local_gradients_and_route(

@@ -223,9 +223,9 @@ def test_the_listing_steps_aside_when_a_held_storage_gets_a_new_buffer():
 
 
 def test_a_setting_that_serves_no_cpu_tensor_does_not_stop_other_devices(monkeypatch):
-    # GRADSTATS_BACKEND=triton without the interpreter serves CUDA tensors only: deciding
-    # whether to list for the CPU pass must not raise the CPU tensors' error for them.
-    # (No CUDA here: the route is stubbed, so the decision is the only CPU question.)
+    # GRADSTATS_BACKEND=triton without the interpreter serves CUDA tensors only: asking
+    # the walk for a listing must not raise the CPU tensors' error for them (it asks no
+    # backend: the walk lists CPU gradients only). (No CUDA here: the route is stubbed.)
     monkeypatch.setenv("GRADSTATS_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
@@ -238,4 +238,4 @@ def test_a_setting_that_serves_no_cpu_tensor_does_not_stop_other_devices(monkeyp
     monkeypatch.setattr(dispatch, "route", lambda grads, facts: "routed")
     params = with_grads([torch.randn(3)])
     grads, _, route = host_path.gradients_and_route(params, None, statistics=True)
-    assert asked == [False] and route == "routed" and grads[0] is params[0].grad
+    assert asked == [True] and route == "routed" and grads[0] is params[0].grad
