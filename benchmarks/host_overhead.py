@@ -9,7 +9,9 @@ the launch arguments. This script measures that work without a GPU. CPU tensors 
 down the Triton backend's path (``dispatch.choose_backend`` answers ``TRITON``, the work
 lists take the GPU launch configs), with every kernel launch replaced by a stub that does
 nothing (the reduce stub zeroes the non-finite counts so the monitor sees a clean step).
-The backend choice runs as for a CUDA device (its environment reads included).
+The backend choice runs as for a CUDA device (its environment reads included), and the
+native walk lists nothing for the CPU pass, as on CUDA gradients (where it gives the
+listing up at the first one).
 
 Counted: everything gradstats runs on the host per call, the gradient collection, the plan
 key and cache lookup, the output allocations (CPU allocator), and the launchers' argument
@@ -97,6 +99,15 @@ def _choose_as_for_cuda(device: torch.device) -> Backend:
     return Backend.TRITON
 
 
+_walk = native.host_pass
+
+
+def _walk_as_for_cuda(items, take_grad, list_for_cpu_pass=False):
+    """``native.host_pass`` as on CUDA gradients: no listing for the CPU pass (on CUDA the
+    walk gives it up at the first gradient and walks on as without it)."""
+    return _walk(items, take_grad)
+
+
 def _zero_nonfinite(args) -> None:
     args[6].zero_()  # _reduce_chunks_kernel's nonfinite output: a clean step
 
@@ -112,6 +123,7 @@ def stubbed_gpu_path():
         (finalize, "_finalize_kernel"): _StubLaunch(),
         (apply, "_update_kernel"): _StubLaunch(),
         (dispatch, "choose_backend"): _choose_as_for_cuda,
+        (native, "host_pass"): _walk_as_for_cuda,
         (worklist, "launch_config"): lambda dtype, device: GPU_CONFIGS[dtype],
     }
     saved = {place: getattr(*place) for place in stubs}

@@ -199,9 +199,9 @@ void list_for_cpu_pass(Walk& walk, const at::Tensor& t, uint64_t address, uint64
 }
 
 // Appends one tensor's record to the key and its facts to the walk's summary. `object`
-// is the tensor's Python object, which the walk holds. kListing: the walk was asked to
-// list for the CPU pass (a template argument: a walk not asked, the GPU path's, keeps
-// the code it had without the listing, ~1-2 ns a tensor faster).
+// is the tensor's Python object, which the walk holds. kListing: the walk lists for the
+// CPU pass (a template argument: a walk without the listing, the GPU path's, keeps the
+// code it had before the listing existed, ~1-2 ns a tensor faster).
 template <bool kListing>
 void describe(Walk& walk, PyObject* object, const at::Tensor& t) {
   const c10::Layout layout = t.layout();
@@ -409,8 +409,10 @@ void read_ahead(PyObject* const* items, Py_ssize_t size, Py_ssize_t i, bool take
   }
 }
 
+// Walks items[first, end). kListing: listing for the CPU pass (see describe); a walk that
+// gives the listing up (at its first tensor, on CUDA gradients) goes on without it.
 template <bool kListing>
-Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
+Outcome walk_items(Walk& walk, PyObject* items, bool take_grad, Py_ssize_t first = 0) {
   // Every read below either succeeds or throws; a throw means Python's path should run
   // (and raise its own error), so it is caught as "not described".
   try {
@@ -421,7 +423,7 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
     // walk but in a Py_DECREF that frees a parameter a finaliser took out of the list,
     // when only owned references are held; TORCH_WARN (a non-leaf's .grad) is buffered
     // until host_pass has built its result.
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(items); ++i) {
+    for (Py_ssize_t i = first; i < PySequence_Fast_GET_SIZE(items); ++i) {
       read_ahead(PySequence_Fast_ITEMS(items), PySequence_Fast_GET_SIZE(items), i, take_grad);
       PyObject* object = PySequence_Fast_GET_ITEM(items, i);
       // Exactly Tensor or Parameter: any other subclass may override attribute reads.
@@ -446,6 +448,7 @@ Outcome walk_items(Walk& walk, PyObject* items, bool take_grad) {
         return Outcome::kNotDescribed;
       }
       describe<kListing>(walk, tensor, t);
+      if (kListing && !walk.listing) return walk_items<false>(walk, items, take_grad, i + 1);
     }
   } catch (const c10::Error&) {
     return Outcome::kNotDescribed;

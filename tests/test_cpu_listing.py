@@ -99,9 +99,16 @@ def test_no_listing_when_the_pass_cannot_read_one_tensor(odd_one):
         "zero tensor": lambda: torch._efficientzerotensor(4),
         "meta": lambda: torch.empty(4, device="meta"),
     }[odd_one]()
-    for tensors in ([torch.randn(3), other], [other, torch.randn(3)]):
+    for tensors in ([torch.randn(3), other], [other, torch.randn(3), torch.randn(2, 2).t()]):
         facts = native.host_pass(tensors, False, True)
         assert facts is None or facts.cpu_listing is None
+        # The walk goes on without the listing from the tensor that ended it: the same facts
+        # as a walk never asked for one.
+        unasked = native.host_pass(tensors, False)
+        assert (facts is None) == (unasked is None)
+        if facts is not None:
+            assert list(map(id, facts.tensors)) == list(map(id, unasked.tensors))
+            assert facts[1:7] == unasked[1:7]
 
 
 def test_the_listing_serves_only_the_unchanged_list_it_was_made_from():
