@@ -371,7 +371,10 @@ inline c10::TensorImpl* gradient_impl(PyObject* item, bool take_grad) {
 // follows pointers that the level before fetched kAhead items earlier, so the misses of
 // several items are in flight at once and the walk finds its lines cached. Only reads
 // and prefetches, of objects the list holds, with no Python code running in between: what
-// the walk returns comes from the public Tensor API, as before.
+// the walk returns comes from the public Tensor API, as before. Forced inline: g++ 12
+// counts a prefetch as no side effect, and may find an inline function that only reads
+// and prefetches "pure" and delete its calls before inlining it (no warning, no prefetch
+// left in the build: met in a planning loop's read-ahead, which was not kept).
 __attribute__((always_inline)) inline void read_ahead(PyObject* const* items, Py_ssize_t size,
                                                      Py_ssize_t i, bool take_grad) {
   Py_ssize_t level = take_grad ? 5 : 3;  // the farthest item's level
