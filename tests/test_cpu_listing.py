@@ -80,10 +80,6 @@ def test_no_listing_unless_asked_or_when_the_list_is_empty():
     assert native.host_pass([torch.nn.Parameter(torch.randn(2))], True, True).cpu_listing is None
 
 
-class _Subclass(torch.Tensor):
-    pass
-
-
 @pytest.mark.parametrize("odd_one", [
     "gaps", "complex", "int", "sparse", "negative view", "conjugate view", "zero tensor",
     "meta",
