@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import sys
 
 import pytest
@@ -105,6 +106,55 @@ def test_no_listing_when_the_pass_cannot_read_one_tensor(odd_one):
         if facts is not None:
             assert list(map(id, facts.tensors)) == list(map(id, unasked.tensors))
             assert facts[1:7] == unasked[1:7]
+
+
+# Kinds of tensor for the randomised walks below: (make, whether the CPU pass reads it,
+# whether it can be a parameter's gradient).
+_SHARED = torch.randn(64)
+_WALK_KINDS = [
+    (lambda: torch.randn(5), True, True),
+    (lambda: torch.randn(0, 3), True, True),
+    (lambda: torch.randn(4, dtype=torch.bfloat16), True, True),
+    (lambda: torch.randn(2, 3, dtype=torch.float64), True, True),
+    (lambda: torch.randn(3, 4).t(), True, True),  # permuted-dense
+    # Views of one storage at one address (the key's trailer), contiguous and permuted.
+    (lambda: _SHARED[:16], True, True),
+    (lambda: _SHARED.view(8, 8).t(), True, True),
+    (lambda: torch.empty(3, device="meta"), False, True),  # as a CUDA gradient: not CPU
+    (lambda: torch.randn(4, 4).to_sparse(), False, True),
+    (lambda: torch.randn(3, dtype=torch.complex64), False, True),
+    (lambda: torch.randn(10)[::2], False, True),
+    (lambda: torch._neg_view(torch.randn(4)), False, True),
+    (lambda: torch.arange(5), False, False),
+]
+
+
+@pytest.mark.parametrize("take_grad", [False, True])
+def test_a_walk_asked_to_list_returns_what_an_unasked_walk_returns(take_grad):
+    # A walk asked for the listing goes on without it from the tensor that ends it
+    # (csrc/host_path.cpp, walk_items): whatever the mix, every field but the listing,
+    # key bytes and hash included, is that of a walk never asked, and the listing is made
+    # exactly when the pass reads every tensor.
+    rng = random.Random(11 if take_grad else 12)
+    kinds = [kind for kind in _WALK_KINDS if kind[2] or not take_grad]
+    for _ in range(300):
+        chosen = [rng.choice(kinds) for _ in range(rng.randrange(1, 9))]
+        tensors = [make() for make, _, _ in chosen]
+        readable = [reads for _, reads, _ in chosen]
+        items = with_grads(tensors) if take_grad else tensors
+        if rng.random() < 0.3:  # an item listed twice
+            j = rng.randrange(len(items))
+            items.append(items[j])
+            readable.append(readable[j])
+        for _ in range(rng.randrange(3) if take_grad else 0):  # parameters without a gradient
+            items.insert(rng.randrange(len(items) + 1), torch.nn.Parameter(torch.ones(2)))
+        asked = native.host_pass(items, take_grad, True)
+        unasked = native.host_pass(items, take_grad)
+        assert list(map(id, asked.tensors)) == list(map(id, unasked.tensors))
+        assert asked[1:7] == unasked[1:7] and unasked.cpu_listing is None
+        assert (asked.cpu_listing is not None) == all(readable)
+        if asked.cpu_listing is not None:
+            assert_same_bits(listed_stats(asked), direct_stats(asked.tensors))
 
 
 def test_the_listing_serves_only_the_unchanged_list_it_was_made_from():
