@@ -113,11 +113,15 @@ struct PassOptions {
   double p;
   long long norm_kind, num_bins, min_exp;
 
-  // False with a Python error when an argument has the wrong type.
+  // False with a Python error when an argument has the wrong type (read no further: a
+  // conversion must not run with an error already set).
   bool read(PyObject* const* args) {
     p = PyFloat_AsDouble(args[0]);
+    if (PyErr_Occurred()) return false;
     norm_kind = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return false;
     num_bins = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return false;
     min_exp = PyLong_AsLongLong(args[3]);
     return !PyErr_Occurred();
   }

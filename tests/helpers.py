@@ -1,4 +1,5 @@
-"""Independent float64 references (NumPy) and dtype-aware tolerances, shared by the tests."""
+"""Shared by the tests: independent float64 references (NumPy), dtype-aware tolerances,
+parameters made from given gradients, and a dispatch mode that records the ops it sees."""
 from __future__ import annotations
 
 import math
