@@ -12,8 +12,15 @@ against torch.nn.utils on its own copy of the same gradients:
 - ``clip_grads_with_norm_`` (the scale alone, coefficient 0.95 from a fixed total norm),
   with its bandwidth: bytes read and written per millisecond.
 
+Then, per workload, bfloat16 against float32 per byte (skipped with ``--no-per-byte``):
+gradstats on bf16 gradients twice as long in their first dimension (the same tensors, the
+same bytes) against gradstats on the float32 ones, paired the same way, for the read alone
+(no clipping needed) and the scale. A ratio at or below 1 means bf16 is read no slower per
+byte than fp32; timing the two dtypes in separate rows of the table above leaves that to the
+machine's drift between rows, which on a shared VM is as large as the difference.
+
     python -m benchmarks.native_clip [--workloads gpt2-small,many-small] [--dtypes fp32,bf16]
-        [--threads N] [--out benchmarks/results/native-cpu-clip.md]
+        [--threads N] [--no-per-byte] [--out benchmarks/results/native-cpu-clip.md]
 
 On a CPU shared with other jobs, compare with --threads 1 as well: torch opens one
 parallel region per gradient (gradstats one per call), and each region waits for every
@@ -102,6 +109,49 @@ def measure(workload: str, dtype_name: str) -> list[str]:
     return lines
 
 
+def _doubled(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape with its first dimension doubled: as many bf16 bytes as fp32 ``shape``."""
+    return (2 * shape[0], *shape[1:])
+
+
+def measure_per_byte(workload: str) -> list[str]:
+    """gradstats on bf16 against gradstats on fp32, the same bytes, paired."""
+    shapes = WORKLOADS[workload]()
+    fp32 = make_params(shapes, torch.float32, torch.device("cpu"))
+    bf16 = make_params([_doubled(shape) for shape in shapes], torch.bfloat16,
+                       torch.device("cpu"))
+    n_bytes = sum(p.grad.numel() * p.grad.element_size() for p in fp32)
+    assert n_bytes == sum(p.grad.numel() * p.grad.element_size() for p in bf16)
+    cpu = torch.device("cpu")
+    total = torch.tensor(1.0 / SCALE_COEF, dtype=torch.float64) - 1e-6
+    cases = [
+        ("clip_grad_norm_, no clipping needed", n_bytes,
+         lambda params: lambda: gradstats.clip_grad_norm_(params, NO_CLIP_MAX_NORM)),
+        ("clip_grads_with_norm_ (scale only)", 2 * n_bytes,
+         lambda params: lambda: gradstats.clip_grads_with_norm_(params, 1.0, total)),
+    ]
+    lines = []
+    for case, moved, call in cases:
+        pair = paired_ms(_native(call(bf16)), _native(call(fp32)), cpu)
+        lines.append(f"| {workload} | {case} | {n_bytes / 1e6:.1f} | {pair.ours_ms:.2f} | "
+                     f"{pair.baseline_ms:.2f} | {pair.ratio:.3f} | {pair.spread:.2f} | "
+                     f"{pair.rounds} | {moved / pair.ours_ms / 1e6:.1f} / "
+                     f"{moved / pair.baseline_ms / 1e6:.1f} |")
+    return lines
+
+
+PER_BYTE_HEADER = [
+    "",
+    "## bf16 against fp32, per byte (both gradstats, the same bytes, paired)",
+    "",
+    "bf16 gradients have twice the first dimension of the fp32 ones; ratio: bf16 time / "
+    "fp32 time, median of per-round ratios (<= 1: bf16 no slower per byte).",
+    "",
+    "| workload | case | MB | bf16 ms | fp32 ms | ratio | spread | rounds | GB/s bf16 / fp32 |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
 def header(argv: list[str]) -> list[str]:
     import triton  # noqa: F401  (its version, for the record)
 
@@ -130,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads first (default: torch's choice)")
+    parser.add_argument("--no-per-byte", dest="per_byte", action="store_false",
+                        help="skip the bf16-against-fp32 pairs")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -143,6 +195,13 @@ def main(argv: list[str] | None = None) -> None:
         for workload in args.workloads.split(","):
             for dtype_name in args.dtypes.split(","):
                 for line in measure(workload, dtype_name):
+                    print(line, flush=True)
+                    lines.append(line)
+        if args.per_byte:
+            print("\n".join(PER_BYTE_HEADER), flush=True)
+            lines += PER_BYTE_HEADER
+            for workload in args.workloads.split(","):
+                for line in measure_per_byte(workload):
                     print(line, flush=True)
                     lines.append(line)
     finally:

@@ -27,6 +27,19 @@ BOUNDS = [(-0.5, 0.5), (-0.1, 0.1), (-0.0, 0.0), (0.0, -0.0), (0.0, 0.0), (2.0, 
           (-math.inf, math.inf), (-1e-40, 1e-38), (-65504.0, 65504.0), (0.3, 0.3)]
 
 
+# GRADSTATS_NATIVE_ISA for the updates (csrc/cpu_apply.cpp): the widest intrinsics the CPU
+# has (bf16 rounded by AVX512_BF16's conversion where it has one), AVX-512F/BW without
+# AVX512_BF16, and the portable loops alone. Where the CPU lacks some, the same loops run
+# twice.
+ISAS = ["widest", "avx512", "baseline"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("GRADSTATS_NATIVE_ISA", request.param)
+    return request.param
+
+
 def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
     """Every non-NaN element bit for bit (so -0.0 is not 0.0), NaN where torch has NaN."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
@@ -68,7 +81,7 @@ def torch_scaled(tensor: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("coef_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_scale_matches_torch_bit_for_bit(dtype, coef_dtype):
+def test_scale_matches_torch_bit_for_bit(dtype, coef_dtype, isa):
     tensors = [spread(n, dtype) for n in SIZES]
     for value in COEFS:
         coef = torch.tensor(value, dtype=torch.float64).to(coef_dtype)
@@ -87,7 +100,7 @@ def whole_and_in_tails(tensor: torch.Tensor) -> list[list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_scale_and_clamp_every_16_bit_value(dtype):
+def test_scale_and_clamp_every_16_bit_value(dtype, isa):
     values = every_16_bit_value(dtype)
     for value in [0.5, 1 / math.pi, 0.999, 1e-5, 2.0 ** -24, 0.0, -3e-3, math.nan]:
         for coef_dtype in (torch.float32, torch.float64):
@@ -106,7 +119,7 @@ def test_scale_and_clamp_every_16_bit_value(dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_clamp_matches_torch_clamp_and_clip_grad_value(dtype):
+def test_clamp_matches_torch_clamp_and_clip_grad_value(dtype, isa):
     tensors = [spread(n, dtype) for n in SIZES]
     # 0.1 and 1/3 round differently from float64 to bf16/fp16 directly and via float32.
     for lo, hi in BOUNDS + [(-1 / 3, 1 / 3), (-0.1000000001, 0.1000000001)]:
