@@ -18,6 +18,8 @@ PIP_INSTALL := $(PY) -m pip install -c $(TORCH_PIN)
 comma := ,
 
 .PHONY: setup demo test clean
+# Both stamps' recipes create and install into the same .venv: never two at once (make -j).
+.NOTPARALLEL:
 
 setup: $(VENV)/.installed
 

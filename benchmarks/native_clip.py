@@ -133,7 +133,7 @@ def measure_per_byte(workload: str) -> list[str]:
     lines = []
     for case, moved, call in cases:
         pair = paired_ms(_native(call(bf16)), _native(call(fp32)), cpu)
-        lines.append(f"| {workload} | {case} | {n_bytes / 1e6:.1f} | {pair.ours_ms:.2f} | "
+        lines.append(f"| {workload} | {case} | {n_bytes / 1e6:.4g} | {pair.ours_ms:.2f} | "
                      f"{pair.baseline_ms:.2f} | {pair.ratio:.3f} | {pair.spread:.2f} | "
                      f"{pair.rounds} | {moved / pair.ours_ms / 1e6:.1f} / "
                      f"{moved / pair.baseline_ms / 1e6:.1f} |")

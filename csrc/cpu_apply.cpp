@@ -22,8 +22,10 @@
 // bf16/fp16 run 16 elements per step with AVX-512 intrinsics where the CPU has them (bf16
 // scaling 32, with AVX-512BW, rounding with AVX512_BF16's conversion where there is one),
 // and the auto-vectorised loops elsewhere and for the last few elements (same bits).
-// GRADSTATS_NATIVE_ISA=avx512 leaves AVX512_BF16 out, baseline or avx2 every intrinsic
-// (read once a call: tests run every version). A view listed twice (same address, dtype,
+// GRADSTATS_NATIVE_ISA=avx512 leaves AVX512_BF16 out, baseline or avx2 every intrinsic, so
+// bf16/fp16 take the auto-vectorised loops (in the clone the CPU picked at load time: unlike
+// cpu_stats.cpp's, these clones are not chosen by the variable). Read once a call: tests
+// run every version. A view listed twice (same address, dtype,
 // sizes, strides) is updated once; views that share memory without being the same view are
 // each updated in turn, one tensor at a time, as torch's loop over the list would.
 
@@ -61,8 +63,6 @@ constexpr int64_t CHUNK = 16384;
 // than one task's worth runs on the calling thread.
 constexpr int64_t GRAIN_ITEMS = 4;
 constexpr int64_t GRAIN_ELEMENTS = 4 * CHUNK;
-// Bytes of the next work item fetched while a small one is updated (see run_items).
-constexpr int64_t NEXT_ITEM_PREFETCH_BYTES = 2048;
 // Function multiversioning as in cpu_stats.cpp: the element loops are compiled once per
 // x86-64 vector width and picked at load time. -ffp-contract=off (setup.py) keeps the
 // AVX-512 clone from fusing anything into an FMA (nothing here adds a product anyway).
@@ -332,7 +332,7 @@ struct Intrinsics {
 Intrinsics intrinsics_for_this_call() {
   Intrinsics use;
 #ifdef GRADSTATS_X86_64
-  // __builtin_cpu_init first: these initialisers may run before libgcc's own.
+  // Set on the first call; __builtin_cpu_init is harmless if libgcc's ran already.
   static const bool avx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
   static const bool avx512bw = avx512 && __builtin_cpu_supports("avx512bw");
   static const bool avx512bf16 = avx512bw && __builtin_cpu_supports("avx512dq") &&
@@ -405,11 +405,8 @@ GRADSTATS_INLINE void run_item(const Pass& pass, const WorkItem& item) {
   }
 }
 
-// Work items [begin, end) of one parallel_for task. While a small item (at most
-// STREAM_PREFETCH_MIN_ITEM_BYTES) is updated, the start of the next one is fetched: thousands
-// of small tensors lie in separate allocations, and the bf16/fp16 loops, several dependent
-// instructions per load, otherwise wait on each one's first lines (4,500 small bf16
-// tensors: a scale call 7% faster; float32, whose loop keeps more loads in flight, the same).
+// Work items [begin, end) of one parallel_for task; the next item's start is fetched while
+// a small one is updated (fetch_next_item).
 template <Update U>
 GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
   const int64_t n_items = static_cast<int64_t>(pass.items.size());
@@ -417,10 +414,9 @@ GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
     const WorkItem& item = pass.items[i];
     if (item_bytes(item) <= STREAM_PREFETCH_MIN_ITEM_BYTES && i + 1 < n_items) {
       const WorkItem& next = pass.items[i + 1];
-      const char* first = static_cast<const char*>(next.data) +
-                          next.start * static_cast<int64_t>(c10::elementSize(next.dtype));
-      const int64_t length = std::min(NEXT_ITEM_PREFETCH_BYTES, item_bytes(next));
-      for (int64_t offset = 0; offset < length; offset += 64) __builtin_prefetch(first + offset);
+      fetch_next_item(static_cast<const char*>(next.data) +
+                          next.start * static_cast<int64_t>(c10::elementSize(next.dtype)),
+                      item_bytes(next));
     }
     run_item<U>(pass, item);
   }

@@ -57,14 +57,6 @@ constexpr int64_t TASK_ELEMENTS = 4 * CHUNK;
 // What an item costs beyond its elements (its setup, its histogram's merge), counted as
 // this many elements when tasks are cut: a task of tiny tensors holds fewer of them.
 constexpr int64_t ITEM_OVERHEAD_ELEMENTS = 256;
-// Bytes of the next item's data prefetched while a small item (at most
-// PREFETCH_AFTER_BYTES) runs: all of a small tensor, the start of a larger one. Thousands
-// of small tensors lie in separate allocations, and without it each one starts with
-// misses the loop waits for (10-20% of the pass at 4,500 tensors). Not after a larger
-// item: there the hardware prefetcher is streaming, and the extra requests slowed GPT-2
-// small's pass by 6-20% (AMD EPYC, one thread).
-constexpr int64_t PREFETCH_BYTES = 2048;
-constexpr int64_t PREFETCH_AFTER_BYTES = 16384;
 // Elements per inner step: one accumulator per lane (a GCC vector, see Vec). The lanes
 // fix the summation order within a chunk, so vector code needs no -ffast-math.
 constexpr int LANES = 16;
@@ -276,10 +268,11 @@ constexpr int64_t SUB_BLOCK = 4096;
 
 // The sum of a chunk's lanes, pairwise (lane i plus lane i + LANES / 2, and so on down to
 // one): a fixed order, so the same bits on every run and thread count, in log2(LANES)
-// vector additions. Adding them one after the other was a chain of 2 * LANES dependent
-// scalar additions per bf16 chunk, whose CHUNK elements hold half an fp32 chunk's bytes:
-// most of the 2.9% of a bf16 pass's samples outside its inner loop (fp32: 1.2%; perf,
-// GPT-2 small, one thread).
+// vector additions, and no less accurate than a sequential sum. Adding them one after the
+// other was a chain of 2 * LANES dependent scalar additions per bf16 chunk (whose CHUNK
+// elements hold half an fp32 chunk's bytes), most of the 2.9% of a bf16 pass's samples
+// outside its inner loop (fp32: 1.2%; perf, GPT-2 small, one thread); whole calls did not
+// measurably change.
 template <typename Acc, typename V = typename Vec<Acc>::Values>
 GRADSTATS_INLINE Acc sum_lanes(V lanes) {
   Acc values[LANES];
@@ -597,6 +590,10 @@ struct WorkItem {
   bool exclusive;    // the tensor's only chunk: its outputs need no atomic adds
 };
 
+int64_t bytes_of(const WorkItem& item) {
+  return item.size * static_cast<int64_t>(c10::elementSize(item.dtype));
+}
+
 template <typename T, typename Visit>
 GRADSTATS_INLINE ChunkResult dispatch_power(const T* x, int64_t n, int64_t kind, double p,
                                             bool stream_prefetch, Visit&& visit) {
@@ -662,13 +659,9 @@ GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
   const int64_t n_items = static_cast<int64_t>(pass.items.size());
   for (int64_t k = begin; k < end; ++k) {
     const WorkItem& item = pass.items[k];
-    const int64_t item_bytes = item.size * static_cast<int64_t>(c10::elementSize(item.dtype));
-    if (item_bytes <= PREFETCH_AFTER_BYTES && k + 1 < n_items) {  // see PREFETCH_BYTES
-      const WorkItem& next = pass.items[k + 1];
-      const char* bytes = static_cast<const char*>(next.data);
-      const int64_t length =
-          std::min(PREFETCH_BYTES, next.size * static_cast<int64_t>(c10::elementSize(next.dtype)));
-      for (int64_t offset = 0; offset < length; offset += 64) __builtin_prefetch(bytes + offset);
+    const int64_t item_bytes = bytes_of(item);
+    if (item_bytes <= STREAM_PREFETCH_MIN_ITEM_BYTES && k + 1 < n_items) {
+      fetch_next_item(pass.items[k + 1].data, bytes_of(pass.items[k + 1]));
     }
     int64_t* row = pass.hist + item.tensor * pass.num_bins;
     int64_t* count = pass.nonfinite + item.tensor;

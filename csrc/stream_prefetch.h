@@ -1,6 +1,7 @@
 // Fetching ahead in the streaming loops of cpu_stats.cpp (the statistics pass) and of
 // cpu_apply.cpp's bf16/fp16 updates (the float32/float64 ones read and write at the
-// memory's speed already: fetching ahead slowed them).
+// memory's speed already: fetching ahead slowed them), and fetching the next small work item
+// in both (fetch_next_item, at the end).
 //
 // Each step of those loops feeds its load to several dependent instructions (the power
 // and the non-finite count; the widening, multiply and rounding of bf16), and while they
@@ -23,9 +24,11 @@ namespace gradstats {
 
 constexpr int64_t STREAM_PREFETCH_BYTES = 4096;
 // Work items of at most this many bytes fetch nothing ahead: in thousands of small tensors
-// the line 4 KB on belongs to some other allocation (the statistics pass fetches the next
-// item's start instead).
+// the line 4 KB on belongs to some other allocation (fetch_next_item fetches the next item's
+// start instead).
 constexpr int64_t STREAM_PREFETCH_MIN_ITEM_BYTES = 16384;
+// Bytes of the next work item fetched while a small one runs (see fetch_next_item).
+constexpr int64_t NEXT_ITEM_PREFETCH_BYTES = 2048;
 
 // Whether the streaming loops fetch ahead: on Intel CPUs (decided once).
 bool stream_prefetch();
@@ -43,6 +46,20 @@ __attribute__((always_inline)) inline void fetch_ahead(const void* at) {
   for (size_t line = 0; line < bytes; line += 64) {
     __builtin_prefetch(reinterpret_cast<const void*>(ahead + line), 0, 1);
   }
+}
+
+// Fetches the first NEXT_ITEM_PREFETCH_BYTES of the next work item (all of it, when it is
+// smaller), `first` its first byte: the passes call it while an item of at most
+// STREAM_PREFETCH_MIN_ITEM_BYTES runs, on every CPU. Thousands of small tensors lie in
+// separate allocations, and without it each one starts with misses the loop waits for:
+// 10-20% of a statistics pass at 4,500 tensors; a bf16 scale call there 0.93x, float32's
+// loop, which keeps more loads in flight, 1.0x. Not after a larger item: the hardware
+// prefetcher is streaming there, and the extra requests slowed GPT-2 small's statistics
+// pass by 6-20% (AMD EPYC, one thread).
+inline void fetch_next_item(const void* first, int64_t bytes) {
+  const char* start = static_cast<const char*>(first);
+  const int64_t length = bytes < NEXT_ITEM_PREFETCH_BYTES ? bytes : NEXT_ITEM_PREFETCH_BYTES;
+  for (int64_t offset = 0; offset < length; offset += 64) __builtin_prefetch(start + offset);
 }
 
 }  // namespace gradstats

@@ -29,8 +29,8 @@ BOUNDS = [(-0.5, 0.5), (-0.1, 0.1), (-0.0, 0.0), (0.0, -0.0), (0.0, 0.0), (2.0, 
 
 # GRADSTATS_NATIVE_ISA for the updates (csrc/cpu_apply.cpp): the widest intrinsics the CPU
 # has (bf16 rounded by AVX512_BF16's conversion where it has one), AVX-512F/BW without
-# AVX512_BF16, and the portable loops alone. Where the CPU lacks some, the same loops run
-# twice.
+# AVX512_BF16, and no intrinsics (bf16/fp16 then take the auto-vectorised loops of the clone
+# the CPU picked). Where the CPU lacks some, the same loops run twice.
 ISAS = ["widest", "avx512", "baseline"]
 
 

@@ -1,11 +1,18 @@
-"""bf16 vs fp32 per byte, paired in one process (this tree's gradstats), 1 thread."""
-import os, sys
+"""bf16 against fp32 per byte, paired in one process (this tree's gradstats), one thread.
+
+Run from a source tree's root: PYTHONPATH=. taskset -c 1 python perbyte.py read,scale
+"""
+import os
+import sys
+
 os.environ["GRADSTATS_BACKEND"] = "native"
 import torch
+
 torch.set_num_threads(1)
 import gradstats
 from benchmarks.timing import paired_ms
 from benchmarks.workloads import WORKLOADS, make_params
+
 cpu = torch.device("cpu")
 cases = sys.argv[1].split(",") if len(sys.argv) > 1 else ["read", "scale"]
 workloads = sys.argv[2].split(",") if len(sys.argv) > 2 else ["gpt2-small", "many-small"]
