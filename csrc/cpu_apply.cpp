@@ -356,7 +356,7 @@ struct WorkItem {
   int64_t size;
 };
 
-int64_t item_bytes(const WorkItem& item) {
+int64_t bytes_of(const WorkItem& item) {
   return item.size * static_cast<int64_t>(c10::elementSize(item.dtype));
 }
 
@@ -372,7 +372,7 @@ GRADSTATS_INLINE void run_item(const Pass& pass, const WorkItem& item) {
   const Constants& k = pass.constants;
   [[maybe_unused]] const Intrinsics& use = pass.intrinsics;
   void* data = item.data;
-  const bool ahead = pass.stream_prefetch && item_bytes(item) > STREAM_PREFETCH_MIN_ITEM_BYTES;
+  const bool ahead = pass.stream_prefetch && bytes_of(item) > STREAM_PREFETCH_MIN_ITEM_BYTES;
   switch (item.dtype) {
     case at::kFloat:
       update_span_wide<U, float>(data, item.start, item.size, k.coef_f32, k.lo_f32, k.hi_f32);
@@ -412,11 +412,11 @@ GRADSTATS_INLINE void run_items(const Pass& pass, int64_t begin, int64_t end) {
   const int64_t n_items = static_cast<int64_t>(pass.items.size());
   for (int64_t i = begin; i < end; ++i) {
     const WorkItem& item = pass.items[i];
-    if (item_bytes(item) <= STREAM_PREFETCH_MIN_ITEM_BYTES && i + 1 < n_items) {
+    if (bytes_of(item) <= STREAM_PREFETCH_MIN_ITEM_BYTES && i + 1 < n_items) {
       const WorkItem& next = pass.items[i + 1];
       fetch_next_item(static_cast<const char*>(next.data) +
                           next.start * static_cast<int64_t>(c10::elementSize(next.dtype)),
-                      item_bytes(next));
+                      bytes_of(next));
     }
     run_item<U>(pass, item);
   }
