@@ -25,9 +25,9 @@
 // GRADSTATS_NATIVE_ISA=avx512 leaves AVX512_BF16 out, baseline or avx2 every intrinsic, so
 // bf16/fp16 take the auto-vectorised loops (in the clone the CPU picked at load time: unlike
 // cpu_stats.cpp's, these clones are not chosen by the variable). Read once a call: tests
-// run every version. A view listed twice (same address, dtype,
-// sizes, strides) is updated once; views that share memory without being the same view are
-// each updated in turn, one tensor at a time, as torch's loop over the list would.
+// run every version. A view listed twice (same address, dtype, sizes, strides) is updated
+// once; views that share memory without being the same view are each updated in turn, one
+// tensor at a time, as torch's loop over the list would.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

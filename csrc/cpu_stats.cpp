@@ -303,8 +303,9 @@ GRADSTATS_INLINE ChunkResult chunk_power(const T* x, int64_t n, typename Widen<T
   for (int64_t begin = 0; begin < n; begin += SUB_BLOCK) {
     const int64_t end = std::min(n, begin + SUB_BLOCK);
     // Two steps an iteration (the same order, so the same bits): half the loop's counter
-    // and branch instructions. With no clipping needed on 4,500 small tensors, one thread,
-    // fp32 calls 0.98x, bf16 0.94x; GPT-2 small 0.99x (both ways in one process, per call).
+    // and branch instructions. With no clipping needed, one thread, bf16 calls 0.986x on
+    // 4,500 small tensors and 0.994x on GPT-2 small, fp32 unchanged (both ways in one
+    // process, alternating per call).
     _Pragma("GCC unroll 2")
     for (; i + kStep <= end; i += kStep) {
       if (stream_prefetch) fetch_ahead<kStep * sizeof(T)>(x + i);
